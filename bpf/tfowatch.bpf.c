@@ -1,0 +1,438 @@
+/* tfowatch BPF programs (BCC).
+ *
+ * Kernel struct fields are read at offsets taken from the running kernel's BTF
+ * (OFF_* / BIT_* macros passed by tfowatch/bpfprog.py), never from the compile
+ * headers, which may belong to another kernel.
+ *
+ * Which sections are compiled is decided by the probe plan:
+ *   PASSIVE_KPROBE  tcp_try_fastopen entry+return attached (else server-side TFO
+ *                   children are counted from sock:inet_sock_set_state)
+ *   ACTIVE_KPROBE   tcp_connect (or tcp_send_syn_data) entry+return attached (else
+ *                   SYN data sent / client fallbacks are read at SYN_SENT exit)
+ *   TW_KPROBE       tcp_twsk_unique entry+return attached
+ *   BLACKHOLE_KPROBE tcp_fastopen_active_disable attached
+ *
+ * Every event increments `totals` (exact, per CPU, never lost) and is also sent
+ * through the `events` perf buffer for attribution in Python.
+ */
+#include <uapi/linux/ptrace.h>
+#include "tfowatch.h"
+
+#define TCP_ESTABLISHED 1
+#define TCP_SYN_SENT 2
+#define TCP_SYN_RECV 3
+#define TCP_CLOSE 7
+#define PROTO_TCP 6
+#define TFO_SERVER_ENABLE 2
+#define TFO_COOKIE_UNAVAILABLE 1
+#define TFO_DATA_NOT_ACKED 2
+#define TFO_SYN_RETRANSMITTED 3
+
+BPF_PERCPU_ARRAY(totals, u64, EV_TYPE_MAX);
+BPF_PERF_OUTPUT(events);
+
+/* Client sockets between connect() and their fate; LRU bounds memory. */
+struct conn {
+	u32 pid;
+	u32 netns;
+	u16 dport;
+	u8 attempted; /* MSG_FASTOPEN / TCP_FASTOPEN_CONNECT seen at connect time */
+	u8 pending;   /* SYN data sent, acked-or-not not yet known */
+	char comm[16];
+};
+BPF_TABLE("lru_hash", u64, struct conn, conns, MAX_CONNS);
+
+static __always_inline u64 read_u64(const void *p)
+{
+	u64 v = 0;
+	bpf_probe_read_kernel(&v, sizeof(v), p);
+	return v;
+}
+
+static __always_inline u32 read_u32(const void *p)
+{
+	u32 v = 0;
+	bpf_probe_read_kernel(&v, sizeof(v), p);
+	return v;
+}
+
+static __always_inline u32 read_u16(const void *p)
+{
+	u16 v = 0;
+	bpf_probe_read_kernel(&v, sizeof(v), p);
+	return v;
+}
+
+static __always_inline int read_s8(const void *p)
+{
+	s8 v = 0;
+	bpf_probe_read_kernel(&v, sizeof(v), p);
+	return v;
+}
+
+/* A bitfield at a BTF bit offset (little-endian), at most 8 bits wide. */
+static __always_inline u32 read_bits(const void *base, u32 bit_off, u32 nbits)
+{
+	u16 v = 0;
+	bpf_probe_read_kernel(&v, sizeof(v), base + bit_off / 8);
+	return (v >> (bit_off % 8)) & ((1u << nbits) - 1);
+}
+
+#define TP_BIT(sk, name) read_bits((sk), BIT_TP_##name, NBITS_TP_##name)
+
+static __always_inline void *sk_net(const void *sk)
+{
+	return (void *)read_u64(sk + OFF_SK_NET);
+}
+
+static __always_inline u32 net_inum(const void *net)
+{
+	return read_u32(net + OFF_NET_INUM);
+}
+
+static __always_inline u32 sk_netns(const void *sk)
+{
+	return net_inum(sk_net(sk));
+}
+
+static __always_inline void emit(void *ctx, struct tfo_event *ev)
+{
+	u32 idx = ev->type;
+	u64 *n = totals.lookup(&idx);
+
+	if (n)
+		(*n)++;
+	ev->ts_ns = bpf_ktime_get_ns();
+	events.perf_submit(ctx, ev, sizeof(*ev));
+}
+
+static __always_inline void emit_server(void *ctx, u32 type, u32 netns, u16 port)
+{
+	struct tfo_event ev = {};
+
+	ev.type = type;
+	ev.netns = netns;
+	ev.port = port;
+	emit(ctx, &ev);
+}
+
+static __always_inline void emit_client(void *ctx, u32 type, const struct conn *c)
+{
+	struct tfo_event ev = {};
+
+	ev.type = type;
+	ev.netns = c->netns;
+	ev.port = c->dport;
+	ev.pid = c->pid;
+	__builtin_memcpy(ev.comm, c->comm, sizeof(ev.comm));
+	emit(ctx, &ev);
+}
+
+static __always_inline u32 client_fail(const void *sk)
+{
+#if HAVE_CLIENT_FAIL
+	return TP_BIT(sk, CLIENT_FAIL);
+#else
+	return 0; /* before 5.5 the kernel does not record why a client fell back */
+#endif
+}
+
+/* Client: what the SYN carried, read once the SYN has been sent. */
+static __always_inline void client_syn_outcome(void *ctx, const void *sk, const struct conn *c)
+{
+	if (TP_BIT(sk, SYN_DATA))
+		emit_client(ctx, EV_SYN_DATA_SENT, c);
+	if (client_fail(sk) == TFO_COOKIE_UNAVAILABLE)
+		emit_client(ctx, EV_COOKIE_UNAVAILABLE, c);
+	else if (c->attempted && !TP_BIT(sk, SYN_FASTOPEN))
+		emit_client(ctx, EV_TFO_DISABLED, c);
+}
+
+/* Client: SYN-ACK processed; was the SYN data acked? */
+static __always_inline void client_resolve(void *ctx, const void *sk, struct conn *c)
+{
+	u32 fail;
+
+	if (!c->pending)
+		return;
+	c->pending = 0;
+	if (TP_BIT(sk, SYN_DATA_ACKED)) {
+		emit_client(ctx, EV_SYN_DATA_ACKED, c);
+		return;
+	}
+	fail = client_fail(sk);
+	if (fail == TFO_DATA_NOT_ACKED)
+		emit_client(ctx, EV_DATA_NOT_ACKED, c);
+	else if (fail == TFO_SYN_RETRANSMITTED)
+		emit_client(ctx, EV_SYN_RETRANSMITTED, c);
+}
+
+static __always_inline int fastopen_attempted(const void *sk)
+{
+	return read_u64(sk + OFF_TP_FASTOPEN_REQ) != 0 || TP_BIT(sk, FASTOPEN_CONNECT);
+}
+
+static __always_inline void on_connect(const void *sk, u16 dport)
+{
+	u64 key = (u64)sk;
+	struct conn c = {};
+
+	c.pid = bpf_get_current_pid_tgid() >> 32;
+	c.netns = sk_netns(sk);
+	c.dport = dport;
+	c.attempted = fastopen_attempted(sk);
+	bpf_get_current_comm(&c.comm, sizeof(c.comm));
+	conns.update(&key, &c);
+}
+
+/* Server: a child leaves SYN_RECV; TFO children are counted here when the
+ * tcp_try_fastopen kprobe is not attached. */
+static __always_inline void on_child_leaves_syn_recv(void *ctx, const void *sk, u16 sport)
+{
+#if !PASSIVE_KPROBE
+#if HAVE_SYN_FASTOPEN_CHILD
+	int tfo_child = TP_BIT(sk, SYN_FASTOPEN_CHILD);
+#else
+	int tfo_child = TP_BIT(sk, SYN_DATA_ACKED);
+#endif
+	if (tfo_child)
+		emit_server(ctx, EV_SYN_DATA_ACCEPTED, sk_netns(sk), sport);
+#endif
+}
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+	const void *sk = args->skaddr;
+	u64 key = (u64)sk;
+	int old = args->oldstate, new = args->newstate;
+	struct conn *c;
+
+	if (args->protocol != PROTO_TCP)
+		return 0;
+	if (old == TCP_CLOSE && new == TCP_SYN_SENT) {
+		on_connect(sk, args->dport);
+		return 0;
+	}
+	if (old == TCP_SYN_RECV) {
+		on_child_leaves_syn_recv(args, sk, args->sport);
+		return 0;
+	}
+	c = conns.lookup(&key);
+	if (!c)
+		return 0;
+	if (old == TCP_SYN_SENT) {
+#if !ACTIVE_KPROBE
+		client_syn_outcome(args, sk, c);
+#endif
+		/* syn_data_acked is set just after this transition: resolve later. */
+		if (new == TCP_ESTABLISHED && TP_BIT(sk, SYN_DATA))
+			c->pending = 1;
+	} else if (old == TCP_ESTABLISHED) {
+		client_resolve(args, sk, c);
+	}
+	if (new == TCP_CLOSE)
+		conns.delete(&key);
+	return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
+{
+	const void *sk = args->skaddr;
+	u64 key = (u64)sk;
+	struct conn *c = conns.lookup(&key);
+
+	if (!c)
+		return 0;
+	client_resolve(args, sk, c);
+	conns.delete(&key);
+	return 0;
+}
+
+#if PASSIVE_KPROBE
+/* tcp_try_fastopen(sk, skb, req, foc, dst): sk is the listener, softirq context. */
+struct passive_call {
+	const void *sk;
+	const void *foc;
+	u32 netns;
+	u16 port;
+	s8 len_in;
+	u8 gate; /* 0 = open, 1 = server TFO disabled for this listener, 2 = queue full */
+};
+BPF_PERCPU_ARRAY(passive_calls, struct passive_call, 1);
+
+int on_try_fastopen(struct pt_regs *ctx, const void *sk, const void *skb, const void *req,
+		    const void *foc)
+{
+	u32 zero = 0;
+	struct passive_call *pc = passive_calls.lookup(&zero);
+	const void *net = sk_net(sk);
+	u32 sysctl, max_qlen, qlen, seq, end_seq;
+
+	if (!pc)
+		return 0;
+	pc->sk = sk;
+	pc->foc = foc;
+	pc->netns = net_inum(net);
+	pc->port = read_u16(sk + OFF_SK_NUM);
+	pc->len_in = read_s8(foc + OFF_FOC_LEN);
+	seq = read_u32(skb + OFF_SKB_CB + OFF_TCB_SEQ);
+	end_seq = read_u32(skb + OFF_SKB_CB + OFF_TCB_END_SEQ);
+	sysctl = read_u32(net + OFF_NET_TCP_FASTOPEN);
+	max_qlen = read_u32(sk + OFF_TP_FOQ_MAX_QLEN);
+	qlen = read_u32(sk + OFF_TP_FOQ_QLEN);
+	pc->gate = 0;
+	if (pc->len_in >= 0 || end_seq != seq + 1) {
+		if (!(sysctl & TFO_SERVER_ENABLE) || max_qlen == 0)
+			pc->gate = 1;
+		else if (qlen >= max_qlen)
+			pc->gate = 2;
+	}
+	if (pc->len_in == 0)
+		emit_server(ctx, EV_COOKIE_REQUEST, pc->netns, pc->port);
+	return 0;
+}
+
+int on_try_fastopen_ret(struct pt_regs *ctx)
+{
+	u32 zero = 0;
+	struct passive_call *pc = passive_calls.lookup(&zero);
+	int len_out;
+
+	if (!pc || !pc->sk)
+		return 0;
+	len_out = read_s8(pc->foc + OFF_FOC_LEN);
+	if (PT_REGS_RC(ctx))
+		emit_server(ctx, EV_SYN_DATA_ACCEPTED, pc->netns, pc->port);
+	else if (pc->gate == 1)
+		emit_server(ctx, EV_SERVER_DISABLED, pc->netns, pc->port);
+	else if (pc->gate == 2 && len_out < 0)
+		emit_server(ctx, EV_QUEUE_OVERFLOW, pc->netns, pc->port);
+	else if (pc->len_in > 0)
+		emit_server(ctx, EV_INVALID_COOKIE, pc->netns, pc->port);
+	if (len_out > 0)
+		emit_server(ctx, EV_COOKIE_ISSUED, pc->netns, pc->port);
+	pc->sk = 0;
+	return 0;
+}
+#endif
+
+#if ACTIVE_KPROBE
+/* tcp_connect(sk) / tcp_send_syn_data(sk, syn): process context. */
+BPF_HASH(active_calls, u64, const void *, 4096);
+
+int on_connect_entry(struct pt_regs *ctx, const void *sk)
+{
+	u64 id = bpf_get_current_pid_tgid();
+
+	active_calls.update(&id, &sk);
+	return 0;
+}
+
+int on_connect_ret(struct pt_regs *ctx)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	const void **skp = active_calls.lookup(&id);
+	struct conn *c;
+	u64 key;
+
+	if (!skp)
+		return 0;
+	key = (u64)*skp;
+	active_calls.delete(&id);
+	c = conns.lookup(&key);
+	if (c) {
+		/* TCP_FASTOPEN_CONNECT allocates fastopen_req after SYN_SENT is set. */
+		c->attempted |= fastopen_attempted((const void *)key);
+		client_syn_outcome(ctx, (const void *)key, c);
+	}
+	return 0;
+}
+#endif
+
+#if TW_KPROBE
+/* tcp_twsk_unique(sk, sktw, twp): may the connecting sk take over sktw's 4-tuple? */
+struct tw_call {
+	const void *sk;
+	const void *tw;
+	u64 twp;
+};
+BPF_HASH(tw_calls, u64, struct tw_call, 4096);
+
+int on_twsk_unique(struct pt_regs *ctx, const void *sk, const void *tw, void *twp)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	struct tw_call call = {};
+
+	call.sk = sk;
+	call.tw = tw;
+	call.twp = (u64)twp;
+	tw_calls.update(&id, &call);
+	return 0;
+}
+
+static __always_inline u8 tw_refuse_reason(const void *net, u32 ts_stamp, u32 age_ms)
+{
+	u32 reuse = read_u32(net + OFF_NET_TW_REUSE) & 0xff;
+
+	if (!ts_stamp)
+		return TW_NO_TIMESTAMPS;
+	if (reuse == 0)
+		return TW_REUSE_DISABLED;
+#if HAVE_TW_ENTRY_STAMP
+	if (age_ms <= read_u32(net + OFF_NET_TW_REUSE_DELAY))
+		return TW_TOO_RECENT;
+#else
+	if (age_ms < 1000) /* kernel: ktime_get_seconds() after the stamp, 1 s granularity */
+		return TW_TOO_RECENT;
+#endif
+	return TW_NOT_LOOPBACK;
+}
+
+int on_twsk_unique_ret(struct pt_regs *ctx)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	struct tw_call *call = tw_calls.lookup(&id);
+	struct tfo_event ev = {};
+	const void *net;
+	u32 ts_stamp;
+	u64 now = bpf_ktime_get_ns();
+
+	if (!call)
+		return 0;
+	net = sk_net(call->tw);
+	ts_stamp = read_u32(call->tw + OFF_TW_TS_RECENT_STAMP);
+#if HAVE_TW_ENTRY_STAMP
+	ev.age_ms = (u32)(now / 1000000) - read_u32(call->tw + OFF_TW_ENTRY_STAMP);
+#else
+	ev.age_res = 1;
+	ev.age_ms = ((u32)(now / 1000000000) - ts_stamp) * 1000;
+#endif
+	ev.type = PT_REGS_RC(ctx) ? EV_TW_REUSE_GRANTED : EV_TW_REUSE_REFUSED;
+	if (ev.type == EV_TW_REUSE_REFUSED)
+		ev.reason = tw_refuse_reason(net, ts_stamp, ev.age_ms);
+	ev.netns = net_inum(net);
+	ev.port = __builtin_bswap16(read_u16(call->tw + OFF_SKC_DPORT));
+	ev.pid = id >> 32;
+	bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+	tw_calls.delete(&id);
+	emit(ctx, &ev);
+	return 0;
+}
+#endif
+
+#if BLACKHOLE_KPROBE
+/* tcp_fastopen_active_disable(sk): counts only when the blackhole timeout is set. */
+int on_active_disable(struct pt_regs *ctx, const void *sk)
+{
+	const void *net = sk_net(sk);
+	struct tfo_event ev = {};
+
+	if (!read_u32(net + OFF_NET_BLACKHOLE_TIMEOUT))
+		return 0;
+	ev.type = EV_BLACKHOLE_DISABLE;
+	ev.netns = net_inum(net);
+	ev.port = __builtin_bswap16(read_u16(sk + OFF_SKC_DPORT));
+	emit(ctx, &ev);
+	return 0;
+}
+#endif

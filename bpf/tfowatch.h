@@ -1,0 +1,46 @@
+/* Event layout shared by the BPF programs and tfowatch/events.py.
+ * tests/test_event_layout.py fails when the two drift apart. */
+#ifndef TFOWATCH_H
+#define TFOWATCH_H
+
+/* One event = one increment of one metric. */
+enum tfo_event_type {
+	EV_COOKIE_REQUEST = 1,       /* server: SYN with an empty TFO option */
+	EV_COOKIE_ISSUED = 2,        /* server: SYN-ACK carries a cookie */
+	EV_SYN_DATA_ACCEPTED = 3,    /* server: TFO child created */
+	EV_INVALID_COOKIE = 4,       /* server fallback: cookie matched no key */
+	EV_QUEUE_OVERFLOW = 5,       /* server fallback: TFO queue full */
+	EV_SERVER_DISABLED = 6,      /* server fallback: no server TFO for this listener */
+	EV_SYN_DATA_SENT = 7,        /* client: SYN carried data */
+	EV_SYN_DATA_ACKED = 8,       /* client: SYN-ACK acked the SYN data */
+	EV_COOKIE_UNAVAILABLE = 9,   /* client fallback: no cached cookie, request sent */
+	EV_DATA_NOT_ACKED = 10,      /* client fallback: SYN data not acked */
+	EV_SYN_RETRANSMITTED = 11,   /* client fallback: SYN was retransmitted */
+	EV_TFO_DISABLED = 12,        /* client fallback: active TFO disabled, no option sent */
+	EV_BLACKHOLE_DISABLE = 13,   /* client: kernel disabled active TFO (blackhole) */
+	EV_TW_REUSE_GRANTED = 14,    /* connect() took over a TIME-WAIT socket */
+	EV_TW_REUSE_REFUSED = 15,    /* connect() could not reuse a TIME-WAIT socket */
+	EV_TYPE_MAX = 16,
+};
+
+/* Why a TIME-WAIT reuse was refused (tfo_event.reason for EV_TW_REUSE_REFUSED). */
+enum tw_refuse_reason {
+	TW_NO_TIMESTAMPS = 1,  /* the peer did not use TCP timestamps */
+	TW_REUSE_DISABLED = 2, /* net.ipv4.tcp_tw_reuse = 0 */
+	TW_TOO_RECENT = 3,     /* TIME-WAIT socket younger than the reuse delay */
+	TW_NOT_LOOPBACK = 4,   /* tcp_tw_reuse = 2 (loopback only) or FIN_WAIT2 substate */
+};
+
+struct tfo_event {
+	__u64 ts_ns;     /* bpf_ktime_get_ns() */
+	__u32 netns;     /* network namespace inode */
+	__u32 pid;       /* client events: tgid of the connecting process; 0 for server */
+	__u32 type;      /* enum tfo_event_type */
+	__u32 age_ms;    /* TIME-WAIT events: age of the TIME-WAIT socket */
+	__u16 port;      /* server: listener port; client/TIME-WAIT: remote port */
+	__u8 reason;     /* enum tw_refuse_reason */
+	__u8 age_res;    /* age resolution: 0 = ms, 1 = whole seconds (pre-6.14) */
+	char comm[16];   /* client events: task comm; empty for server */
+};
+
+#endif

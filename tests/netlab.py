@@ -1,0 +1,120 @@
+"""Test hosts in network namespaces this test run creates (veth pairs), and their truth:
+what the peers observed and the namespaces' own TcpExt counters. Everything created
+is removed by close()."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tfowatch import netns
+
+PEER = Path(__file__).with_name("peer.py")
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+class Host:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        sh("ip", "netns", "add", name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        self.inode = netns.inode(f"/run/netns/{name}")
+
+    def sysctl(self, key: str, value: str) -> None:
+        sh("ip", "netns", "exec", self.name, "sysctl", "-q", "-w", f"{key}={value}")
+
+    def tcpext(self) -> dict[str, int]:
+        return netns.tcpext(f"/run/netns/{self.name}")
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(["ip", "netns", "exec", self.name, sys.executable, str(PEER), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def peer(self, *args: str) -> list[dict[str, object]]:
+        out = subprocess.run(["ip", "netns", "exec", self.name, sys.executable, str(PEER), *args],
+                             check=True, capture_output=True, text=True, timeout=60)
+        return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+class Lab:
+    """A client namespace linked by veth pairs to server namespaces."""
+
+    def __init__(self) -> None:
+        self.tag = secrets.token_hex(3)
+        self.hosts: list[Host] = []
+        self.procs: list[subprocess.Popen[str]] = []
+        self.tmp = tempfile.TemporaryDirectory(prefix="tfowatch-lab-")
+        self.client = self.host("c")
+        self._subnet = 0
+
+    def host(self, role: str) -> Host:
+        h = Host(f"tfw-{role}-{self.tag}")
+        self.hosts.append(h)
+        return h
+
+    def server(self, role: str, tcp_fastopen: str) -> tuple[Host, str]:
+        """A server namespace reachable from the client; returns it and its address."""
+        self._subnet += 1
+        srv = self.host(role)
+        a, b = f"tc{self._subnet}{self.tag}", f"ts{self._subnet}{self.tag}"
+        sh("ip", "link", "add", a, "netns", self.client.name, "type", "veth",
+           "peer", "name", b, "netns", srv.name)
+        net = f"10.231.{self._subnet}"
+        sh("ip", "-n", self.client.name, "addr", "add", f"{net}.1/24", "dev", a)
+        sh("ip", "-n", srv.name, "addr", "add", f"{net}.2/24", "dev", b)
+        sh("ip", "-n", self.client.name, "link", "set", a, "up")
+        sh("ip", "-n", srv.name, "link", "set", b, "up")
+        srv.sysctl("net.ipv4.tcp_fastopen", tcp_fastopen)
+        return srv, f"{net}.2"
+
+    def start_server(self, host: Host, *ports: str) -> Path:
+        log = Path(self.tmp.name) / f"{host.name}.jsonl"
+        log.touch()
+        proc = host.popen("server", *ports, "--log", str(log))
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"server did not start: {line} {proc.stderr.read() if proc.stderr else ''}")
+        return log
+
+    @staticmethod
+    def accepted(log: Path) -> list[dict[str, object]]:
+        deadline = time.monotonic() + 5
+        rows: list[dict[str, object]] = []
+        while time.monotonic() < deadline:
+            rows = [json.loads(line) for line in log.read_text().splitlines()]
+            time.sleep(0.2)
+            if rows == [json.loads(line) for line in log.read_text().splitlines()]:
+                break
+        return rows
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for h in self.hosts:
+            sh("ip", "netns", "del", h.name, check=False)
+        self.tmp.cleanup()
+
+
+def has_root_bpf() -> str:
+    """Empty when this machine can run the root/BPF tests, else why not."""
+    if os.geteuid() != 0:
+        return "needs root"
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        return "kernel has no BTF"
+    return ""

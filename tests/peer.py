@@ -1,0 +1,138 @@
+"""TFO test peer, run inside a test namespace (`ip netns exec NS python peer.py ...`).
+
+server PORT[:QLEN] ... --log FILE   listen with TCP_FASTOPEN; one JSON line per accepted
+                                    connection: {port, syn_data, tfo_child}
+client HOST PORT COUNT [--comm C]   COUNT connections with MSG_FASTOPEN (or plain connect with
+        [--plain] [--bind-reuse]    --plain); prints one JSON line per connection with what the
+                                    client saw in tcp_info: {acked, client_fail}
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import selectors
+import socket
+import struct
+import sys
+
+TCP_FASTOPEN = 23
+TCPI_OPT_SYN_DATA = 32
+TCPI_OPT_TFO_CHILD = 128
+PR_SET_NAME = 15
+
+
+def tcp_info(sock: socket.socket) -> tuple[int, int]:
+    """(tcpi_options, tcpi_fastopen_client_fail) of a socket."""
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    options, bits = struct.unpack_from("B", raw, 5)[0], struct.unpack_from("B", raw, 7)[0]
+    return options, (bits >> 1) & 0x3
+
+
+def set_comm(name: str) -> None:
+    ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+def serve(specs: list[str], log_path: str) -> None:
+    sel = selectors.DefaultSelector()
+    for spec in specs:
+        port, _, qlen = spec.partition(":")
+        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if qlen != "0":
+            ls.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, int(qlen or 64))
+        ls.bind(("0.0.0.0", int(port)))
+        ls.listen(128)
+        sel.register(ls, selectors.EVENT_READ, int(port))
+    print("ready", flush=True)
+    with open(log_path, "a", buffering=1) as log:
+        while True:
+            for key, _ in sel.select():
+                conn, _addr = key.fileobj.accept()  # type: ignore[union-attr]
+                options, _ = tcp_info(conn)
+                conn.settimeout(5)
+                try:
+                    conn.recv(4096)
+                    conn.sendall(b"ok")
+                except OSError:
+                    pass
+                log.write(json.dumps({"port": key.data,
+                                      "syn_data": bool(options & TCPI_OPT_SYN_DATA),
+                                      "tfo_child": bool(options & TCPI_OPT_TFO_CHILD)}) + "\n")
+                conn.close()
+
+
+def client(host: str, port: int, count: int, plain: bool) -> None:
+    for _ in range(count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            # Blocking: a timeout would make the fd non-blocking and MSG_FASTOPEN
+            # would return EINPROGRESS when it has to request a cookie first.
+            if plain:
+                s.connect((host, port))
+                s.sendall(b"hello")
+            else:
+                s.sendto(b"hello", socket.MSG_FASTOPEN, (host, port))
+            s.settimeout(10)
+            s.recv(16)
+            options, fail = tcp_info(s)
+            print(json.dumps({"acked": bool(options & TCPI_OPT_SYN_DATA), "client_fail": fail}),
+                  flush=True)
+        finally:
+            s.close()
+
+
+def tw_bind_reuse(host: str, port: int) -> None:
+    """Close first (TIME-WAIT on our side), then reconnect from the same local port."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.connect((host, port))
+    s.sendall(b"x")
+    s.recv(16)
+    local = s.getsockname()
+    s.close()
+    import time
+    time.sleep(0.3)  # let the FIN exchange finish: the socket is now in TIME-WAIT
+    s2 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s2.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s2.bind(local)
+    try:
+        s2.connect((host, port))
+        s2.sendall(b"y")
+        s2.recv(16)
+        print(json.dumps({"reused": True, "local_port": local[1]}), flush=True)
+    except OSError as exc:
+        print(json.dumps({"reused": False, "error": exc.strerror}), flush=True)
+    finally:
+        s2.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sv = sub.add_parser("server")
+    sv.add_argument("ports", nargs="+")
+    sv.add_argument("--log", required=True)
+    cl = sub.add_parser("client")
+    cl.add_argument("host")
+    cl.add_argument("port", type=int)
+    cl.add_argument("count", type=int)
+    cl.add_argument("--comm")
+    cl.add_argument("--plain", action="store_true")
+    tw = sub.add_parser("tw-bind-reuse")
+    tw.add_argument("host")
+    tw.add_argument("port", type=int)
+    a = p.parse_args()
+    if getattr(a, "comm", None):
+        set_comm(a.comm)
+    if a.cmd == "server":
+        serve(a.ports, a.log)
+    elif a.cmd == "client":
+        client(a.host, a.port, a.count, a.plain)
+    else:
+        tw_bind_reuse(a.host, a.port)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Compile bpf/tfowatch.bpf.c with BCC for this kernel and attach what the plan says."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tfowatch.btf import Btf, BtfError
+from tfowatch.events import EV_TYPE_MAX
+from tfowatch.plan import Attachment, Plan
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+if not (BPF_DIR / "tfowatch.bpf.c").exists():  # installed (non-editable) layout
+    BPF_DIR = Path(__file__).resolve().parent / "bpf"
+SOURCE = BPF_DIR / "tfowatch.bpf.c"
+
+BCC_MISSING = ("BCC's Python module is missing: install it with `apt install python3-bpfcc` and run "
+               "tfowatch with /usr/bin/python3 or a venv made with --system-site-packages")
+
+# macro -> (struct, member path); byte offsets
+OFFSETS = {
+    "OFF_SK_NET": ("sock", "__sk_common.skc_net.net"),
+    "OFF_NET_INUM": ("net", "ns.inum"),
+    "OFF_SK_NUM": ("sock_common", "skc_num"),
+    "OFF_SKC_DPORT": ("sock_common", "skc_dport"),
+    "OFF_TP_FASTOPEN_REQ": ("tcp_sock", "fastopen_req"),
+    "OFF_TP_FOQ_QLEN": ("tcp_sock", "inet_conn.icsk_accept_queue.fastopenq.qlen"),
+    "OFF_TP_FOQ_MAX_QLEN": ("tcp_sock", "inet_conn.icsk_accept_queue.fastopenq.max_qlen"),
+    "OFF_FOC_LEN": ("tcp_fastopen_cookie", "len"),
+    "OFF_SKB_CB": ("sk_buff", "cb"),
+    "OFF_TCB_SEQ": ("tcp_skb_cb", "seq"),
+    "OFF_TCB_END_SEQ": ("tcp_skb_cb", "end_seq"),
+    "OFF_NET_TCP_FASTOPEN": ("net", "ipv4.sysctl_tcp_fastopen"),
+    "OFF_NET_BLACKHOLE_TIMEOUT": ("net", "ipv4.sysctl_tcp_fastopen_blackhole_timeout"),
+    "OFF_NET_TW_REUSE": ("net", "ipv4.sysctl_tcp_tw_reuse"),
+    "OFF_TW_TS_RECENT_STAMP": ("tcp_timewait_sock", "tw_ts_recent_stamp"),
+}
+OPTIONAL_OFFSETS = {
+    "OFF_TW_ENTRY_STAMP": ("inet_timewait_sock", "tw_entry_stamp", "HAVE_TW_ENTRY_STAMP"),
+    "OFF_NET_TW_REUSE_DELAY": ("net", "ipv4.sysctl_tcp_tw_reuse_delay", "HAVE_TW_ENTRY_STAMP"),
+}
+# TP_BIT(sk, NAME) -> tcp_sock bitfield
+BITFIELDS = {
+    "SYN_DATA": "syn_data",
+    "SYN_FASTOPEN": "syn_fastopen",
+    "SYN_DATA_ACKED": "syn_data_acked",
+    "CLIENT_FAIL": "fastopen_client_fail",
+    "FASTOPEN_CONNECT": "fastopen_connect",
+    "SYN_FASTOPEN_CHILD": "syn_fastopen_child",
+}
+OPTIONAL_BITFIELDS = {"SYN_FASTOPEN_CHILD": "HAVE_SYN_FASTOPEN_CHILD",
+                      "CLIENT_FAIL": "HAVE_CLIENT_FAIL"}
+
+MAX_CONNS = 65536
+
+
+class LoadError(Exception):
+    """BPF could not be compiled, loaded or attached; the message says why."""
+
+
+def offset_defines(btf: Btf) -> dict[str, int]:
+    """Every offset and bit position the C code reads, from the running kernel's BTF."""
+    out: dict[str, int] = {}
+    try:
+        for macro, (struct, path) in OFFSETS.items():
+            out[macro] = btf.field(struct, path).offset
+    except BtfError as exc:
+        raise LoadError(f"kernel BTF lacks a field tfowatch needs: {exc}") from exc
+    for macro, (struct, path, flag) in OPTIONAL_OFFSETS.items():
+        have = btf.has_field(struct, path)
+        out[macro] = btf.field(struct, path).offset if have else 0
+        out[flag] = out.get(flag, 1) & int(have)
+    for name, member in BITFIELDS.items():
+        flag = OPTIONAL_BITFIELDS.get(name)
+        if not btf.has_field("tcp_sock", member):
+            if flag is None:
+                raise LoadError(f"kernel BTF: tcp_sock has no {member}")
+            out[flag], out[f"BIT_TP_{name}"], out[f"NBITS_TP_{name}"] = 0, 0, 1
+            continue
+        f = btf.field("tcp_sock", member)
+        out[f"BIT_TP_{name}"] = f.bit_offset
+        out[f"NBITS_TP_{name}"] = f.bit_size or f.size * 8
+        if flag:
+            out[flag] = 1
+    return out
+
+
+def cflags(btf: Btf, plan: Plan) -> list[str]:
+    defines = offset_defines(btf) | plan.defines | {"MAX_CONNS": MAX_CONNS}
+    return [f"-I{BPF_DIR}", "-Wno-pointer-arith", "-Wno-unused-function",
+            "-Wno-unused-variable", "-Wno-unused-parameter"] + \
+        [f"-D{k}={v}" for k, v in sorted(defines.items())]
+
+
+def import_bcc() -> Any:
+    try:
+        return importlib.import_module("bcc")
+    except ImportError as exc:
+        raise LoadError(BCC_MISSING) from exc
+
+
+class Probes:
+    """The compiled programs, attached per plan, with their maps."""
+
+    def __init__(self, plan: Plan, btf: Btf) -> None:
+        bcc = import_bcc()
+        self.plan = plan
+        self.attached: dict[Attachment, bool] = {}
+        try:
+            self.bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags(btf, plan))
+        except Exception as exc:  # BCC raises bare Exception on compile/load failure
+            raise LoadError(f"BPF compile/load failed: {exc}") from exc
+
+    def attach(self) -> None:
+        """Attach every kprobe of the plan; tracepoints were bound at load by BCC."""
+        for a in self.plan.attachments:
+            if a.kind == "tracepoint":
+                self.attached[a] = True
+                continue
+            try:
+                if a.kind == "kprobe":
+                    self.bpf.attach_kprobe(event=a.target, fn_name=a.fn)
+                else:
+                    self.bpf.attach_kretprobe(event=a.target, fn_name=a.fn)
+            except Exception as exc:
+                self.attached[a] = False
+                self.close()
+                raise LoadError(f"cannot attach {a.kind} {a.target}: {exc}") from exc
+            self.attached[a] = True
+
+    def open_events(self, on_event: Callable[[int, Any, int], None],
+                    on_lost: Callable[[int], None], pages: int = 256) -> None:
+        self.bpf["events"].open_perf_buffer(on_event, page_cnt=pages, lost_cb=on_lost)
+
+    def poll(self, timeout_ms: int) -> None:
+        self.bpf.perf_buffer_poll(timeout=timeout_ms)
+
+    def totals(self) -> list[int]:
+        """Exact per-type event counts kept in the kernel (summed over CPUs)."""
+        table = self.bpf["totals"]
+        out = [0] * EV_TYPE_MAX
+        for i in range(EV_TYPE_MAX):
+            out[i] = sum(table[ctypes.c_int(i)])
+        return out
+
+    def close(self) -> None:
+        """Detach everything (BCC removes its kprobe_events entries)."""
+        try:
+            self.bpf.cleanup()
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            pass
+        for a in self.attached:
+            self.attached[a] = False

@@ -1,0 +1,167 @@
+"""Command line: `tfowatch run`, `tfowatch probes`. Errors are one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import tomllib
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from tfowatch import __version__
+from tfowatch.kernel import detect, is_privileged
+from tfowatch.plan import MODES, Plan, PlanError, resolve
+
+EXIT_USAGE = 2
+EXIT_RUNTIME = 1
+DEFAULT_LISTEN = "127.0.0.1:19135"
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_RUNTIME) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{message} (see {self.prog} --help)", EXIT_USAGE)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CliError(f"bad listen address {value!r}: expected HOST:PORT, e.g. {DEFAULT_LISTEN}",
+                       EXIT_USAGE)
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+CONFIG_KEYS = {"listen": str, "mode": str, "series_cap": int, "perf_pages": int, "log_level": str}
+
+
+def load_config(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise CliError(f"cannot read config {path}: {exc.strerror}", EXIT_USAGE) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise CliError(f"config {path}: {exc}", EXIT_USAGE) from exc
+    for key, value in data.items():
+        if key not in CONFIG_KEYS:
+            raise CliError(f"config {path}: unknown key {key!r} (known: {', '.join(CONFIG_KEYS)})",
+                           EXIT_USAGE)
+        if not isinstance(value, CONFIG_KEYS[key]) or isinstance(value, bool):
+            raise CliError(f"config {path}: {key} must be a {CONFIG_KEYS[key].__name__}", EXIT_USAGE)
+    return data
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="tfowatch", description="Watch TCP Fast Open and TIME-WAIT reuse in the kernel.")
+    p.add_argument("--version", action="version", version=f"tfowatch {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    run = sub.add_parser("run", help="attach probes and serve Prometheus metrics")
+    run.add_argument("--listen", help=f"HOST:PORT for /metrics (default {DEFAULT_LISTEN})")
+    run.add_argument("--mode", choices=MODES, help="probe tier (default auto: the best available)")
+    run.add_argument("--config", help="TOML file with any of: " + ", ".join(CONFIG_KEYS))
+    run.add_argument("--series-cap", type=int, help="max series per metric (default 1000)")
+    run.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    probes = sub.add_parser("probes", help="show what would be attached on this kernel, and why")
+    probes.add_argument("--mode", choices=MODES, default="auto")
+    probes.add_argument("--json", action="store_true", help="machine-readable output")
+    facts = sub.add_parser("facts", help="print the kernel facts the probe plan is resolved from")
+    facts.add_argument("--json", action="store_true", default=True, help=argparse.SUPPRESS)
+    return p
+
+
+def print_plan(plan: Plan) -> None:
+    print(f"mode {plan.mode}: tier {plan.tier}")
+    for r in plan.points:
+        targets = ", ".join(f"{a.kind}:{a.target}" for a in r.attachments) or f"TcpExt {r.counter}"
+        mark = "substituted" if r.substitute else "as designed"
+        print(f"  {r.point:<28} [{r.tier}] {targets}")
+        print(f"  {'':<28} {mark}: {r.why}")
+        if r.events:
+            print(f"  {'':<28} events: {', '.join(e.name.lower() for e in r.events)}")
+    print("metrics: " + ", ".join(m.name for m in plan.metrics))
+    print("reconciled with TcpExt: " + (", ".join(plan.reconciled) or "none"))
+
+
+def cmd_probes(args: argparse.Namespace) -> int:
+    plan = resolve(detect(), args.mode)
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=2))
+    else:
+        print_plan(plan)
+    return 0
+
+
+def run_settings(args: argparse.Namespace) -> tuple[Any, str]:
+    from tfowatch.daemon import Settings
+
+    cfg = load_config(args.config) if args.config else {}
+    listen = args.listen or cfg.get("listen", DEFAULT_LISTEN)
+    host, port = parse_listen(listen)
+    settings = Settings(listen_host=host, listen_port=port,
+                        mode=args.mode or cfg.get("mode", "auto"),
+                        series_cap=args.series_cap or cfg.get("series_cap", 1000),
+                        perf_pages=cfg.get("perf_pages", 256))
+    if settings.mode not in MODES:
+        raise CliError(f"mode must be one of {', '.join(MODES)}", EXIT_USAGE)
+    if settings.series_cap < 1:
+        raise CliError("series cap must be at least 1", EXIT_USAGE)
+    return settings, "DEBUG" if args.verbose else cfg.get("log_level", "INFO")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings, level = run_settings(args)
+    logging.basicConfig(level=level, format="tfowatch: %(levelname)s %(message)s")
+    if not is_privileged():
+        raise CliError("must run as root (or with CAP_BPF and CAP_PERFMON) to load BPF programs")
+    from tfowatch.daemon import Daemon
+
+    # Before loading BPF: a signal during start-up must still lead to a clean detach.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    daemon = Daemon(settings)
+    try:
+        daemon.serve()
+    except OSError as exc:
+        daemon.close()
+        raise CliError(f"cannot listen on {settings.listen_host}:{settings.listen_port}: "
+                       f"{exc.strerror}") from exc
+    where = f"http://{settings.listen_host}:{settings.listen_port}/metrics"
+    logging.getLogger("tfowatch").info("tier %s, serving %s", daemon.plan.tier, where)
+    try:
+        daemon.run(stop)
+    finally:
+        daemon.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "probes":
+            return cmd_probes(args)
+        if args.command == "facts":
+            print(detect().to_json())
+            return 0
+        return cmd_run(args)
+    except CliError as exc:
+        print(f"tfowatch: {exc}", file=sys.stderr)
+        return exc.code
+    except PlanError as exc:
+        print(f"tfowatch: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Prometheus exposition of the daemon's state, built at scrape time.
+
+A probe metric appears only when the running tier provides it (absent, not zero,
+otherwise); `tfowatch probes` tells which tier provides what.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from tfowatch.aggregator import Snapshot
+from tfowatch.events import EventType
+from tfowatch.metrics import TW_AGE_BUCKETS, TW_REUSE_AGE
+from tfowatch.plan import Plan
+
+
+@dataclass
+class ExportState:
+    plan: Plan
+    snap: Snapshot
+    totals: list[int] | None  # exact per-type counts from the kernel; None without BPF
+    kernel: dict[int, dict[str, int]]
+    drift: dict[tuple[int, str], int]
+    attached: list[tuple[str, str, str, bool]]  # point, target, tier, attached
+    version: str
+    kernel_release: str
+
+
+def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, labels=labels)
+
+
+class TfoCollector(Collector):
+    def __init__(self, state: Callable[[], ExportState]) -> None:
+        self._state = state
+
+    def describe(self) -> list[Metric]:
+        return []  # families depend on the tier: collect at scrape time only
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._state()
+        yield from self._probe_metrics(st)
+        yield from self._kernel_metrics(st)
+        yield from self._self_metrics(st)
+
+    def _probe_metrics(self, st: ExportState) -> Iterator[Metric]:
+        for m in st.plan.metrics:
+            if m is TW_REUSE_AGE:
+                continue
+            fam = _counter(m.name, m.help, list(m.labels))
+            for labels, value in sorted(st.snap.counters.get(m, {}).items()):
+                fam.add_metric(list(labels), value)
+            yield fam
+            if m.name == "tfowatch_tw_reuse_total":
+                yield self._age_histogram(st)
+
+    @staticmethod
+    def _age_histogram(st: ExportState) -> HistogramMetricFamily:
+        fam = HistogramMetricFamily(TW_REUSE_AGE.name, TW_REUSE_AGE.help,
+                                    labels=list(TW_REUSE_AGE.labels))
+        for labels, h in sorted(st.snap.histograms.items()):
+            running, buckets = 0, []
+            for bound, n in zip([*TW_AGE_BUCKETS, float("inf")], h.buckets, strict=True):
+                running += n
+                buckets.append(("+Inf" if bound == float("inf") else str(bound), running))
+            fam.add_metric(list(labels), buckets, h.total)
+        return fam
+
+    @staticmethod
+    def _kernel_metrics(st: ExportState) -> Iterator[Metric]:
+        fam = _counter("tfowatch_kernel_counter_total",
+                       "The kernel's own TcpExt TFO and TIME-WAIT counters, per network namespace.",
+                       ["netns", "counter"])
+        for ino, counters in sorted(st.kernel.items()):
+            for name, value in sorted(counters.items()):
+                fam.add_metric([str(ino), name], value)
+        yield fam
+        if st.plan.reconciled:
+            drift = GaugeMetricFamily(
+                "tfowatch_reconcile_drift",
+                "Probe-derived count minus the kernel counter's increase since start (0 = exact).",
+                labels=["netns", "metric"])
+            for (ino, label), value in sorted(st.drift.items()):
+                drift.add_metric([str(ino), label], value)
+            yield drift
+
+    @staticmethod
+    def _self_metrics(st: ExportState) -> Iterator[Metric]:
+        att = GaugeMetricFamily("tfowatch_probe_attached",
+                                "1 when the probe is attached, per design-card point and target.",
+                                labels=["point", "target", "tier"])
+        for point, target, tier, ok in st.attached:
+            att.add_metric([point, target, tier], 1 if ok else 0)
+        yield att
+        if st.totals is not None:
+            ev = _counter("tfowatch_events", "Events reported by the kernel programs, by type.", ["type"])
+            for t in EventType:
+                ev.add_metric([t.name.lower()], st.totals[t])
+            yield ev
+            yield CounterMetricFamily("tfowatch_events_lost",
+                                      "Events the perf buffer dropped before tfowatch read them.",
+                                      value=st.snap.lost)
+        dropped = _counter("tfowatch_series_dropped",
+                           "Events folded into the 'other' series because a metric hit its series cap.",
+                           ["metric"])
+        for name, n in sorted(st.snap.dropped.items()):
+            dropped.add_metric([name], n)
+        yield dropped
+        info = GaugeMetricFamily("tfowatch_build_info", "tfowatch version, kernel and probe mode.",
+                                 labels=["version", "kernel", "mode", "tier"])
+        info.add_metric([st.version, st.kernel_release, st.plan.mode, st.plan.tier], 1)
+        yield info
+
+
+def serve(collector: TfoCollector, host: str, port: int) -> Any:
+    """Start the HTTP server in a thread; returns the server (call .shutdown())."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.process_collector import ProcessCollector
+
+    registry = CollectorRegistry()
+    registry.register(collector)
+    ProcessCollector(namespace="tfowatch", registry=registry)
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server

@@ -1,0 +1,181 @@
+"""What the running kernel can do: the facts the probe plan is resolved from.
+
+Facts can be recorded to JSON and loaded back, so the plan is unit-tested
+against the recorded facts of kernels we do not run on (tests/facts/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tfowatch.btf import VMLINUX_BTF, Btf, BtfError
+
+TRACEFS_DIRS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+
+# Symbols the probe plan may attach to (design-card points and their substitutes).
+SYMBOLS = (
+    "tcp_fastopen_cookie_gen",
+    "tcp_fastopen_check",
+    "tcp_send_syn_data",
+    "tcp_twsk_unique",
+    "tcp_try_fastopen",
+    "tcp_connect",
+    "tcp_fastopen_cookie_check",
+    "tcp_fastopen_active_disable",
+)
+TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_destroy_sock", "tcp/tcp_retransmit_synack")
+
+# BTF members whose presence changes what the programs read.
+OPTIONAL_FIELDS = {
+    "syn_fastopen_child": ("tcp_sock", "syn_fastopen_child"),
+    "tw_entry_stamp": ("inet_timewait_sock", "tw_entry_stamp"),
+    "tcp_tw_reuse_delay": ("net", "ipv4.sysctl_tcp_tw_reuse_delay"),
+    "fastopen_client_fail": ("tcp_sock", "fastopen_client_fail"),
+}
+
+SYSCTLS = (
+    "tcp_fastopen",
+    "tcp_fastopen_blackhole_timeout_sec",
+    "tcp_tw_reuse",
+    "tcp_tw_reuse_delay",
+    "tcp_timestamps",
+    "tcp_max_tw_buckets",
+    "ip_local_port_range",
+)
+
+
+@dataclass
+class KernelFacts:
+    release: str
+    kprobes: bool  # kprobe_events present: kprobes can be created
+    kprobes_why: str  # why not, when not
+    btf: bool
+    headers: bool  # BCC can find kernel headers to compile against
+    symbols: dict[str, bool] = field(default_factory=dict)  # name -> traceable
+    present: dict[str, bool] = field(default_factory=dict)  # name -> in kallsyms
+    tracepoints: list[str] = field(default_factory=list)
+    fields: dict[str, bool] = field(default_factory=dict)
+    sysctls: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def version(self) -> tuple[int, int]:
+        m = re.match(r"(\d+)\.(\d+)", self.release)
+        return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+    def traceable(self, symbol: str) -> bool:
+        return self.symbols.get(symbol, False)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> KernelFacts:
+        return cls(**json.loads(text))
+
+
+def tracefs() -> Path | None:
+    """The mounted tracefs, mounting it at /sys/kernel/tracing if needed."""
+    for d in TRACEFS_DIRS:
+        if (d / "events").is_dir():
+            return d
+    try:
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS_DIRS[0])],
+                       check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return TRACEFS_DIRS[0] if (TRACEFS_DIRS[0] / "events").is_dir() else None
+
+
+def _kallsyms(names: tuple[str, ...]) -> dict[str, bool]:
+    """Which of `names` are text symbols in /proc/kallsyms (module suffixes ignored)."""
+    wanted = set(names)
+    found: set[str] = set()
+    try:
+        with open("/proc/kallsyms") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[1] in "tT" and parts[2] in wanted:
+                    found.add(parts[2])
+    except OSError:
+        pass
+    return {n: n in found for n in names}
+
+
+def _filter_functions(tfs: Path | None) -> set[str] | None:
+    """Functions ftrace can hook, or None when the kernel has no function tracer."""
+    if tfs is None or not (tfs / "available_filter_functions").exists():
+        return None
+    out = set()
+    try:
+        with open(tfs / "available_filter_functions") as f:
+            for line in f:
+                if line.strip():
+                    out.add(line.split()[0])
+    except OSError:  # present but unreadable (e.g. no function tracer behind it)
+        return None
+    return out
+
+
+def read_sysctls(proc_net_root: Path = Path("/proc/sys/net/ipv4")) -> dict[str, str]:
+    out = {}
+    for name in SYSCTLS:
+        try:
+            out[name] = " ".join((proc_net_root / name).read_text().split())
+        except OSError:
+            continue
+    return out
+
+
+def _headers_usable(release: str) -> bool:
+    build = Path("/lib/modules") / release / "build"
+    return (build / "include").is_dir() or (build / "Makefile").exists() or \
+        Path("/sys/kernel/kheaders.tar.xz").exists()
+
+
+def detect() -> KernelFacts:
+    release = platform.release()
+    tfs = tracefs()
+    kprobe_events = tfs is not None and (tfs / "kprobe_events").exists()
+    why = ""
+    if tfs is None:
+        why = "tracefs is not mounted and could not be mounted"
+    elif not kprobe_events:
+        why = f"{tfs}/kprobe_events is absent (kernel built without CONFIG_KPROBES)"
+    present = _kallsyms(SYMBOLS)
+    ftrace = _filter_functions(tfs)
+    # Without the function tracer, kprobes still attach to any non-blacklisted text symbol.
+    traceable = {n: present[n] and kprobe_events and (ftrace is None or n in ftrace)
+                 for n in SYMBOLS}
+    tps = [tp for tp in TRACEPOINTS if tfs is not None and (tfs / "events" / tp / "format").exists()]
+    fields: dict[str, bool] = {}
+    btf_ok = VMLINUX_BTF.exists()
+    if btf_ok:
+        try:
+            btf = Btf.load()
+            fields = {k: btf.has_field(*v) for k, v in OPTIONAL_FIELDS.items()}
+        except BtfError:
+            btf_ok = False
+    return KernelFacts(
+        release=release, kprobes=kprobe_events, kprobes_why=why, btf=btf_ok,
+        headers=_headers_usable(release), symbols=traceable, present=present,
+        tracepoints=tps, fields=fields, sysctls=read_sysctls(),
+    )
+
+
+def is_privileged() -> bool:
+    """Root, or the capabilities BPF tracing needs (CAP_SYS_ADMIN, or CAP_BPF+CAP_PERFMON)."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return False
+    m = re.search(r"^CapEff:\s*([0-9a-f]+)", status, re.M)
+    caps = int(m.group(1), 16) if m else 0
+    return bool(caps & (1 << 21)) or (bool(caps & (1 << 39)) and bool(caps & (1 << 38)))

@@ -1,0 +1,107 @@
+"""Network namespaces on this host and their TcpExt counters and sysctls.
+
+A namespace is named by its inode, as the BPF programs report it. Its counters are
+read through a process inside it (/proc/PID/net/netstat) or, for a namespace held
+only by a bind mount (`ip netns add`), from a short-lived thread that setns()es in.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+CLONE_NEWNET = 0x40000000
+RUN_NETNS = Path("/run/netns")
+_libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
+
+
+def inode(path: str | Path) -> int:
+    return os.stat(path).st_ino
+
+
+def self_netns() -> int:
+    return inode("/proc/self/ns/net")
+
+
+def discover() -> dict[int, str]:
+    """inode -> a handle to enter or read it: '/proc/PID/ns/net' or '/run/netns/NAME'."""
+    found: dict[int, str] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        path = f"/proc/{entry.name}/ns/net"
+        try:
+            found.setdefault(inode(path), path)
+        except OSError:  # process gone, or a kernel thread
+            continue
+    if RUN_NETNS.is_dir():
+        for entry in os.scandir(RUN_NETNS):
+            try:
+                found.setdefault(inode(entry.path), entry.path)
+            except OSError:
+                continue
+    return found
+
+
+def parse_netstat(text: str, section: str = "TcpExt") -> dict[str, int]:
+    """The `section` counters of a /proc/net/netstat text (header line, then values)."""
+    lines = [line.split() for line in text.splitlines() if line.startswith(section + ":")]
+    out: dict[str, int] = {}
+    for names, values in zip(lines[0::2], lines[1::2], strict=False):
+        out.update(zip(names[1:], (int(v) for v in values[1:]), strict=False))
+    return out
+
+
+def run_in(handle: str, fn: Callable[[], T]) -> T:
+    """Run fn in a fresh thread that has joined the namespace at `handle`."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            fd = os.open(handle, os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns {handle}: {os.strerror(err)}")
+                box["value"] = fn()
+            finally:
+                os.close(fd)
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=target, name="netns-reader")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
+
+
+def _proc_pid(handle: str) -> str | None:
+    parts = handle.split("/")
+    return parts[2] if handle.startswith("/proc/") and parts[2].isdigit() else None
+
+
+def tcpext(handle: str) -> dict[str, int]:
+    pid = _proc_pid(handle)
+    if pid is not None:
+        return parse_netstat(Path(f"/proc/{pid}/net/netstat").read_text())
+    return run_in(handle, lambda: parse_netstat(Path("/proc/thread-self/net/netstat").read_text()))
+
+
+def sysctls(handle: str, names: tuple[str, ...]) -> dict[str, str]:
+    """net.ipv4 sysctls as seen inside the namespace at `handle`."""
+    def read() -> dict[str, str]:
+        out = {}
+        for name in names:
+            try:
+                out[name] = " ".join(Path(f"/proc/sys/net/ipv4/{name}").read_text().split())
+            except OSError:
+                continue
+        return out
+    return run_in(handle, read)

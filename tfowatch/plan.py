@@ -1,0 +1,217 @@
+"""Resolve the design card's probe points to what this kernel allows.
+
+Pure: takes KernelFacts and a mode, returns a Plan. The loader attaches what the
+plan says; `tfowatch probes` prints it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from tfowatch.events import EventType as E
+from tfowatch.kernel import KernelFacts
+from tfowatch.metrics import EVENT_METRIC, RECONCILIATIONS, Metric
+
+MODES = ("auto", "kprobe", "tracepoint", "counters")
+TIERS = ("kprobe", "tracepoint", "counters")
+
+SET_STATE = "sock:inet_sock_set_state"
+DESTROY = "tcp:tcp_destroy_sock"
+REQUIRED_TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_destroy_sock")
+
+PASSIVE_KPROBE_EVENTS = (E.COOKIE_REQUEST, E.COOKIE_ISSUED, E.SYN_DATA_ACCEPTED,
+                         E.INVALID_COOKIE, E.QUEUE_OVERFLOW, E.SERVER_DISABLED)
+ACTIVE_EVENTS = (E.SYN_DATA_SENT, E.SYN_DATA_ACKED, E.COOKIE_UNAVAILABLE, E.DATA_NOT_ACKED,
+                 E.SYN_RETRANSMITTED, E.TFO_DISABLED)
+TW_EVENTS = (E.TW_REUSE_GRANTED, E.TW_REUSE_REFUSED)
+
+
+class PlanError(Exception):
+    """The requested mode cannot run on this kernel."""
+
+
+@dataclass(frozen=True)
+class Attachment:
+    kind: str  # kprobe | kretprobe | tracepoint
+    target: str  # kernel symbol, or "category:name"
+    fn: str = ""  # BPF function (kprobes); tracepoints are bound by BCC itself
+
+
+@dataclass
+class Resolution:
+    point: str
+    tier: str
+    attachments: list[Attachment]
+    substitute: bool
+    why: str
+    events: list[E]
+    counter: str = ""  # TcpExt counter that still carries the totals
+
+
+@dataclass
+class Plan:
+    mode: str
+    tier: str
+    points: list[Resolution]
+    defines: dict[str, int] = field(default_factory=dict)
+    events: set[E] = field(default_factory=set)
+
+    @property
+    def attachments(self) -> list[Attachment]:
+        seen: list[Attachment] = []
+        for r in self.points:
+            seen.extend(a for a in r.attachments if a not in seen)
+        return seen
+
+    @property
+    def metrics(self) -> list[Metric]:
+        out: list[Metric] = []
+        for ev in sorted(self.events):
+            m = EVENT_METRIC[ev][0]
+            if m not in out:
+                out.append(m)
+        return out
+
+    @property
+    def reconciled(self) -> list[str]:
+        return [r.label for r in RECONCILIATIONS if set(r.events) <= self.events]
+
+    def reasons(self, metric: Metric) -> list[str]:
+        return [r for ev, (m, r) in EVENT_METRIC.items() if m == metric and r and ev in self.events]
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "mode": self.mode, "tier": self.tier,
+            "points": [dict(asdict(r), events=[e.name.lower() for e in r.events]) for r in self.points],
+            "metrics": [m.name for m in self.metrics],
+            "reconciled": self.reconciled,
+        }
+
+
+def _probe_pair(symbol: str, fn: str) -> list[Attachment]:
+    return [Attachment("kprobe", symbol, fn), Attachment("kretprobe", symbol, fn + "_ret")]
+
+
+def _tracepoint_ok(facts: KernelFacts) -> str:
+    missing = [tp for tp in REQUIRED_TRACEPOINTS if tp not in facts.tracepoints]
+    if missing:
+        return "tracepoint(s) missing: " + ", ".join(missing)
+    if not facts.btf:
+        return "no kernel BTF (/sys/kernel/btf/vmlinux): field offsets cannot be resolved"
+    if not facts.headers:
+        return "no kernel headers for BCC (/lib/modules/$(uname -r)/build)"
+    return ""
+
+
+def choose_tier(facts: KernelFacts, mode: str) -> str:
+    if mode not in MODES:
+        raise PlanError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    if mode == "counters":
+        return "counters"
+    tp_problem = _tracepoint_ok(facts)
+    if mode == "kprobe":
+        if not facts.kprobes:
+            raise PlanError(f"--mode kprobe: kprobes unavailable: {facts.kprobes_why}")
+        if tp_problem:
+            raise PlanError(f"--mode kprobe: {tp_problem}")
+        return "kprobe"
+    if mode == "tracepoint":
+        if tp_problem:
+            raise PlanError(f"--mode tracepoint: {tp_problem}")
+        return "tracepoint"
+    if tp_problem:
+        return "counters"
+    return "kprobe" if facts.kprobes else "tracepoint"
+
+
+def _passive(facts: KernelFacts, tier: str) -> tuple[Resolution, Resolution]:
+    """tcp_fastopen_cookie_gen and tcp_fastopen_check: both live on in tcp_try_fastopen."""
+    gen_absent = "not in kallsyms (static, inlined since 3.16)"
+    if facts.present.get("tcp_fastopen_cookie_gen"):
+        gen_absent = "present, but sees only the cookies generated for requests"
+    check_absent = "removed in 3.16 (merged into tcp_try_fastopen)"
+    if tier == "kprobe" and facts.traceable("tcp_try_fastopen"):
+        att = _probe_pair("tcp_try_fastopen", "on_try_fastopen")
+        why = "; tcp_try_fastopen entry (foc->len: request/cookie) + return (child, cookie sent) sees it all"
+        return (Resolution("tcp_fastopen_cookie_gen", "kprobe", att, True, gen_absent + why,
+                           [E.COOKIE_REQUEST, E.COOKIE_ISSUED, E.INVALID_COOKIE, E.QUEUE_OVERFLOW,
+                            E.SERVER_DISABLED]),
+                Resolution("tcp_fastopen_check", "kprobe", att, True, check_absent + why,
+                           [E.SYN_DATA_ACCEPTED]))
+    lost = "kprobes unavailable" if tier != "kprobe" else "tcp_try_fastopen not traceable"
+    gen = Resolution("tcp_fastopen_cookie_gen", "counters", [], True,
+                     f"{lost}; no tracepoint sees the SYN's TFO option: per-namespace totals only",
+                     [], counter="TCPFastOpenCookieReqd")
+    if tier == "counters":
+        return gen, Resolution("tcp_fastopen_check", "counters", [], True, f"{lost}; BPF disabled",
+                               [], counter="TCPFastOpenPassive")
+    marker = ("syn_fastopen_child" if facts.fields.get("syn_fastopen_child")
+              else "syn_data_acked (data-less TFO children are not seen before 6.16)")
+    return gen, Resolution("tcp_fastopen_check", "tracepoint", [Attachment("tracepoint", SET_STATE)],
+                           True, f"{lost}; child leaving SYN_RECV with {marker}",
+                           [E.SYN_DATA_ACCEPTED])
+
+
+def _active(facts: KernelFacts, tier: str) -> Resolution:
+    point = "tcp_send_syn_data"
+    completion = [Attachment("tracepoint", SET_STATE), Attachment("tracepoint", DESTROY)]
+    if tier == "counters":
+        return Resolution(point, "counters", [], True, "BPF disabled", [], counter="TCPFastOpenActive")
+    if tier == "kprobe":
+        if facts.traceable(point):
+            return Resolution(point, "kprobe", _probe_pair(point, "on_connect") + completion, False,
+                              "traceable; SYN-ACK outcome read from sock:inet_sock_set_state",
+                              list(ACTIVE_EVENTS))
+        if facts.traceable("tcp_connect"):
+            return Resolution(point, "kprobe", _probe_pair("tcp_connect", "on_connect") + completion,
+                              True, "not in kallsyms (inlined into tcp_connect); tcp_connect "
+                              "return reads syn_data/syn_fastopen/fastopen_client_fail, SYN-ACK "
+                              "outcome from sock:inet_sock_set_state", list(ACTIVE_EVENTS))
+    return Resolution(point, "tracepoint", completion, True,
+                      "SYN contents read when the socket leaves SYN_SENT, SYN-ACK outcome at its "
+                      "next transition or destruction (counted when the connection ends)",
+                      list(ACTIVE_EVENTS))
+
+
+def _tw(facts: KernelFacts, tier: str) -> Resolution:
+    point = "tcp_twsk_unique"
+    if tier == "kprobe" and facts.traceable(point):
+        return Resolution(point, "kprobe", _probe_pair(point, "on_twsk_unique"), False,
+                          "traceable", list(TW_EVENTS))
+    why = ("kprobes unavailable" if tier != "kprobe" else "not traceable") + \
+        "; no tracepoint sees TIME-WAIT sockets: per-namespace totals only"
+    return Resolution(point, "counters", [], True, why, [], counter="TWRecycled")
+
+
+def _blackhole(facts: KernelFacts, tier: str) -> Resolution:
+    point = "tcp_fastopen_active_disable"
+    if tier == "kprobe" and facts.traceable(point):
+        return Resolution(point, "kprobe", [Attachment("kprobe", point, "on_active_disable")],
+                          False, "traceable (extra point: blackhole disables)",
+                          [E.BLACKHOLE_DISABLE])
+    return Resolution(point, "counters", [], True,
+                      "kprobes unavailable" if tier != "kprobe" else "not traceable",
+                      [], counter="TCPFastOpenBlackhole")
+
+
+def resolve(facts: KernelFacts, mode: str = "auto") -> Plan:
+    tier = choose_tier(facts, mode)
+    gen, check = _passive(facts, tier)
+    points = [gen, check, _active(facts, tier), _tw(facts, tier), _blackhole(facts, tier)]
+    events = {e for r in points for e in r.events}
+    kprobed = {a.fn for r in points for a in r.attachments if a.kind == "kprobe"}
+    defines = {
+        "PASSIVE_KPROBE": int("on_try_fastopen" in kprobed),
+        "ACTIVE_KPROBE": int("on_connect" in kprobed),
+        "TW_KPROBE": int("on_twsk_unique" in kprobed),
+        "BLACKHOLE_KPROBE": int("on_active_disable" in kprobed),
+    }
+    return Plan(mode=mode, tier=tier, points=points, defines=defines, events=events)
+
+
+def fall_back(plan: Plan, facts: KernelFacts) -> Plan:
+    """The plan one tier down (auto mode, after an attach failure)."""
+    lower = {"kprobe": "tracepoint", "tracepoint": "counters"}[plan.tier]
+    if lower == "tracepoint" and _tracepoint_ok(facts):
+        lower = "counters"
+    return resolve(facts, lower)
