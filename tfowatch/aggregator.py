@@ -73,15 +73,12 @@ class Aggregator:
     @staticmethod
     def labels(ev: Event) -> Labels:
         metric, reason = EVENT_METRIC[ev.type]
-        netns, port = str(ev.netns), str(ev.port)
-        if metric.labels == ("netns", "port"):
-            return (netns, port)
+        values = {"netns": str(ev.netns), "port": str(ev.port), "comm": ev.comm, "reason": reason or ""}
         if metric is TW_REUSE:
-            if ev.type == EventType.TW_REUSE_GRANTED:
-                return (netns, port, ev.comm, "granted", "")
-            return (netns, port, ev.comm, "refused", _refuse_reason(ev.reason))
-        base = (netns, port, ev.comm)
-        return base + (reason,) if reason else base
+            granted = ev.type == EventType.TW_REUSE_GRANTED
+            values["result"] = "granted" if granted else "refused"
+            values["reason"] = "" if granted else _refuse_reason(ev.reason)
+        return tuple(values[name] for name in metric.labels)
 
     def _bounded(self, metric_name: str, series: dict[Labels, object], key: Labels) -> Labels:
         if key in series or len(series) < self.series_cap:

@@ -77,6 +77,8 @@ class Btf:
         self._str_end = self._strs + str_len
         self._types: list[_Type | None] = [None]  # id 0 is void
         self._structs: dict[str, int] = {}
+        self.functions: set[str] = set()  # FUNC entries: functions with a traceable body
+        self.typedefs: set[str] = set()
         self._index(hdr_len + type_off, hdr_len + type_off + type_len)
 
     @classmethod
@@ -106,6 +108,9 @@ class Btf:
                     self._structs.setdefault(name, len(self._types))
             elif kind == KIND_TYPEDEF and name_off:
                 t = _Type(kind, self._name(name_off), False, size_or_type, t.pos, vlen)
+                self.typedefs.add(t.name)
+            elif kind == KIND_FUNC and name_off:
+                self.functions.add(self._name(name_off))
             self._types.append(t)
             pos += 12 + fixed + per_item * vlen
 

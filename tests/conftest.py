@@ -1,0 +1,22 @@
+"""Shared fixtures. Root/BPF tests skip (with the reason printed) only where the machine
+cannot run them; `make test` runs as root, so CI runs them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from netlab import has_root_bpf  # noqa: E402
+
+FACTS_DIR = Path(__file__).parent / "facts"
+
+
+@pytest.fixture
+def root_bpf() -> None:
+    why = has_root_bpf()
+    if why:
+        pytest.skip(f"root BPF test: {why}")

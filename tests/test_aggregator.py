@@ -1,0 +1,83 @@
+"""Aggregation and the cardinality cap."""
+
+from __future__ import annotations
+
+import random
+
+from tfowatch.aggregator import OTHER, Aggregator
+from tfowatch.events import Event, EventType, RefuseReason, decode, encode
+from tfowatch.metrics import (
+    ACTIVE_FALLBACKS,
+    PASSIVE_FALLBACKS,
+    SYN_DATA_ACCEPTED,
+    SYN_DATA_SENT,
+    TW_REUSE,
+)
+
+
+def test_server_and_client_labels() -> None:
+    agg = Aggregator()
+    for _ in range(3):
+        agg.add(Event(EventType.SYN_DATA_ACCEPTED, netns=11, port=7001))
+    agg.add(Event(EventType.SYN_DATA_ACCEPTED, netns=11, port=7002))
+    agg.add(Event(EventType.INVALID_COOKIE, netns=11, port=7001))
+    agg.add(Event(EventType.SYN_DATA_SENT, netns=22, port=7001, pid=5, comm="dig"))
+    agg.add(Event(EventType.TFO_DISABLED, netns=22, port=53, pid=5, comm="dig"))
+    s = agg.snapshot()
+    assert s.counters[SYN_DATA_ACCEPTED] == {("11", "7001"): 3, ("11", "7002"): 1}
+    assert s.counters[PASSIVE_FALLBACKS] == {("11", "7001", "invalid_cookie"): 1}
+    assert s.counters[SYN_DATA_SENT] == {("22", "7001", "dig"): 1}
+    assert s.counters[ACTIVE_FALLBACKS] == {("22", "53", "dig", "tfo_disabled"): 1}
+    assert s.per_netns[(11, EventType.SYN_DATA_ACCEPTED)] == 4
+
+
+def test_tw_reuse_result_reason_and_age_histogram() -> None:
+    agg = Aggregator()
+    agg.add(Event(EventType.TW_REUSE_REFUSED, 1, 80, comm="c", reason=RefuseReason.TOO_RECENT, age_ms=300))
+    agg.add(Event(EventType.TW_REUSE_GRANTED, 1, 80, comm="c", age_ms=1500))
+    agg.add(Event(EventType.TW_REUSE_REFUSED, 1, 80, comm="c", reason=99, age_ms=5))
+    s = agg.snapshot()
+    assert s.counters[TW_REUSE] == {("1", "80", "c", "refused", "too_recent"): 1,
+                                    ("1", "80", "c", "granted", ""): 1,
+                                    ("1", "80", "c", "refused", "unknown"): 1}
+    granted = s.histograms[("1", "granted")]
+    assert granted.count == 1 and granted.total == 1.5
+    # 1.5 s lands in the (1, 2] bucket: buckets are 0.01 0.1 0.25 0.5 1 2 ...
+    assert granted.buckets.index(1) == 5
+    refused = s.histograms[("1", "refused")]
+    assert refused.count == 2 and refused.buckets[0] == 1 and refused.buckets[3] == 1
+
+
+def test_cap_folds_new_series_into_other_and_counts_them() -> None:
+    agg = Aggregator(series_cap=10)
+    rng = random.Random(7)
+    total = 5000
+    for _ in range(total):  # hostile: random remote ports and comms
+        agg.add(Event(EventType.SYN_DATA_SENT, netns=1, port=rng.randrange(65536),
+                      comm=f"p{rng.randrange(10**6)}"))
+    s = agg.snapshot()
+    series = s.counters[SYN_DATA_SENT]
+    assert len(series) == 10 + 1
+    assert series[(OTHER, OTHER, OTHER)] == s.dropped[SYN_DATA_SENT.name]
+    assert sum(series.values()) == total  # nothing lost, only folded
+
+
+def test_existing_series_keep_counting_after_the_cap() -> None:
+    agg = Aggregator(series_cap=1)
+    agg.add(Event(EventType.SYN_DATA_ACCEPTED, 1, 80))
+    agg.add(Event(EventType.SYN_DATA_ACCEPTED, 1, 81))
+    agg.add(Event(EventType.SYN_DATA_ACCEPTED, 1, 80))
+    assert agg.snapshot().counters[SYN_DATA_ACCEPTED] == {("1", "80"): 2, (OTHER, OTHER): 1}
+
+
+def test_lost_events_are_counted() -> None:
+    agg = Aggregator()
+    agg.add_lost(3)
+    agg.add_lost(4)
+    assert agg.snapshot().lost == 7
+
+
+def test_decode_round_trip() -> None:
+    ev = Event(EventType.TW_REUSE_REFUSED, netns=4026531840, port=443, pid=1234,
+               comm="curl", age_ms=999, reason=3, ts_ns=123456789)
+    assert decode(encode(ev)) == ev

@@ -1,0 +1,65 @@
+"""Every BPF program compiles and passes the verifier on the running kernel.
+
+kprobe programs cannot attach here (no CONFIG_KPROBES) but BCC's load_func still
+runs them through the verifier; the VM lab attaches them for real.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tfowatch import bpfprog
+from tfowatch.btf import Btf
+from tfowatch.kernel import detect
+from tfowatch.plan import resolve
+
+pytestmark = pytest.mark.usefixtures("root_bpf")
+
+KPROBE_FUNCS = ["on_try_fastopen", "on_try_fastopen_ret", "on_connect_entry", "on_connect_ret",
+                "on_twsk_unique", "on_twsk_unique_ret", "on_active_disable"]
+ALL_KPROBES = {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 1, "TW_KPROBE": 1, "BLACKHOLE_KPROBE": 1}
+
+
+def compile_with(overrides: dict[str, int]) -> Any:
+    bcc = bpfprog.import_bcc()
+    plan = resolve(detect(), "tracepoint")
+    flags = [f for f in bpfprog.cflags(Btf.load(), plan)
+             if not any(f.startswith(f"-D{k}=") for k in overrides)]
+    flags += [f"-D{k}={v}" for k, v in overrides.items()]
+    return bcc.BPF(src_file=str(bpfprog.SOURCE).encode(), cflags=flags)
+
+
+def test_tracepoint_tier_loads() -> None:
+    b = compile_with({})
+    try:
+        assert b.num_open_tracepoints() == 2
+    finally:
+        b.cleanup()
+
+
+# Older kernels' code paths: TIME-WAIT age from tw_ts_recent_stamp (< 6.14), TFO child
+# marker syn_data_acked (< 6.16), no fastopen_client_fail (< 5.5).
+@pytest.mark.parametrize("variant", [
+    {},
+    {"HAVE_TW_ENTRY_STAMP": 0},
+    {"HAVE_SYN_FASTOPEN_CHILD": 0, "HAVE_CLIENT_FAIL": 0},
+])
+def test_kprobe_programs_pass_the_verifier(variant: dict[str, int]) -> None:
+    bcc = bpfprog.import_bcc()
+    b = compile_with(ALL_KPROBES | variant)
+    try:
+        for fn in KPROBE_FUNCS:
+            assert b.load_func(fn.encode(), bcc.BPF.KPROBE).fd >= 0
+    finally:
+        b.cleanup()
+
+
+def test_tracepoint_only_build_has_no_kprobe_functions() -> None:
+    b = compile_with({})
+    try:
+        with pytest.raises(Exception, match="on_try_fastopen"):
+            b.load_func(b"on_try_fastopen", bpfprog.import_bcc().BPF.KPROBE)
+    finally:
+        b.cleanup()

@@ -1,0 +1,72 @@
+"""bpf/tfowatch.h is the one definition of the event; the Python mirror must not drift."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tfowatch import bpfprog
+from tfowatch.events import EV_TYPE_MAX, EventType, RawEvent, RefuseReason
+
+HEADER = bpfprog.BPF_DIR / "tfowatch.h"
+
+
+def c_enum(name: str) -> dict[str, int]:
+    text = re.sub(r"/\*.*?\*/", "", HEADER.read_text(), flags=re.S)
+    body = re.search(rf"enum {name} {{(.*?)}};", text, re.S)
+    assert body, f"enum {name} not in {HEADER}"
+    return {k: int(v) for k, v in re.findall(r"(\w+)\s*=\s*(\d+)", body.group(1))}
+
+
+def test_event_types_match_header() -> None:
+    c = c_enum("tfo_event_type")
+    assert c.pop("EV_TYPE_MAX") == EV_TYPE_MAX
+    assert c == {f"EV_{t.name}": t.value for t in EventType}
+
+
+def test_refuse_reasons_match_header() -> None:
+    assert c_enum("tw_refuse_reason") == {f"TW_{r.name}": r.value for r in RefuseReason}
+
+
+def test_struct_layout_matches_compiled_c(tmp_path: Path) -> None:
+    """Compile the header with the C compiler and compare offsets and sizes field by field."""
+    fields = [name for name, *_ in RawEvent._fields_]
+    prints = "".join(f'printf("{f} %zu %zu\\n", offsetof(struct tfo_event, {f}), '
+                     f"sizeof(((struct tfo_event *)0)->{f}));" for f in fields)
+    src = tmp_path / "layout.c"
+    src.write_text("#include <stdio.h>\n#include <stddef.h>\n#include <linux/types.h>\n"
+                   f'#include "{HEADER}"\nint main(void) {{ {prints} '
+                   'printf("sizeof %zu 0\\n", sizeof(struct tfo_event)); return 0; }\n')
+    exe = tmp_path / "layout"
+    subprocess.run(["cc", "-o", str(exe), str(src)], check=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    c_layout = {name: (int(off), int(size)) for name, off, size in (l.split() for l in out.splitlines())}
+    py_layout = {f: (getattr(RawEvent, f).offset, getattr(RawEvent, f).size) for f in fields}
+    py_layout["sizeof"] = (ctypes.sizeof(RawEvent), 0)
+    assert c_layout == py_layout
+
+
+@pytest.mark.usefixtures("root_bpf")
+def test_bcc_sees_the_same_struct() -> None:
+    """The BPF side: BCC's view of what perf_submit sends equals the Python mirror."""
+    from tfowatch.btf import Btf
+    from tfowatch.kernel import detect
+    from tfowatch.plan import resolve
+
+    bcc = bpfprog.import_bcc()
+    b = bcc.BPF(src_file=str(bpfprog.SOURCE).encode(),
+                cflags=bpfprog.cflags(Btf.load(), resolve(detect(), "tracepoint")))
+    try:
+        lib, mod = bcc.libbcc.lib, b.module
+        n = lib.bpf_perf_event_fields(mod, b"events")
+        bcc_fields = [lib.bpf_perf_event_field(mod, b"events", i).decode().split("#") for i in range(n)]
+    finally:
+        b.cleanup()
+    ctype = {"__u64": ctypes.c_uint64, "__u32": ctypes.c_uint32, "__u16": ctypes.c_uint16,
+             "__u8": ctypes.c_uint8, "char[16]": ctypes.c_char * 16}
+    assert [(name, ctypes.sizeof(ctype[t.replace(" ", "")])) for name, t in bcc_fields] == \
+        [(name, ctypes.sizeof(t)) for name, t in RawEvent._fields_]

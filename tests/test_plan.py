@@ -1,0 +1,108 @@
+"""Probe-plan resolution against recorded facts of Debian 6.1, 6.12 and our 6.18 host."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from conftest import FACTS_DIR
+
+from tfowatch.events import EventType as E
+from tfowatch.kernel import KernelFacts
+from tfowatch.plan import PlanError, fall_back, resolve
+
+
+def facts(release_prefix: str) -> KernelFacts:
+    (path,) = [p for p in FACTS_DIR.glob("*.json") if p.name.startswith(release_prefix)]
+    return KernelFacts.from_json(Path(path).read_text())
+
+
+def targets(plan, point: str) -> set[str]:  # type: ignore[no-untyped-def]
+    (r,) = [r for r in plan.points if r.point == point]
+    return {f"{a.kind}:{a.target}" for a in r.attachments}
+
+
+@pytest.mark.parametrize("release", ["6.1.", "6.12."])
+def test_debian_kernels_get_the_kprobe_tier(release: str) -> None:
+    plan = resolve(facts(release), "auto")
+    assert plan.tier == "kprobe"
+    assert targets(plan, "tcp_fastopen_cookie_gen") == {"kprobe:tcp_try_fastopen",
+                                                         "kretprobe:tcp_try_fastopen"}
+    assert targets(plan, "tcp_fastopen_check") == targets(plan, "tcp_fastopen_cookie_gen")
+    assert {"kprobe:tcp_connect", "kretprobe:tcp_connect",
+            "tracepoint:sock:inet_sock_set_state"} <= targets(plan, "tcp_send_syn_data")
+    assert targets(plan, "tcp_twsk_unique") == {"kprobe:tcp_twsk_unique", "kretprobe:tcp_twsk_unique"}
+    assert plan.events == set(E)
+    assert plan.defines == {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 1, "TW_KPROBE": 1,
+                            "BLACKHOLE_KPROBE": 1}
+    # Substitutes say what they replace and why; tcp_twsk_unique is used as designed.
+    subs = {r.point: r.substitute for r in plan.points}
+    assert subs["tcp_fastopen_cookie_gen"] and subs["tcp_send_syn_data"]
+    assert not subs["tcp_twsk_unique"]
+    assert set(plan.reconciled) == {"cookie_requests", "syn_data_accepted", "invalid_cookie",
+                                    "queue_overflow", "syn_data_acked", "syn_data_not_acked",
+                                    "tw_reuse_granted", "blackhole_disables"}
+
+
+def test_host_618_without_kprobes_gets_tracepoints() -> None:
+    plan = resolve(facts("6.18."), "auto")
+    assert plan.tier == "tracepoint"
+    assert not any(a.kind.startswith("k") for a in plan.attachments)
+    assert plan.events == {E.SYN_DATA_ACCEPTED, E.SYN_DATA_SENT, E.SYN_DATA_ACKED,
+                           E.COOKIE_UNAVAILABLE, E.DATA_NOT_ACKED, E.SYN_RETRANSMITTED,
+                           E.TFO_DISABLED}
+    names = {m.name for m in plan.metrics}
+    assert "tfowatch_cookie_requests_total" not in names  # absent, not zero
+    assert "tfowatch_tw_reuse_total" not in names
+    assert "syn_fastopen_child" in next(r.why for r in plan.points if r.point == "tcp_fastopen_check")
+    tw = next(r for r in plan.points if r.point == "tcp_twsk_unique")
+    assert (tw.tier, tw.counter) == ("counters", "TWRecycled")
+
+
+def test_explicit_kprobe_mode_without_kprobes_is_an_error() -> None:
+    with pytest.raises(PlanError, match="kprobes unavailable"):
+        resolve(facts("6.18."), "kprobe")
+
+
+def test_counters_mode_attaches_nothing() -> None:
+    plan = resolve(facts("6.1."), "counters")
+    assert plan.tier == "counters" and plan.attachments == [] and plan.events == set()
+
+
+def test_untraceable_symbol_falls_back_per_point() -> None:
+    f = facts("6.1.")
+    f = dataclasses.replace(f, symbols=dict(f.symbols, tcp_try_fastopen=False, tcp_connect=False))
+    plan = resolve(f, "auto")
+    assert plan.tier == "kprobe"
+    check = next(r for r in plan.points if r.point == "tcp_fastopen_check")
+    assert check.tier == "tracepoint" and E.COOKIE_REQUEST not in plan.events
+    assert plan.defines["PASSIVE_KPROBE"] == 0 and plan.defines["ACTIVE_KPROBE"] == 0
+    # 6.1 has no syn_fastopen_child: the plan says what that costs.
+    assert "data-less" in check.why
+
+
+def test_named_symbol_is_used_where_it_exists() -> None:
+    f = facts("6.1.")
+    f = dataclasses.replace(f, symbols=dict(f.symbols, tcp_send_syn_data=True))
+    r = next(r for r in resolve(f).points if r.point == "tcp_send_syn_data")
+    assert not r.substitute and "kprobe:tcp_send_syn_data" in {f"{a.kind}:{a.target}" for a in r.attachments}
+
+
+def test_missing_tracepoints_leave_counters_only() -> None:
+    f = dataclasses.replace(facts("6.18."), tracepoints=[])
+    assert resolve(f, "auto").tier == "counters"
+    with pytest.raises(PlanError, match="tracepoint"):
+        resolve(f, "tracepoint")
+
+
+def test_fall_back_goes_one_tier_down() -> None:
+    f = facts("6.12.")
+    plan = resolve(f, "auto")
+    assert fall_back(plan, f).tier == "tracepoint"
+    assert fall_back(fall_back(plan, f), f).tier == "counters"
+
+
+def test_unknown_mode() -> None:
+    with pytest.raises(PlanError, match="unknown mode"):
+        resolve(facts("6.1."), "fentry")
