@@ -16,6 +16,7 @@ import selectors
 import socket
 import struct
 import sys
+import time
 
 TCP_FASTOPEN = 23
 TCPI_OPT_SYN_DATA = 32
@@ -86,12 +87,13 @@ def client(host: str, port: int, count: int, plain: bool) -> None:
 def tw_bind_reuse(host: str, port: int) -> None:
     """Close first (TIME-WAIT on our side), then reconnect from the same local port."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # The TIME-WAIT socket inherits SO_REUSEADDR; bind() over it needs it on both.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.connect((host, port))
     s.sendall(b"x")
     s.recv(16)
     local = s.getsockname()
     s.close()
-    import time
     time.sleep(0.3)  # let the FIN exchange finish: the socket is now in TIME-WAIT
     s2 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s2.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

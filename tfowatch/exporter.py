@@ -78,7 +78,7 @@ class TfoCollector(Collector):
 
     @staticmethod
     def _kernel_metrics(st: ExportState) -> Iterator[Metric]:
-        fam = _counter("tfowatch_kernel_counter_total",
+        fam = _counter("tfowatch_kernel_tcpext_total",
                        "The kernel's own TcpExt TFO and TIME-WAIT counters, per network namespace.",
                        ["netns", "counter"])
         for ino, counters in sorted(st.kernel.items()):

@@ -1,0 +1,73 @@
+"""Exposition: names and labels of the contract, absent-not-zero, promtool-clean."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from test_plan import facts
+
+from tfowatch.aggregator import Aggregator
+from tfowatch.events import Event, EventType, RefuseReason
+from tfowatch.exporter import ExportState, TfoCollector
+from tfowatch.plan import Plan, resolve
+from tfowatch.reconcile import drift
+
+
+def exposition(plan: Plan, agg: Aggregator, kernel: dict[int, dict[str, int]]) -> str:
+    snap = agg.snapshot()
+    deltas = kernel  # baseline 0: namespaces created after start
+    state = ExportState(plan=plan, snap=snap, totals=[0] * 16, kernel=kernel,
+                        drift=drift(snap, deltas, plan.reconciled),
+                        attached=[("tcp_twsk_unique", "kprobe:tcp_twsk_unique", "kprobe", True)],
+                        version="0.1.0", kernel_release="6.1.0-56-amd64")
+    reg = CollectorRegistry()
+    reg.register(TfoCollector(lambda: state))
+    return generate_latest(reg).decode()
+
+
+def busy_aggregator() -> Aggregator:
+    agg = Aggregator()
+    for t in EventType:
+        agg.add(Event(t, netns=7, port=7001, comm="client", reason=RefuseReason.TOO_RECENT, age_ms=250))
+    return agg
+
+
+def test_kprobe_tier_exposes_every_contract_metric() -> None:
+    text = exposition(resolve(facts("6.1."), "auto"), busy_aggregator(),
+                      {7: {"TCPFastOpenPassive": 1, "TWRecycled": 1}})
+    for name in ["tfowatch_cookie_requests_total", "tfowatch_cookies_issued_total",
+                 "tfowatch_syn_data_accepted_total", "tfowatch_passive_fallbacks_total",
+                 "tfowatch_syn_data_sent_total", "tfowatch_syn_data_acked_total",
+                 "tfowatch_active_fallbacks_total", "tfowatch_blackhole_disables_total",
+                 "tfowatch_tw_reuse_total", "tfowatch_tw_reuse_age_seconds",
+                 "tfowatch_kernel_tcpext_total", "tfowatch_reconcile_drift",
+                 "tfowatch_probe_attached", "tfowatch_events_total", "tfowatch_events_lost_total",
+                 "tfowatch_build_info", "tfowatch_series_dropped_total"]:
+        assert f"# HELP {name}" in text, name
+    assert 'tfowatch_passive_fallbacks_total{netns="7",port="7001",reason="server_disabled"} 1.0' in text
+    assert 'tfowatch_tw_reuse_total{comm="client",netns="7",port="7001",reason="too_recent",' \
+           'result="refused"} 1.0' in text
+    assert 'tfowatch_reconcile_drift{metric="syn_data_accepted",netns="7"} 0.0' in text
+    assert 'tfowatch_reconcile_drift{metric="cookie_requests",netns="7"} 1.0' in text
+
+
+def test_tracepoint_tier_leaves_what_it_cannot_see_absent() -> None:
+    text = exposition(resolve(facts("6.18."), "auto"), busy_aggregator(), {})
+    for name in ["tfowatch_cookie_requests_total", "tfowatch_cookies_issued_total",
+                 "tfowatch_passive_fallbacks_total", "tfowatch_tw_reuse_total",
+                 "tfowatch_tw_reuse_age_seconds", "tfowatch_blackhole_disables_total"]:
+        assert name not in text, name
+    assert "\ntfowatch_syn_data_accepted_total{" in text
+
+
+@pytest.mark.parametrize("release", ["6.1.", "6.18."])
+def test_promtool_check_metrics(release: str) -> None:
+    promtool = shutil.which("promtool")
+    if not promtool:
+        pytest.skip("promtool missing: make setup installs Debian's prometheus package")
+    text = exposition(resolve(facts(release), "auto"), busy_aggregator(), {7: {"TWRecycled": 3}})
+    res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
