@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from netlab import has_root_bpf  # noqa: E402
+from netlab import has_root_bpf
 
 FACTS_DIR = Path(__file__).parent / "facts"
 

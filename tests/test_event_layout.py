@@ -44,7 +44,8 @@ def test_struct_layout_matches_compiled_c(tmp_path: Path) -> None:
     exe = tmp_path / "layout"
     subprocess.run(["cc", "-o", str(exe), str(src)], check=True)
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
-    c_layout = {name: (int(off), int(size)) for name, off, size in (l.split() for l in out.splitlines())}
+    rows = (line.split() for line in out.splitlines())
+    c_layout = {name: (int(off), int(size)) for name, off, size in rows}
     py_layout = {f: (getattr(RawEvent, f).offset, getattr(RawEvent, f).size) for f in fields}
     py_layout["sizeof"] = (ctypes.sizeof(RawEvent), 0)
     assert c_layout == py_layout

@@ -76,7 +76,8 @@ def start_daemon(listen: str) -> subprocess.Popen[str]:
     deadline = time.monotonic() + 120  # BCC compiles take ~1 min under emulation (VM lab)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"tfowatch exited {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
+            err = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"tfowatch exited {proc.returncode}: {err}")
         try:
             urllib.request.urlopen(f"http://{listen}/metrics", timeout=2)
             return proc
@@ -86,8 +87,11 @@ def start_daemon(listen: str) -> subprocess.Popen[str]:
     raise RuntimeError("tfowatch did not serve /metrics in time")
 
 
-def drive(lab: Lab, srv: Host, addr_s: str, dis: Host, addr_d: str) -> tuple[dict[tuple[int, str], list[dict[str, Any]]], list[dict[str, Any]]]:
-    seen: dict[tuple[int, str], list[dict[str, Any]]] = {}
+Seen = dict[tuple[int, str], list[dict[str, Any]]]
+
+
+def drive(lab: Lab, srv: Host, addr_s: str, addr_d: str) -> tuple[Seen, list[dict[str, Any]]]:
+    seen: Seen = {}
 
     def client(addr: str, port: int, count: int, comm: str) -> None:
         rows = lab.client.peer("client", addr, str(port), str(count), "--comm", comm)
@@ -120,7 +124,7 @@ def run() -> Iterator[Run]:
         proc = start_daemon(listen)
         hosts = {"client": lab.client, "server": srv, "disabled": dis}
         before = {k: h.tcpext() for k, h in hosts.items()}
-        seen, reused = drive(lab, srv, addr_s, dis, addr_d)
+        seen, reused = drive(lab, srv, addr_s, addr_d)
         time.sleep(0.5)  # let the last FIN/ACKs settle before reading the truth
         after = {k: h.tcpext() for k, h in hosts.items()}
         samples = scrape(f"http://{listen}/metrics")

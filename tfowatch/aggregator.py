@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tfowatch.events import Event, EventType, RefuseReason
@@ -80,7 +81,7 @@ class Aggregator:
             values["reason"] = "" if granted else _refuse_reason(ev.reason)
         return tuple(values[name] for name in metric.labels)
 
-    def _bounded(self, metric_name: str, series: dict[Labels, object], key: Labels) -> Labels:
+    def _bounded(self, metric_name: str, series: Mapping[Labels, object], key: Labels) -> Labels:
         if key in series or len(series) < self.series_cap:
             return key
         self._dropped[metric_name] += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 from collections.abc import Callable
@@ -69,22 +70,20 @@ def offset_defines(btf: Btf) -> dict[str, int]:
             out[macro] = btf.field(struct, path).offset
     except BtfError as exc:
         raise LoadError(f"kernel BTF lacks a field tfowatch needs: {exc}") from exc
-    for macro, (struct, path, flag) in OPTIONAL_OFFSETS.items():
-        have = btf.has_field(struct, path)
-        out[macro] = btf.field(struct, path).offset if have else 0
-        out[flag] = out.get(flag, 1) & int(have)
+    for macro, (struct, path, have_flag) in OPTIONAL_OFFSETS.items():
+        present = btf.has_field(struct, path)
+        out[macro] = btf.field(struct, path).offset if present else 0
+        out[have_flag] = out.get(have_flag, 1) & int(present)
     for name, member in BITFIELDS.items():
         flag = OPTIONAL_BITFIELDS.get(name)
-        if not btf.has_field("tcp_sock", member):
-            if flag is None:
-                raise LoadError(f"kernel BTF: tcp_sock has no {member}")
-            out[flag], out[f"BIT_TP_{name}"], out[f"NBITS_TP_{name}"] = 0, 0, 1
-            continue
-        f = btf.field("tcp_sock", member)
-        out[f"BIT_TP_{name}"] = f.bit_offset
-        out[f"NBITS_TP_{name}"] = f.bit_size or f.size * 8
-        if flag:
-            out[flag] = 1
+        have = btf.has_field("tcp_sock", member)
+        if not have and flag is None:
+            raise LoadError(f"kernel BTF: tcp_sock has no {member}")
+        f = btf.field("tcp_sock", member) if have else None
+        out[f"BIT_TP_{name}"] = f.bit_offset if f else 0
+        out[f"NBITS_TP_{name}"] = (f.bit_size or f.size * 8) if f else 1
+        if flag is not None:
+            out[flag] = int(have)
     return out
 
 
@@ -148,9 +147,7 @@ class Probes:
 
     def close(self) -> None:
         """Detach everything (BCC removes its kprobe_events entries)."""
-        try:
+        with contextlib.suppress(Exception):
             self.bpf.cleanup()
-        except Exception:  # noqa: BLE001 - best effort at shutdown
-            pass
         for a in self.attached:
             self.attached[a] = False

@@ -127,10 +127,10 @@ class Btf:
         t = self._resolve(type_id)
         if t.kind == KIND_ARRAY:
             elem, _idx, nelems = struct.unpack_from("<III", self._data, t.pos)
-            return self._size(elem) * nelems
+            return int(self._size(elem) * nelems)
         if t.kind == KIND_PTR:
             return 8
-        return t.size_or_type
+        return int(t.size_or_type)
 
     def _members(self, t: _Type) -> list[tuple[str, int, int, int]]:
         """(name, type id, bit offset, bitfield size) of a struct or union."""

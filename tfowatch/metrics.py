@@ -28,13 +28,13 @@ SYN_DATA_ACCEPTED = Metric("tfowatch_syn_data_accepted_total",
                            "TFO children created from a SYN (kernel TCPFastOpenPassive), per listener port.",
                            SERVER)
 PASSIVE_FALLBACKS = Metric("tfowatch_passive_fallbacks_total",
-                           "Server-side TFO fallbacks to a normal handshake, by reason.", SERVER + ("reason",))
+                           "Server-side TFO fallbacks to a normal handshake, by reason.", (*SERVER, "reason"))
 SYN_DATA_SENT = Metric("tfowatch_syn_data_sent_total",
                        "Client SYNs that carried data, per remote port and process.", CLIENT)
 SYN_DATA_ACKED = Metric("tfowatch_syn_data_acked_total",
                         "Client SYN data acknowledged by the server (kernel TCPFastOpenActive).", CLIENT)
 ACTIVE_FALLBACKS = Metric("tfowatch_active_fallbacks_total",
-                          "Client-side TFO fallbacks, by reason.", CLIENT + ("reason",))
+                          "Client-side TFO fallbacks, by reason.", (*CLIENT, "reason"))
 BLACKHOLE_DISABLES = Metric("tfowatch_blackhole_disables_total",
                             "Times the kernel disabled active TFO after suspected middlebox blackholing.",
                             ("netns", "port"))

@@ -1,0 +1,102 @@
+"""Bad input: a clear one-line error and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tfowatch.kernel import detect
+
+TFOWATCH = [str(Path(__file__).parents[1] / ".venv" / "bin" / "tfowatch")]
+
+
+def tfowatch(*args: str, env: dict[str, str] | None = None, pre: list[str] | None = None,
+             ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*(pre or []), *TFOWATCH, *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def one_line_error(res: subprocess.CompletedProcess[str], code: int, words: str) -> None:
+    assert res.returncode == code, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tfowatch: "), res.stderr
+    assert words in lines[0]
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["run", "--bogus"], "unrecognized arguments: --bogus"),
+    (["run", "--listen", "nowhere"], "bad listen address"),
+    (["run", "--listen", "127.0.0.1:70000"], "bad listen address"),
+    (["run", "--mode", "fentry"], "invalid choice"),
+    (["frobnicate"], "invalid choice"),
+    (["run", "--config", "/nonexistent/tfowatch.toml"], "cannot read config"),
+])
+def test_bad_flags(args: list[str], words: str) -> None:
+    one_line_error(tfowatch(*args), 2, words)
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ('listen = "127.0.0.1:1"\ncolour = "blue"\n', "unknown key 'colour'"),
+    ("series_cap = \"many\"\n", "series_cap must be a int"),
+    ("mode = \n", "config"),
+    ('mode = "sideways"\n', "mode must be one of"),
+    ("series_cap = 0\n", "series cap must be at least 1"),
+])
+def test_bad_config(tmp_path: Path, text: str, words: str) -> None:
+    cfg = tmp_path / "tfowatch.toml"
+    cfg.write_text(text)
+    one_line_error(tfowatch("run", "--config", str(cfg)), 2, words)
+
+
+def test_not_root() -> None:
+    if os.geteuid() != 0:
+        res = tfowatch("run")
+    else:
+        res = tfowatch("run", pre=["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                   "--inh-caps=-all", "--bounding-set=-all"])
+    one_line_error(res, 1, "must run as root")
+
+
+@pytest.mark.usefixtures("root_bpf")
+def test_kprobe_mode_without_kprobes() -> None:
+    if detect().kprobes:
+        pytest.skip("this kernel has kprobes: covered by the VM lab's success path instead")
+    one_line_error(tfowatch("run", "--mode", "kprobe", "--listen", "127.0.0.1:1"), 1,
+                   "kprobes unavailable")
+
+
+@pytest.mark.usefixtures("root_bpf")
+def test_port_in_use() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        one_line_error(tfowatch("run", "--listen", f"127.0.0.1:{port}"), 1, "Address already in use")
+
+
+@pytest.mark.usefixtures("root_bpf")
+def test_bcc_missing(tmp_path: Path) -> None:
+    """A Python without BCC (here: a bcc package that fails to import) gets the install hint."""
+    fake = tmp_path / "bcc"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('No module named bcc')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    one_line_error(tfowatch("run", "--mode", "tracepoint", "--listen", "127.0.0.1:1", env=env), 1,
+                   "apt install python3-bpfcc")
+
+
+def test_probes_json_names_every_design_card_point() -> None:
+    res = tfowatch("probes", "--json")
+    assert res.returncode == 0, res.stderr
+    plan = json.loads(res.stdout)
+    points = {p["point"] for p in plan["points"]}
+    assert {"tcp_fastopen_cookie_gen", "tcp_fastopen_check", "tcp_send_syn_data",
+            "tcp_twsk_unique"} <= points
+    for p in plan["points"]:
+        assert p["why"] and p["tier"] in ("kprobe", "tracepoint", "counters")
+        assert p["attachments"] or p["counter"]
