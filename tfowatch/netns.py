@@ -7,16 +7,15 @@ only by a bind mount (`ip netns add`), from a short-lived thread that setns()es 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-CLONE_NEWNET = 0x40000000
+from pyroute2 import netns as pyroute2_netns
+
 RUN_NETNS = Path("/run/netns")
-_libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
 
 
@@ -63,14 +62,9 @@ def run_in(handle: str, fn: Callable[[], T]) -> T:
 
     def target() -> None:
         try:
-            fd = os.open(handle, os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns {handle}: {os.strerror(err)}")
-                box["value"] = fn()
-            finally:
-                os.close(fd)
+            # setns() moves only this thread; flags=0: never create a namespace.
+            pyroute2_netns.setns(handle, flags=0)
+            box["value"] = fn()
         except BaseException as exc:  # re-raised in the caller's thread
             box["error"] = exc
 

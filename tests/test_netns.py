@@ -1,0 +1,64 @@
+"""Namespace discovery, TcpExt reading and reconciliation against the real kernel."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tfowatch import netns
+from tfowatch.aggregator import Aggregator
+from tfowatch.events import Event, EventType
+from tfowatch.reconcile import KernelCounters, drift
+
+
+def test_parse_netstat_reads_the_tcpext_section() -> None:
+    text = Path("/proc/net/netstat").read_text()
+    ext = netns.parse_netstat(text)
+    header = next(line for line in text.splitlines() if line.startswith("TcpExt:")).split()[1:]
+    assert list(ext) == header and "TCPFastOpenPassive" in ext and "TWRecycled" in ext
+
+
+@pytest.fixture
+def bare_netns() -> str:  # type: ignore[misc]
+    name = "tfw-unit-netns"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.mark.usefixtures("root_bpf")
+def test_namespace_without_process_is_found_and_read(bare_netns: str) -> None:
+    path = f"/run/netns/{bare_netns}"
+    ino = netns.inode(path)
+    assert ino in netns.discover()
+    # Same counters as `ip netns exec` reading /proc/net/netstat inside it.
+    inside = subprocess.run(["ip", "netns", "exec", bare_netns, "cat", "/proc/net/netstat"],
+                            check=True, capture_output=True, text=True).stdout
+    assert netns.tcpext(path) == netns.parse_netstat(inside)
+    subprocess.run(["ip", "netns", "exec", bare_netns, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"],
+                   check=True)
+    assert netns.sysctls(path, ("tcp_tw_reuse",)) == {"tcp_tw_reuse": "1"}
+    assert netns.sysctls("/proc/self/ns/net", ("tcp_tw_reuse",))["tcp_tw_reuse"] != ""
+
+
+@pytest.mark.usefixtures("root_bpf")
+def test_vanished_namespace_keeps_its_last_counters(bare_netns: str) -> None:
+    kc = KernelCounters()
+    kc.start()
+    ino = netns.inode(f"/run/netns/{bare_netns}")
+    assert ino in kc.read()
+    subprocess.run(["ip", "netns", "del", bare_netns], check=True)
+    assert ino in kc.read()  # still reconcilable after the container is gone
+
+
+def test_drift_is_probe_count_minus_kernel_delta() -> None:
+    agg = Aggregator()
+    for _ in range(3):
+        agg.add(Event(EventType.SYN_DATA_ACCEPTED, netns=5, port=80))
+    agg.add(Event(EventType.DATA_NOT_ACKED, netns=6, port=80, comm="c"))
+    agg.add(Event(EventType.SYN_RETRANSMITTED, netns=6, port=80, comm="c"))
+    deltas = {5: {"TCPFastOpenPassive": 2}, 6: {"TCPFastOpenActiveFail": 2}, 7: {}}
+    out = drift(agg.snapshot(), deltas, ["syn_data_accepted", "syn_data_not_acked"])
+    assert out == {(5, "syn_data_accepted"): 1, (6, "syn_data_not_acked"): 0}
