@@ -100,3 +100,8 @@ def test_probes_json_names_every_design_card_point() -> None:
     for p in plan["points"]:
         assert p["why"] and p["tier"] in ("kprobe", "tracepoint", "counters")
         assert p["attachments"] or p["counter"]
+    tiers = plan["tiers"]
+    assert tiers["counters"] == []
+    assert plan["metrics"] == tiers[plan["tier"]]
+    if not detect().kprobes:
+        assert tiers["kprobe"].startswith("unavailable: --mode kprobe: kprobes unavailable")

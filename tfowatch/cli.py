@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from tfowatch import __version__
-from tfowatch.kernel import detect, is_privileged
-from tfowatch.plan import MODES, Plan, PlanError, resolve
+from tfowatch.kernel import KernelFacts, detect, is_privileged
+from tfowatch.plan import MODES, TIERS, Plan, PlanError, resolve
 
 EXIT_USAGE = 2
 EXIT_RUNTIME = 1
@@ -91,12 +91,28 @@ def print_plan(plan: Plan) -> None:
     print("reconciled with TcpExt: " + (", ".join(plan.reconciled) or "none"))
 
 
+def tier_metrics(facts: KernelFacts) -> dict[str, list[str] | str]:
+    """Per tier: the metrics it provides on this kernel, or why it cannot run here."""
+    out: dict[str, list[str] | str] = {}
+    for tier in TIERS:
+        try:
+            out[tier] = [m.name for m in resolve(facts, tier).metrics]
+        except PlanError as exc:
+            out[tier] = f"unavailable: {exc}"
+    return out
+
+
 def cmd_probes(args: argparse.Namespace) -> int:
-    plan = resolve(detect(), args.mode)
+    facts = detect()
+    plan = resolve(facts, args.mode)
+    tiers = tier_metrics(facts)
     if args.json:
-        print(json.dumps(plan.as_dict(), indent=2))
-    else:
-        print_plan(plan)
+        print(json.dumps(plan.as_dict() | {"tiers": tiers}, indent=2))
+        return 0
+    print_plan(plan)
+    print("probe metrics per tier on this kernel (kernel_tcpext and self metrics in all):")
+    for tier, metrics in tiers.items():
+        print(f"  {tier:<10} " + (metrics if isinstance(metrics, str) else ", ".join(metrics) or "none"))
     return 0
 
 
