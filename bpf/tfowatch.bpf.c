@@ -33,6 +33,7 @@ BPF_PERF_OUTPUT(events);
 
 /* Client sockets between connect() and their fate; LRU bounds memory. */
 struct conn {
+	u64 cgroup_id;
 	u32 pid;
 	u32 netns;
 	u16 dport;
@@ -124,6 +125,7 @@ static __always_inline void emit_client(void *ctx, u32 type, const struct conn *
 	ev.netns = c->netns;
 	ev.port = c->dport;
 	ev.pid = c->pid;
+	ev.cgroup_id = c->cgroup_id;
 	__builtin_memcpy(ev.comm, c->comm, sizeof(ev.comm));
 	emit(ctx, &ev);
 }
@@ -178,6 +180,7 @@ static __always_inline void on_connect(const void *sk, u16 dport)
 	struct conn c = {};
 
 	c.pid = bpf_get_current_pid_tgid() >> 32;
+	c.cgroup_id = bpf_get_current_cgroup_id();
 	c.netns = sk_netns(sk);
 	c.dport = dport;
 	c.attempted = fastopen_attempted(sk);
@@ -413,6 +416,7 @@ int on_twsk_unique_ret(struct pt_regs *ctx)
 	ev.netns = net_inum(net);
 	ev.port = __builtin_bswap16(read_u16(call->tw + OFF_SKC_DPORT));
 	ev.pid = id >> 32;
+	ev.cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
 	tw_calls.delete(&id);
 	emit(ctx, &ev);

@@ -33,6 +33,7 @@ enum tw_refuse_reason {
 
 struct tfo_event {
 	__u64 ts_ns;     /* bpf_ktime_get_ns() */
+	__u64 cgroup_id; /* client events: cgroup v2 id of the connecting task; 0 for server */
 	__u32 netns;     /* network namespace inode */
 	__u32 pid;       /* client events: tgid of the connecting process; 0 for server */
 	__u32 type;      /* enum tfo_event_type */

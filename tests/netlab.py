@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from tfowatch import netns
+from tfowatch.cgroups import cgroup2_mount
 
 PEER = Path(__file__).with_name("peer.py")
 
@@ -39,9 +40,12 @@ class Host:
         return subprocess.Popen(["ip", "netns", "exec", self.name, sys.executable, str(PEER), *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def peer(self, *args: str) -> list[dict[str, object]]:
-        out = subprocess.run(["ip", "netns", "exec", self.name, sys.executable, str(PEER), *args],
-                             check=True, capture_output=True, text=True, timeout=60)
+    def peer(self, *args: str, cgroup: Path | None = None) -> list[dict[str, object]]:
+        """Run the peer to completion; inside `cgroup` (a v2 directory) when given."""
+        cmd = ["ip", "netns", "exec", self.name, sys.executable, str(PEER), *args]
+        if cgroup is not None:
+            cmd = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *cmd]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60)
         return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
@@ -55,6 +59,10 @@ class Lab:
         self.tmp = tempfile.TemporaryDirectory(prefix="tfowatch-lab-")
         self.client = self.host("c")
         self._subnet = 0
+        root = cgroup2_mount()
+        self.cgroup = root / f"tfw-lab-{self.tag}" if root else None
+        if self.cgroup is not None:
+            self.cgroup.mkdir()
 
     def host(self, role: str) -> Host:
         h = Host(f"tfw-{role}-{self.tag}")
@@ -108,6 +116,8 @@ class Lab:
                 p.kill()
         for h in self.hosts:
             sh("ip", "netns", "del", h.name, check=False)
+        if self.cgroup is not None:
+            self.cgroup.rmdir()
         self.tmp.cleanup()
 
 

@@ -21,13 +21,13 @@ def test_server_and_client_labels() -> None:
         agg.add(Event(EventType.SYN_DATA_ACCEPTED, netns=11, port=7001))
     agg.add(Event(EventType.SYN_DATA_ACCEPTED, netns=11, port=7002))
     agg.add(Event(EventType.INVALID_COOKIE, netns=11, port=7001))
-    agg.add(Event(EventType.SYN_DATA_SENT, netns=22, port=7001, pid=5, comm="dig"))
+    agg.add(Event(EventType.SYN_DATA_SENT, netns=22, port=7001, pid=5, comm="dig", cgroup="/pod1"))
     agg.add(Event(EventType.TFO_DISABLED, netns=22, port=53, pid=5, comm="dig"))
     s = agg.snapshot()
     assert s.counters[SYN_DATA_ACCEPTED] == {("11", "7001"): 3, ("11", "7002"): 1}
     assert s.counters[PASSIVE_FALLBACKS] == {("11", "7001", "invalid_cookie"): 1}
-    assert s.counters[SYN_DATA_SENT] == {("22", "7001", "dig"): 1}
-    assert s.counters[ACTIVE_FALLBACKS] == {("22", "53", "dig", "tfo_disabled"): 1}
+    assert s.counters[SYN_DATA_SENT] == {("22", "7001", "dig", "/pod1"): 1}
+    assert s.counters[ACTIVE_FALLBACKS] == {("22", "53", "dig", "", "tfo_disabled"): 1}
     assert s.per_netns[(11, EventType.SYN_DATA_ACCEPTED)] == 4
 
 
@@ -37,9 +37,9 @@ def test_tw_reuse_result_reason_and_age_histogram() -> None:
     agg.add(Event(EventType.TW_REUSE_GRANTED, 1, 80, comm="c", age_ms=1500))
     agg.add(Event(EventType.TW_REUSE_REFUSED, 1, 80, comm="c", reason=99, age_ms=5))
     s = agg.snapshot()
-    assert s.counters[TW_REUSE] == {("1", "80", "c", "refused", "too_recent"): 1,
-                                    ("1", "80", "c", "granted", ""): 1,
-                                    ("1", "80", "c", "refused", "unknown"): 1}
+    assert s.counters[TW_REUSE] == {("1", "80", "c", "", "refused", "too_recent"): 1,
+                                    ("1", "80", "c", "", "granted", ""): 1,
+                                    ("1", "80", "c", "", "refused", "unknown"): 1}
     granted = s.histograms[("1", "granted")]
     assert granted.count == 1 and granted.total == 1.5
     # 1.5 s lands in the (1, 2] bucket: buckets are 0.01 0.1 0.25 0.5 1 2 ...
@@ -58,7 +58,7 @@ def test_cap_folds_new_series_into_other_and_counts_them() -> None:
     s = agg.snapshot()
     series = s.counters[SYN_DATA_SENT]
     assert len(series) == 10 + 1
-    assert series[(OTHER, OTHER, OTHER)] == s.dropped[SYN_DATA_SENT.name]
+    assert series[(OTHER,) * 4] == s.dropped[SYN_DATA_SENT.name]
     assert sum(series.values()) == total  # nothing lost, only folded
 
 
@@ -79,5 +79,16 @@ def test_lost_events_are_counted() -> None:
 
 def test_decode_round_trip() -> None:
     ev = Event(EventType.TW_REUSE_REFUSED, netns=4026531840, port=443, pid=1234,
-               comm="curl", age_ms=999, reason=3, ts_ns=123456789)
+               comm="curl", age_ms=999, reason=3, ts_ns=123456789, cgroup_id=77)
     assert decode(encode(ev)) == ev
+
+
+def test_cgroup_names_resolve_ids_to_paths(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tfowatch.cgroups import CgroupNames
+
+    (tmp_path / "kubepods" / "pod1").mkdir(parents=True)
+    names = CgroupNames(root=tmp_path)
+    ino = (tmp_path / "kubepods" / "pod1").stat().st_ino
+    assert names.name(ino) == "/kubepods/pod1"
+    assert names.name(tmp_path.stat().st_ino) == "/"
+    assert names.name(0) == ""

@@ -48,8 +48,8 @@ def test_kprobe_tier_exposes_every_contract_metric() -> None:
                  "tfowatch_build_info", "tfowatch_series_dropped_total"]:
         assert f"# HELP {name}" in text, name
     assert 'tfowatch_passive_fallbacks_total{netns="7",port="7001",reason="server_disabled"} 1.0' in text
-    assert 'tfowatch_tw_reuse_total{comm="client",netns="7",port="7001",reason="too_recent",' \
-           'result="refused"} 1.0' in text
+    assert 'tfowatch_tw_reuse_total{cgroup="",comm="client",netns="7",port="7001",' \
+           'reason="too_recent",result="refused"} 1.0' in text
     assert 'tfowatch_reconcile_drift{metric="syn_data_accepted",netns="7"} 0.0' in text
     assert 'tfowatch_reconcile_drift{metric="cookie_requests",netns="7"} 1.0' in text
 

@@ -24,6 +24,8 @@ import pytest
 from netlab import Host, Lab, has_root_bpf
 from prometheus_client.parser import text_string_to_metric_families
 
+from tfowatch.cgroups import proc_cgroup
+
 TFOWATCH = Path(os.environ.get("VIRTUAL_ENV", Path(__file__).parents[1] / ".venv")) / "bin" / "tfowatch"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 PORT_A, PORT_B, PORT_D, PORT_TW = 7001, 7002, 7003, 7004
@@ -54,6 +56,9 @@ def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], floa
     return {lab: v for (n, lab), v in samples.items() if n == name}
 
 
+Seen = dict[tuple[int, str, str], list[dict[str, Any]]]  # (port, comm, cgroup) -> tcp_info rows
+
+
 @dataclass
 class Run:
     samples: Samples
@@ -61,7 +66,7 @@ class Run:
     client: Host
     server: Host
     disabled: Host
-    client_seen: dict[tuple[int, str], list[dict[str, Any]]]  # (port, comm) -> tcp_info rows
+    client_seen: Seen
     accepted: list[dict[str, Any]]  # server S accept log
     deltas: dict[str, dict[str, int]] = field(default_factory=dict)  # host -> counter -> delta
     absolute: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -87,20 +92,23 @@ def start_daemon(listen: str) -> subprocess.Popen[str]:
     raise RuntimeError("tfowatch did not serve /metrics in time")
 
 
-Seen = dict[tuple[int, str], list[dict[str, Any]]]
 
 
 def drive(lab: Lab, srv: Host, addr_s: str, addr_d: str) -> tuple[Seen, list[dict[str, Any]]]:
     seen: Seen = {}
 
-    def client(addr: str, port: int, count: int, comm: str) -> None:
-        rows = lab.client.peer("client", addr, str(port), str(count), "--comm", comm)
+    own_cgroup = proc_cgroup(os.getpid())
+
+    def client(addr: str, port: int, count: int, comm: str, in_lab_cgroup: bool = False) -> None:
+        cg = lab.cgroup if in_lab_cgroup else None
+        rows = lab.client.peer("client", addr, str(port), str(count), "--comm", comm, cgroup=cg)
         assert len(rows) == count
-        seen.setdefault((port, comm), []).extend(rows)
+        cgroup = f"/{cg.name}" if cg is not None else own_cgroup
+        seen.setdefault((port, comm, cgroup), []).extend(rows)
 
     client(addr_s, PORT_A, 1, "tfo-a")   # no cookie yet: cookie request
     client(addr_s, PORT_A, 3, "tfo-a")   # SYN data accepted
-    client(addr_s, PORT_B, 5, "tfo-b")   # a second listener, another count
+    client(addr_s, PORT_B, 5, "tfo-b", in_lab_cgroup=True)  # another listener, count, cgroup
     srv.sysctl("net.ipv4.tcp_fastopen_key", "a1b2c3d4-a1b2c3d4-a1b2c3d4-a1b2c3d4")
     client(addr_s, PORT_A, 2, "tfo-a")   # stale cookie: invalid, then accepted again
     client(addr_d, PORT_D, 2, "tfo-d")   # server without server TFO: never a cookie
@@ -165,10 +173,10 @@ def test_server_side_per_listener_port(run: Run) -> None:
 def test_client_side_per_port_and_comm(run: Run) -> None:
     ns = run.client.inode
     acked_total = 0
-    for (port, comm), rows in run.client_seen.items():
+    for (port, comm, cgroup), rows in run.client_seen.items():
         acked = sum(r["acked"] for r in rows)
         fails = Counter(r["client_fail"] for r in rows)
-        labels = {"netns": ns, "port": port, "comm": comm}
+        labels = {"netns": ns, "port": port, "comm": comm, "cgroup": cgroup}
         assert value(run.samples, "tfowatch_syn_data_acked_total", **labels) == acked, (port, comm)
         assert value(run.samples, "tfowatch_syn_data_sent_total", **labels) == acked + fails[2] + fails[3]
         for reason, code in (("cookie_unavailable", 1), ("data_not_acked", 2), ("syn_retransmitted", 3)):

@@ -74,7 +74,8 @@ class Aggregator:
     @staticmethod
     def labels(ev: Event) -> Labels:
         metric, reason = EVENT_METRIC[ev.type]
-        values = {"netns": str(ev.netns), "port": str(ev.port), "comm": ev.comm, "reason": reason or ""}
+        values = {"netns": str(ev.netns), "port": str(ev.port), "comm": ev.comm, "cgroup": ev.cgroup,
+                  "reason": reason or ""}
         if metric is TW_REUSE:
             granted = ev.type == EventType.TW_REUSE_GRANTED
             values["result"] = "granted" if granted else "refused"
@@ -96,7 +97,7 @@ class Aggregator:
             key = self._bounded(metric.name, series, key)
             series[key] = series.get(key, 0) + 1
             if metric is TW_REUSE:
-                hkey = self._bounded(TW_REUSE_AGE.name, self._hist, (key[0], key[3]))
+                hkey = self._bounded(TW_REUSE_AGE.name, self._hist, (key[0], key[4]))
                 self._hist.setdefault(hkey, Histogram()).observe(ev.age_ms / 1000.0)
             if ev.netns in self._netns_seen or len(self._netns_seen) < self.series_cap:
                 self._netns_seen.add(ev.netns)

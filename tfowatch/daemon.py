@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tfowatch import __version__
 from tfowatch.aggregator import Aggregator
 from tfowatch.btf import Btf, BtfError
+from tfowatch.cgroups import CgroupNames
 from tfowatch.events import decode
 from tfowatch.exporter import ExportState, TfoCollector, serve
 from tfowatch.kernel import KernelFacts, detect
@@ -56,6 +57,7 @@ class Daemon:
         self.plan, self.probes = load_plan(self.facts, settings.mode)
         self.agg = Aggregator(settings.series_cap)
         self.counters = KernelCounters(max_namespaces=settings.series_cap)
+        self.cgroups = CgroupNames()
         self._gen = 0
         self._cond = threading.Condition()
         self._server: Any = None
@@ -64,7 +66,10 @@ class Daemon:
         self.counters.start()
 
     def _on_event(self, _cpu: int, data: Any, _size: int) -> None:
-        self.agg.add(decode(data))
+        ev = decode(data)
+        if ev.cgroup_id:
+            ev = replace(ev, cgroup=self.cgroups.name(ev.cgroup_id, ev.pid))
+        self.agg.add(ev)
 
     def serve(self) -> None:
         collector = TfoCollector(self.state)

@@ -42,6 +42,7 @@ class RefuseReason(enum.IntEnum):
 class RawEvent(ctypes.Structure):
     _fields_ = [
         ("ts_ns", ctypes.c_uint64),
+        ("cgroup_id", ctypes.c_uint64),
         ("netns", ctypes.c_uint32),
         ("pid", ctypes.c_uint32),
         ("type", ctypes.c_uint32),
@@ -66,6 +67,8 @@ class Event:
     age_ms: int = 0
     reason: int = 0
     ts_ns: int = 0
+    cgroup_id: int = 0
+    cgroup: str = ""  # path under the cgroup v2 root, resolved in Python
 
 
 def decode(data: bytes | int, size: int | None = None) -> Event:
@@ -85,13 +88,14 @@ def decode(data: bytes | int, size: int | None = None) -> Event:
         age_ms=raw.age_ms,
         reason=raw.reason,
         ts_ns=raw.ts_ns,
+        cgroup_id=raw.cgroup_id,
     )
 
 
 def encode(ev: Event) -> bytes:
     """The bytes the kernel would send for `ev` (synthetic sources, tests, benches)."""
     raw = RawEvent(
-        ts_ns=ev.ts_ns, netns=ev.netns, pid=ev.pid, type=int(ev.type), age_ms=ev.age_ms,
-        port=ev.port, reason=ev.reason, age_res=0, comm=ev.comm.encode()[:16],
+        ts_ns=ev.ts_ns, cgroup_id=ev.cgroup_id, netns=ev.netns, pid=ev.pid, type=int(ev.type),
+        age_ms=ev.age_ms, port=ev.port, reason=ev.reason, age_res=0, comm=ev.comm.encode()[:16],
     )
     return bytes(raw)

@@ -18,7 +18,7 @@ class Metric:
 
 
 SERVER = ("netns", "port")
-CLIENT = ("netns", "port", "comm")
+CLIENT = ("netns", "port", "comm", "cgroup")
 
 COOKIE_REQUESTS = Metric("tfowatch_cookie_requests_total",
                          "SYNs with an empty TFO option (cookie requests), per listener port.", SERVER)
@@ -40,7 +40,7 @@ BLACKHOLE_DISABLES = Metric("tfowatch_blackhole_disables_total",
                             ("netns", "port"))
 TW_REUSE = Metric("tfowatch_tw_reuse_total",
                   "TIME-WAIT reuse decisions at connect(), by result and refusal reason.",
-                  ("netns", "port", "comm", "result", "reason"))
+                  ("netns", "port", "comm", "cgroup", "result", "reason"))
 TW_REUSE_AGE = Metric("tfowatch_tw_reuse_age_seconds",
                       "Age of the TIME-WAIT socket when its reuse was decided.", ("netns", "result"))
 
