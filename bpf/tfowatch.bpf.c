@@ -43,33 +43,12 @@ struct conn {
 };
 BPF_TABLE("lru_hash", u64, struct conn, conns, MAX_CONNS);
 
-static __always_inline u64 read_u64(const void *p)
-{
-	u64 v = 0;
-	bpf_probe_read_kernel(&v, sizeof(v), p);
-	return v;
-}
-
-static __always_inline u32 read_u32(const void *p)
-{
-	u32 v = 0;
-	bpf_probe_read_kernel(&v, sizeof(v), p);
-	return v;
-}
-
-static __always_inline u32 read_u16(const void *p)
-{
-	u16 v = 0;
-	bpf_probe_read_kernel(&v, sizeof(v), p);
-	return v;
-}
-
-static __always_inline int read_s8(const void *p)
-{
-	s8 v = 0;
-	bpf_probe_read_kernel(&v, sizeof(v), p);
-	return v;
-}
+/* A kernel value of `type` at address p (0 when unreadable). */
+#define READ_KERNEL(type, p) ({ type __v = 0; bpf_probe_read_kernel(&__v, sizeof(__v), (p)); __v; })
+#define read_u64(p) READ_KERNEL(u64, p)
+#define read_u32(p) READ_KERNEL(u32, p)
+#define read_u16(p) READ_KERNEL(u16, p)
+#define read_s8(p) READ_KERNEL(s8, p)
 
 /* A bitfield at a BTF bit offset (little-endian), at most 8 bits wide. */
 static __always_inline u32 read_bits(const void *base, u32 bit_off, u32 nbits)
