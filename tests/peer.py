@@ -56,6 +56,10 @@ def serve(specs: list[str], log_path: str) -> None:
                 try:
                     conn.recv(4096)
                     conn.sendall(b"ok")
+                    # The client closes first (TIME-WAIT lands on the client side):
+                    # wait for its FIN before closing.
+                    while conn.recv(4096):
+                        pass
                 except OSError:
                     pass
                 log.write(json.dumps({"port": key.data,
