@@ -34,6 +34,7 @@ def test_debian_kernels_get_the_kprobe_tier(release: str) -> None:
             "tracepoint:sock:inet_sock_set_state"} <= targets(plan, "tcp_send_syn_data")
     assert targets(plan, "tcp_twsk_unique") == {"kprobe:tcp_twsk_unique", "kretprobe:tcp_twsk_unique"}
     assert plan.events == set(E)
+    assert "tfowatch_tw_reuse_age_seconds" in {m.name for m in plan.metrics}
     assert plan.defines == {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 1, "TW_KPROBE": 1,
                             "BLACKHOLE_KPROBE": 1}
     # Substitutes say what they replace and why; tcp_twsk_unique is used as designed.

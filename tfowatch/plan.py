@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from tfowatch.events import EventType as E
 from tfowatch.kernel import KernelFacts
-from tfowatch.metrics import EVENT_METRIC, RECONCILIATIONS, Metric
+from tfowatch.metrics import EVENT_METRIC, RECONCILIATIONS, TW_REUSE, TW_REUSE_AGE, Metric
 
 MODES = ("auto", "kprobe", "tracepoint", "counters")
 TIERS = ("kprobe", "tracepoint", "counters")
@@ -70,6 +70,8 @@ class Plan:
             m = EVENT_METRIC[ev][0]
             if m not in out:
                 out.append(m)
+        if TW_REUSE in out:  # the age histogram is observed with every reuse decision
+            out.append(TW_REUSE_AGE)
         return out
 
     @property

@@ -1,0 +1,54 @@
+"""Kernel lab: the kprobe tier on Debian's stock 6.1 and 6.12 kernels, booted under qemu.
+
+One boot per kernel (tests/vm/lab.py) runs the integration scenarios inside as root; this
+host-side test asserts on the JUnit report, the probe plan and the facts it brings back.
+A boot or guest failure fails here with the guest's console output attached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "vm"))
+import lab
+
+OUT = Path(__file__).parent / "vm" / "out"
+pytestmark = pytest.mark.vm
+
+
+def tail(path: Path, n: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else "(none)"
+
+
+@pytest.mark.parametrize("release", lab.releases())
+def test_kprobe_tier_on_lab_kernel(release: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("VM lab needs root (make test runs as root)")
+    for need in (f"/boot/vmlinuz-{release}", f"/lib/modules/{release}/build"):
+        assert Path(need).exists(), f"{need} missing: run scripts/setup-vm-lab.sh (make test does)"
+    assert shutil.which("qemu-system-x86_64"), "qemu missing: run scripts/setup-vm-lab.sh"
+    out = OUT / release
+    res = lab.boot(release, out)
+    context = (f"\n--- guest pytest ---\n{tail(out / 'pytest.txt')}"
+               f"\n--- console ---\n{tail(out / 'console.txt')}")
+    assert (out / "junit.xml").exists(), f"vng exit {res.returncode}, no report{context}"
+    suite = ET.parse(out / "junit.xml").getroot().find("testsuite")
+    assert suite is not None
+    counts = {k: int(suite.get(k, "0")) for k in ("tests", "failures", "errors", "skipped")}
+    assert counts["tests"] >= 9 and counts["failures"] == counts["errors"] == counts["skipped"] == 0, \
+        f"{counts}{context}"
+    plan = json.loads((out / "probes.json").read_text())
+    assert plan["tier"] == "kprobe", context
+    assert {"tfowatch_cookie_requests_total", "tfowatch_tw_reuse_total"} <= set(plan["metrics"])
+    facts = json.loads((out / "facts.json").read_text())
+    assert facts["release"] == release and facts["kprobes"] is True
+    # The facts recorded from the image (tests/facts/) agree with the booted kernel's own.
+    recorded = json.loads((Path(__file__).parent / "facts" / f"{release}.json").read_text())
+    assert recorded["present"] == facts["present"] and recorded["fields"] == facts["fields"]
