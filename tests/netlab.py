@@ -69,20 +69,23 @@ class Lab:
         self.hosts.append(h)
         return h
 
+    def link(self, a: Host, b: Host) -> tuple[str, str]:
+        """A veth pair between two hosts; returns (address of a, address of b)."""
+        self._subnet += 1
+        ia, ib = f"ta{self._subnet}{self.tag}", f"tb{self._subnet}{self.tag}"
+        sh("ip", "link", "add", ia, "netns", a.name, "type", "veth", "peer", "name", ib, "netns", b.name)
+        net = f"10.231.{self._subnet}"
+        for host, dev, addr in ((a, ia, f"{net}.1"), (b, ib, f"{net}.2")):
+            sh("ip", "-n", host.name, "addr", "add", f"{addr}/24", "dev", dev)
+            sh("ip", "-n", host.name, "link", "set", dev, "up")
+        return f"{net}.1", f"{net}.2"
+
     def server(self, role: str, tcp_fastopen: str) -> tuple[Host, str]:
         """A server namespace reachable from the client; returns it and its address."""
-        self._subnet += 1
         srv = self.host(role)
-        a, b = f"tc{self._subnet}{self.tag}", f"ts{self._subnet}{self.tag}"
-        sh("ip", "link", "add", a, "netns", self.client.name, "type", "veth",
-           "peer", "name", b, "netns", srv.name)
-        net = f"10.231.{self._subnet}"
-        sh("ip", "-n", self.client.name, "addr", "add", f"{net}.1/24", "dev", a)
-        sh("ip", "-n", srv.name, "addr", "add", f"{net}.2/24", "dev", b)
-        sh("ip", "-n", self.client.name, "link", "set", a, "up")
-        sh("ip", "-n", srv.name, "link", "set", b, "up")
+        _, addr = self.link(self.client, srv)
         srv.sysctl("net.ipv4.tcp_fastopen", tcp_fastopen)
-        return srv, f"{net}.2"
+        return srv, addr
 
     def start_server(self, host: Host, *ports: str) -> Path:
         log = Path(self.tmp.name) / f"{host.name}.jsonl"

@@ -113,6 +113,34 @@ def tw_bind_reuse(host: str, port: int) -> None:
         s2.close()
 
 
+def tw_ephemeral(host: str, port: int) -> None:
+    """With a one-port ip_local_port_range: close first, then reconnect until the kernel
+    lets the new connection take over the TIME-WAIT socket (needs tcp_tw_reuse=1)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.connect((host, port))
+    s.sendall(b"x")
+    s.recv(16)
+    s.close()
+    closed = time.monotonic()
+    refused = 0
+    while time.monotonic() - closed < 10:
+        s2 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s2.connect((host, port))
+        except OSError:  # EADDRNOTAVAIL: the only port is held by the TIME-WAIT socket
+            refused += 1
+            s2.close()
+            time.sleep(0.25)
+            continue
+        s2.sendall(b"y")
+        s2.recv(16)
+        s2.close()
+        print(json.dumps({"refused": refused, "granted_after_s": time.monotonic() - closed}),
+              flush=True)
+        return
+    print(json.dumps({"refused": refused, "granted_after_s": None}), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -125,9 +153,10 @@ def main() -> None:
     cl.add_argument("count", type=int)
     cl.add_argument("--comm")
     cl.add_argument("--plain", action="store_true")
-    tw = sub.add_parser("tw-bind-reuse")
-    tw.add_argument("host")
-    tw.add_argument("port", type=int)
+    for name in ("tw-bind-reuse", "tw-ephemeral"):
+        tw = sub.add_parser(name)
+        tw.add_argument("host")
+        tw.add_argument("port", type=int)
     a = p.parse_args()
     if getattr(a, "comm", None):
         set_comm(a.comm)
@@ -135,8 +164,10 @@ def main() -> None:
         serve(a.ports, a.log)
     elif a.cmd == "client":
         client(a.host, a.port, a.count, a.plain)
-    else:
+    elif a.cmd == "tw-bind-reuse":
         tw_bind_reuse(a.host, a.port)
+    else:
+        tw_ephemeral(a.host, a.port)
     sys.stdout.flush()
 
 

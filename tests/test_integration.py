@@ -66,11 +66,13 @@ class Run:
     client: Host
     server: Host
     disabled: Host
+    tw_client: Host
     client_seen: Seen
     accepted: list[dict[str, Any]]  # server S accept log
     deltas: dict[str, dict[str, int]] = field(default_factory=dict)  # host -> counter -> delta
     absolute: dict[str, dict[str, int]] = field(default_factory=dict)
     reused: list[dict[str, Any]] = field(default_factory=list)
+    ephemeral: dict[str, Any] = field(default_factory=dict)
     stderr: str = ""
     exit_code: int | None = None
 
@@ -95,6 +97,7 @@ def start_daemon(listen: str) -> subprocess.Popen[str]:
 
 
 def drive(lab: Lab, srv: Host, addr_s: str, addr_d: str) -> tuple[Seen, list[dict[str, Any]]]:
+    """The TFO scenarios, then TIME-WAIT reuse by bind()+connect()."""
     seen: Seen = {}
 
     own_cgroup = proc_cgroup(os.getpid())
@@ -126,23 +129,30 @@ def run() -> Iterator[Run]:
     try:
         srv, addr_s = lab.server("s", "3")
         dis, addr_d = lab.server("d", "1")
+        # TIME-WAIT client with a single ephemeral port: reuse is refused until the
+        # TIME-WAIT socket is old enough (tcp_tw_reuse=1: this is not loopback).
+        twc = lab.host("t")
+        _, addr_s_tw = lab.link(twc, srv)
+        twc.sysctl("net.ipv4.ip_local_port_range", "40000 40000")
+        twc.sysctl("net.ipv4.tcp_tw_reuse", "1")
         log = lab.start_server(srv, str(PORT_A), str(PORT_B), str(PORT_TW))
         lab.start_server(dis, str(PORT_D))
         listen = f"127.0.0.1:{free_port()}"
         proc = start_daemon(listen)
-        hosts = {"client": lab.client, "server": srv, "disabled": dis}
+        hosts = {"client": lab.client, "server": srv, "disabled": dis, "tw": twc}
         before = {k: h.tcpext() for k, h in hosts.items()}
         seen, reused = drive(lab, srv, addr_s, addr_d)
+        (ephemeral,) = twc.peer("tw-ephemeral", addr_s_tw, str(PORT_TW))
         time.sleep(0.5)  # let the last FIN/ACKs settle before reading the truth
         after = {k: h.tcpext() for k, h in hosts.items()}
         samples = scrape(f"http://{listen}/metrics")
         tier = next(dict(lab_)["tier"] for (n, lab_) in samples if n == "tfowatch_build_info")
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
-        yield Run(samples=samples, tier=tier, client=lab.client, server=srv, disabled=dis,
+        yield Run(samples=samples, tier=tier, client=lab.client, server=srv, disabled=dis, tw_client=twc,
                   client_seen=seen, accepted=lab.accepted(log),
                   deltas={k: {c: after[k][c] - before[k][c] for c in COUNTERS} for k in hosts},
-                  absolute=after, reused=reused,
+                  absolute=after, reused=reused, ephemeral=ephemeral,
                   stderr=proc.stderr.read() if proc.stderr else "", exit_code=code)
     finally:
         if proc is not None and proc.poll() is None:
@@ -158,6 +168,8 @@ def test_traffic_did_what_the_scenarios_say(run: Run) -> None:
     assert run.deltas["disabled"]["TCPFastOpenCookieReqd"] == 2
     assert run.deltas["disabled"]["TCPFastOpenPassive"] == 0
     assert run.deltas["client"]["TWRecycled"] == 1 and run.reused[0]["reused"] is True
+    assert run.ephemeral["refused"] >= 1 and run.ephemeral["granted_after_s"] is not None
+    assert run.deltas["tw"]["TWRecycled"] == 1
 
 
 def test_server_side_per_listener_port(run: Run) -> None:
@@ -192,7 +204,8 @@ def test_client_side_per_port_and_comm(run: Run) -> None:
 
 
 def test_kernel_counters_are_exported_per_namespace(run: Run) -> None:
-    for key, host in (("client", run.client), ("server", run.server), ("disabled", run.disabled)):
+    for key, host in (("client", run.client), ("server", run.server), ("disabled", run.disabled),
+                      ("tw", run.tw_client)):
         for counter in COUNTERS:
             got = value(run.samples, "tfowatch_kernel_tcpext_total", netns=host.inode, counter=counter)
             assert got == run.absolute[key][counter], (key, counter)
@@ -230,9 +243,20 @@ def test_tier_specific_metrics(run: Run) -> None:
     fb = "tfowatch_passive_fallbacks_total"
     assert value(run.samples, fb, netns=s, port=PORT_A, reason="invalid_cookie") == 1
     assert value(run.samples, fb, netns=d, port=PORT_D, reason="server_disabled") == 2
-    granted = series(run.samples, "tfowatch_tw_reuse_total")
-    assert sum(v for lab, v in granted.items() if dict(lab)["result"] == "granted") == \
-        run.deltas["client"]["TWRecycled"]
+    tw = "tfowatch_tw_reuse_total"
+    for host, key in ((run.client, "client"), (run.tw_client, "tw")):
+        granted = sum(v for lab, v in series(run.samples, tw).items()
+                      if dict(lab)["result"] == "granted" and dict(lab)["netns"] == str(host.inode))
+        assert granted == run.deltas[key]["TWRecycled"] == 1, key
+    t = run.tw_client.inode
+    refused = {dict(lab)["reason"]: v for lab, v in series(run.samples, tw).items()
+               if dict(lab)["netns"] == str(t) and dict(lab)["result"] == "refused"}
+    assert refused == {"too_recent": run.ephemeral["refused"]}
+    # Ages: refused while younger than the 1 s reuse delay, granted once older.
+    age = "tfowatch_tw_reuse_age_seconds_bucket"
+    assert value(run.samples, age, netns=t, result="refused", le="1.0") == run.ephemeral["refused"]
+    assert value(run.samples, age, netns=t, result="granted", le="0.5") == 0
+    assert value(run.samples, age, netns=t, result="granted", le="+Inf") == 1
 
 
 def test_clean_shutdown(run: Run) -> None:
