@@ -6,16 +6,7 @@ set -euo pipefail
 APT_PACKAGES=(python3-bpfcc bpfcc-tools bpftool linux-headers-amd64 python3-venv
               iproute2 nftables prometheus tmux procps)
 
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "setup: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q >/dev/null
-  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-fi
+"$(dirname "$0")/apt-ensure.sh" "${APT_PACKAGES[@]}"
 
 # BCC compiles against /lib/modules/$(uname -r)/build. When the running kernel ships no
 # headers (our machines), link Debian's: tfowatch reads every struct field at offsets
