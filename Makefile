@@ -24,7 +24,7 @@ run: setup
 	$(VENV)/bin/tfowatch run $(ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check tfowatch tests
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 # The whole suite: lint, unit, BPF verifier, host integration (tracepoint tier), and the

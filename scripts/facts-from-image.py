@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Record the KernelFacts of a kernel we do not run, from its Debian image package.
 
-    scripts/facts-from-image.py EXTRACTED_DEB_ROOT RELEASE > tests/facts/RELEASE.json
+    .venv/bin/python scripts/facts-from-image.py EXTRACTED_DEB_ROOT RELEASE > tests/facts/RELEASE.json
 
 Everything comes from the BTF section of the decompressed vmlinuz (Debian's
 System.map is a stub): pahole emits a FUNC only for functions with an ftrace entry
@@ -17,9 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tfowatch.btf import Btf  # noqa: E402
-from tfowatch.kernel import OPTIONAL_FIELDS, SYMBOLS, TRACEPOINTS, KernelFacts  # noqa: E402
+from tfowatch.btf import Btf
+from tfowatch.kernel import OPTIONAL_FIELDS, SYMBOLS, TRACEPOINTS, KernelFacts
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
