@@ -36,13 +36,16 @@ class Host:
     def tcpext(self) -> dict[str, int]:
         return netns.tcpext(f"/run/netns/{self.name}")
 
+    def _peer_cmd(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, sys.executable, str(PEER), *args]
+
     def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(["ip", "netns", "exec", self.name, sys.executable, str(PEER), *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(self._peer_cmd(*args), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
 
     def peer(self, *args: str, cgroup: Path | None = None) -> list[dict[str, object]]:
         """Run the peer to completion; inside `cgroup` (a v2 directory) when given."""
-        cmd = ["ip", "netns", "exec", self.name, sys.executable, str(PEER), *args]
+        cmd = self._peer_cmd(*args)
         if cgroup is not None:
             cmd = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *cmd]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60)

@@ -92,3 +92,15 @@ def test_cgroup_names_resolve_ids_to_paths(tmp_path) -> None:  # type: ignore[no
     assert names.name(ino) == "/kubepods/pod1"
     assert names.name(tmp_path.stat().st_ino) == "/"
     assert names.name(0) == ""
+
+
+def test_cgroup_of_a_vanished_cgroup_is_read_once_through_the_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from tfowatch.cgroups import CgroupNames, proc_cgroup
+
+    names = CgroupNames(root=tmp_path)
+    gone = 987654321  # an id the walk cannot find
+    assert names.name(gone, pid=os.getpid()) == proc_cgroup(os.getpid())
+    names.root = None  # a second lookup must come from the cache, not another walk or /proc read
+    assert names.name(gone, pid=0) == proc_cgroup(os.getpid())

@@ -68,5 +68,9 @@ class CgroupNames:
             self._walk()
             found = self._names.get(cgroup_id)
         if found is None and pid:
+            # The cgroup is gone (or beyond the walk's bound): ask the process once and
+            # remember, so later events of this id cost no /proc read.
             found = proc_cgroup(pid)
+            if found and len(self._names) < self.max_entries:
+                self._names[cgroup_id] = found
         return found or ""

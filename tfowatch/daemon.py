@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -79,7 +80,7 @@ class Daemon:
         if self.probes is not None:
             self.probes.poll(POLL_MS)
         else:
-            threading.Event().wait(POLL_MS / 1000)
+            time.sleep(POLL_MS / 1000)
         with self._cond:
             self._gen += 1
             self._cond.notify_all()

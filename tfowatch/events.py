@@ -71,7 +71,7 @@ class Event:
     cgroup: str = ""  # path under the cgroup v2 root, resolved in Python
 
 
-def decode(data: bytes | int, size: int | None = None) -> Event:
+def decode(data: bytes | int) -> Event:
     """Decode one perf-buffer sample (bytes, or a pointer as BCC passes it)."""
     if isinstance(data, int):
         raw = ctypes.cast(data, ctypes.POINTER(RawEvent)).contents

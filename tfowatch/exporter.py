@@ -56,13 +56,12 @@ class TfoCollector(Collector):
     def _probe_metrics(self, st: ExportState) -> Iterator[Metric]:
         for m in st.plan.metrics:
             if m is TW_REUSE_AGE:
+                yield self._age_histogram(st)
                 continue
             fam = _counter(m.name, m.help, list(m.labels))
             for labels, value in sorted(st.snap.counters.get(m, {}).items()):
                 fam.add_metric(list(labels), value)
             yield fam
-            if m.name == "tfowatch_tw_reuse_total":
-                yield self._age_histogram(st)
 
     @staticmethod
     def _age_histogram(st: ExportState) -> HistogramMetricFamily:
