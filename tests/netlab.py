@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tfowatch import netns
@@ -35,6 +37,19 @@ class Host:
 
     def tcpext(self) -> dict[str, int]:
         return netns.tcpext(f"/run/netns/{self.name}")
+
+    @contextmanager
+    def dropping_synacks(self, sport: int) -> Iterator[None]:
+        """Drop SYN-ACKs from remote port `sport` arriving here (an nft table of our own)."""
+        table = f"tfw_drop_{sport}"
+        rules = (f"table inet {table} {{\n chain input {{\n type filter hook input priority 0;\n"
+                 f" tcp sport {sport} tcp flags & (syn | ack) == syn | ack drop\n }}\n}}\n")
+        subprocess.run(["ip", "netns", "exec", self.name, "nft", "-f", "-"], input=rules,
+                       check=True, capture_output=True, text=True)
+        try:
+            yield
+        finally:
+            sh("ip", "netns", "exec", self.name, "nft", "delete", "table", "inet", table)
 
     def _peer_cmd(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, sys.executable, str(PEER), *args]

@@ -3,8 +3,12 @@
 server PORT[:QLEN] ... --log FILE   listen with TCP_FASTOPEN; one JSON line per accepted
                                     connection: {port, syn_data, tfo_child}
 client HOST PORT COUNT [--comm C]   COUNT connections with MSG_FASTOPEN (or plain connect with
-        [--plain] [--bind-reuse]    --plain); prints one JSON line per connection with what the
+        [--plain]                   --plain); prints one JSON line per connection with what the
                                     client saw in tcp_info: {acked, client_fail}
+syn-hold HOST PORT COUNT [--comm C] COUNT non-blocking MSG_FASTOPEN SYNs, held open briefly and
+                                    closed unanswered; one JSON line per SYN: {syn_data}
+tw-bind-reuse HOST PORT             TIME-WAIT reuse by bind()+connect() from the same port
+tw-ephemeral HOST PORT              TIME-WAIT reuse of the only ephemeral port
 """
 
 from __future__ import annotations
@@ -88,6 +92,26 @@ def client(host: str, port: int, count: int, plain: bool) -> None:
             s.close()
 
 
+def syn_hold(host: str, port: int, count: int) -> None:
+    """SYNs with data whose SYN-ACKs the test drops: the server keeps each TFO child in
+    SYN_RECV, filling its TFO queue. Closed before the second SYN timeout, so the client's
+    blackhole detection (TCPFastOpenActiveFail) never runs."""
+    held = []
+    for _ in range(count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            sent = s.sendto(b"hello", socket.MSG_FASTOPEN, (host, port))
+        except BlockingIOError:  # EINPROGRESS: no cookie cached, the SYN carried none
+            sent = 0
+        held.append(s)
+        print(json.dumps({"syn_data": sent > 0}), flush=True)
+        time.sleep(0.2)  # the server handles each SYN before the next one
+    time.sleep(0.3)
+    for s in held:
+        s.close()
+
+
 def tw_bind_reuse(host: str, port: int) -> None:
     """Close first (TIME-WAIT on our side), then reconnect from the same local port."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -153,6 +177,11 @@ def main() -> None:
     cl.add_argument("count", type=int)
     cl.add_argument("--comm")
     cl.add_argument("--plain", action="store_true")
+    sh = sub.add_parser("syn-hold")
+    sh.add_argument("host")
+    sh.add_argument("port", type=int)
+    sh.add_argument("count", type=int)
+    sh.add_argument("--comm")
     for name in ("tw-bind-reuse", "tw-ephemeral"):
         tw = sub.add_parser(name)
         tw.add_argument("host")
@@ -164,6 +193,8 @@ def main() -> None:
         serve(a.ports, a.log)
     elif a.cmd == "client":
         client(a.host, a.port, a.count, a.plain)
+    elif a.cmd == "syn-hold":
+        syn_hold(a.host, a.port, a.count)
     elif a.cmd == "tw-bind-reuse":
         tw_bind_reuse(a.host, a.port)
     else:

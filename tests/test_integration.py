@@ -28,9 +28,11 @@ from tfowatch.cgroups import proc_cgroup
 
 TFOWATCH = Path(os.environ.get("VIRTUAL_ENV", Path(__file__).parents[1] / ".venv")) / "bin" / "tfowatch"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-PORT_A, PORT_B, PORT_D, PORT_TW = 7001, 7002, 7003, 7004
+PORT_A, PORT_B, PORT_D, PORT_TW, PORT_Q = 7001, 7002, 7003, 7004, 7005
+Q_COMM = "tfo-q"
 COUNTERS = ("TCPFastOpenActive", "TCPFastOpenActiveFail", "TCPFastOpenPassive",
-            "TCPFastOpenPassiveFail", "TCPFastOpenCookieReqd", "TWRecycled")
+            "TCPFastOpenPassiveFail", "TCPFastOpenCookieReqd", "TCPFastOpenListenOverflow",
+            "TWRecycled")
 
 
 def free_port() -> int:
@@ -72,6 +74,7 @@ class Run:
     deltas: dict[str, dict[str, int]] = field(default_factory=dict)  # host -> counter -> delta
     absolute: dict[str, dict[str, int]] = field(default_factory=dict)
     reused: list[dict[str, Any]] = field(default_factory=list)
+    held: list[dict[str, Any]] = field(default_factory=list)  # syn-hold rows to PORT_Q
     ephemeral: dict[str, Any] = field(default_factory=dict)
     stderr: str = ""
     exit_code: int | None = None
@@ -96,7 +99,10 @@ def start_daemon(listen: str) -> subprocess.Popen[str]:
 
 
 
-def drive(lab: Lab, srv: Host, addr_s: str, addr_d: str) -> tuple[Seen, list[dict[str, Any]]]:
+Rows = list[dict[str, Any]]
+
+
+def drive(lab: Lab, srv: Host, addr_s: str, addr_d: str) -> tuple[Seen, Rows, Rows]:
     """The TFO scenarios, then TIME-WAIT reuse by bind()+connect()."""
     seen: Seen = {}
 
@@ -115,8 +121,12 @@ def drive(lab: Lab, srv: Host, addr_s: str, addr_d: str) -> tuple[Seen, list[dic
     srv.sysctl("net.ipv4.tcp_fastopen_key", "a1b2c3d4-a1b2c3d4-a1b2c3d4-a1b2c3d4")
     client(addr_s, PORT_A, 2, "tfo-a")   # stale cookie: invalid, then accepted again
     client(addr_d, PORT_D, 2, "tfo-d")   # server without server TFO: never a cookie
+    # TFO queue of 1 on PORT_Q: the first SYN's child stays in SYN_RECV because its
+    # SYN-ACK is dropped here, so the second SYN overflows the queue.
+    with lab.client.dropping_synacks(PORT_Q):
+        held = lab.client.peer("syn-hold", addr_s, str(PORT_Q), "2", "--comm", Q_COMM)
     reused = lab.client.peer("tw-bind-reuse", addr_s, str(PORT_TW))
-    return seen, reused
+    return seen, held, reused
 
 
 @pytest.fixture(scope="module")
@@ -135,13 +145,13 @@ def run() -> Iterator[Run]:
         _, addr_s_tw = lab.link(twc, srv)
         twc.sysctl("net.ipv4.ip_local_port_range", "40000 40000")
         twc.sysctl("net.ipv4.tcp_tw_reuse", "1")
-        log = lab.start_server(srv, str(PORT_A), str(PORT_B), str(PORT_TW))
+        log = lab.start_server(srv, str(PORT_A), str(PORT_B), str(PORT_TW), f"{PORT_Q}:1")
         lab.start_server(dis, str(PORT_D))
         listen = f"127.0.0.1:{free_port()}"
         proc = start_daemon(listen)
         hosts = {"client": lab.client, "server": srv, "disabled": dis, "tw": twc}
         before = {k: h.tcpext() for k, h in hosts.items()}
-        seen, reused = drive(lab, srv, addr_s, addr_d)
+        seen, held, reused = drive(lab, srv, addr_s, addr_d)
         (ephemeral,) = twc.peer("tw-ephemeral", addr_s_tw, str(PORT_TW))
         time.sleep(0.5)  # let the last FIN/ACKs settle before reading the truth
         after = {k: h.tcpext() for k, h in hosts.items()}
@@ -152,7 +162,7 @@ def run() -> Iterator[Run]:
         yield Run(samples=samples, tier=tier, client=lab.client, server=srv, disabled=dis, tw_client=twc,
                   client_seen=seen, accepted=lab.accepted(log),
                   deltas={k: {c: after[k][c] - before[k][c] for c in COUNTERS} for k in hosts},
-                  absolute=after, reused=reused, ephemeral=ephemeral,
+                  absolute=after, reused=reused, held=held, ephemeral=ephemeral,
                   stderr=proc.stderr.read() if proc.stderr else "", exit_code=code)
     finally:
         if proc is not None and proc.poll() is None:
@@ -163,7 +173,9 @@ def run() -> Iterator[Run]:
 def test_traffic_did_what_the_scenarios_say(run: Run) -> None:
     """Guards the other tests: the kernel saw the intended mix."""
     assert run.deltas["server"]["TCPFastOpenCookieReqd"] == 1
-    assert run.deltas["server"]["TCPFastOpenPassive"] == 3 + 5 + 1
+    assert run.deltas["server"]["TCPFastOpenPassive"] == 3 + 5 + 1 + 1
+    assert run.held == [{"syn_data": True}] * 2
+    assert run.deltas["server"]["TCPFastOpenListenOverflow"] == 1
     assert run.deltas["server"]["TCPFastOpenPassiveFail"] == 1
     assert run.deltas["disabled"]["TCPFastOpenCookieReqd"] == 2
     assert run.deltas["disabled"]["TCPFastOpenPassive"] == 0
@@ -176,9 +188,9 @@ def test_server_side_per_listener_port(run: Run) -> None:
     # TCPI_OPT_TFO_CHILD exists since 6.16; before, a TFO child with SYN data shows as
     # TCPI_OPT_SYN_DATA on the server socket (every TFO connect here carries data).
     children = Counter(r["port"] for r in run.accepted if r["tfo_child"] or r["syn_data"])
-    assert children[PORT_A] != children[PORT_B]
+    assert children[PORT_A] != children[PORT_B] and children[PORT_Q] == 1
     ns = run.server.inode
-    for port in (PORT_A, PORT_B):
+    for port in (PORT_A, PORT_B, PORT_Q):
         assert value(run.samples, "tfowatch_syn_data_accepted_total", netns=ns, port=port) == children[port]
     total = sum(series(run.samples, "tfowatch_syn_data_accepted_total").values())
     assert total == run.deltas["server"]["TCPFastOpenPassive"]
@@ -201,6 +213,15 @@ def test_client_side_per_port_and_comm(run: Run) -> None:
     not_acked = sum(v for lab, v in series(run.samples, "tfowatch_active_fallbacks_total").items()
                     if dict(lab)["reason"] in ("data_not_acked", "syn_retransmitted"))
     assert not_acked == run.deltas["client"]["TCPFastOpenActiveFail"] == 1
+
+
+def test_unanswered_syn_data_is_sent_but_never_resolved(run: Run) -> None:
+    """SYNs whose SYN-ACKs never arrived: data sent, neither acked nor a fallback."""
+    labels = {"netns": run.client.inode, "port": PORT_Q, "comm": Q_COMM,
+              "cgroup": proc_cgroup(os.getpid())}
+    assert value(run.samples, "tfowatch_syn_data_sent_total", **labels) == len(run.held)
+    for name in ("tfowatch_syn_data_acked_total", "tfowatch_active_fallbacks_total"):
+        assert not [lab for lab in series(run.samples, name) if dict(lab)["port"] == str(PORT_Q)]
 
 
 def test_kernel_counters_are_exported_per_namespace(run: Run) -> None:
@@ -243,6 +264,10 @@ def test_tier_specific_metrics(run: Run) -> None:
     fb = "tfowatch_passive_fallbacks_total"
     assert value(run.samples, fb, netns=s, port=PORT_A, reason="invalid_cookie") == 1
     assert value(run.samples, fb, netns=d, port=PORT_D, reason="server_disabled") == 2
+    overflow = value(run.samples, fb, netns=s, port=PORT_Q, reason="queue_overflow")
+    assert overflow == run.deltas["server"]["TCPFastOpenListenOverflow"] == 1
+    assert {dict(lab)["reason"] for lab in series(run.samples, fb)} == {
+        "invalid_cookie", "server_disabled", "queue_overflow"}
     tw = "tfowatch_tw_reuse_total"
     for host, key in ((run.client, "client"), (run.tw_client, "tw")):
         granted = sum(v for lab, v in series(run.samples, tw).items()

@@ -1,0 +1,114 @@
+"""The one event path shared by `tfowatch run` and `tfowatch top`: resolve the probe
+plan, attach it, decode and aggregate events, and read the kernel's own counters."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from tfowatch import __version__
+from tfowatch.aggregator import Aggregator
+from tfowatch.btf import Btf, BtfError
+from tfowatch.cgroups import CgroupNames
+from tfowatch.events import Event, decode
+from tfowatch.exporter import ExportState
+from tfowatch.kernel import KernelFacts, detect
+from tfowatch.plan import Plan, PlanError, fall_back, resolve
+from tfowatch.reconcile import KernelCounters, drift
+
+log = logging.getLogger(__name__)
+POLL_MS = 50
+EventFilter = Callable[[Event], bool]
+
+
+def load_plan(facts: KernelFacts, mode: str) -> tuple[Plan, Any]:
+    """Resolve and attach, falling one tier down per failure in auto mode."""
+    from tfowatch.bpfprog import LoadError, Probes
+
+    plan = resolve(facts, mode)
+    while plan.tier != "counters":
+        try:
+            btf = Btf.load()
+            probes = Probes(plan, btf)
+            probes.attach()
+            return plan, probes
+        except (LoadError, BtfError) as exc:
+            if mode != "auto":
+                raise PlanError(str(exc)) from exc
+            log.warning("%s tier unavailable (%s); falling back", plan.tier, exc)
+            plan = fall_back(plan, facts)
+            plan.mode = mode
+    return plan, None
+
+
+class Pipeline:
+    """Probes → decode → (filter) → aggregator, polled by one thread; `state()` is a
+    consistent view that includes every event submitted before the call."""
+
+    def __init__(self, mode: str = "auto", series_cap: int = 1000, perf_pages: int = 256,
+                 keep: EventFilter | None = None, facts: KernelFacts | None = None) -> None:
+        self.facts = facts or detect()
+        self.plan, self.probes = load_plan(self.facts, mode)
+        self.agg = Aggregator(series_cap)
+        self.counters = KernelCounters(max_namespaces=series_cap)
+        self.cgroups = CgroupNames()
+        self.keep = keep
+        self._gen = 0
+        self._cond = threading.Condition()
+        if self.probes is not None:
+            self.probes.open_events(self._on_event, self.agg.add_lost, perf_pages)
+        self.counters.start()
+
+    def _on_event(self, _cpu: int, data: Any, _size: int) -> None:
+        ev = decode(data)
+        if ev.cgroup_id:
+            ev = replace(ev, cgroup=self.cgroups.name(ev.cgroup_id, ev.pid))
+        if self.keep is None or self.keep(ev):
+            self.agg.add(ev)
+
+    def poll_once(self) -> None:
+        if self.probes is not None:
+            self.probes.poll(POLL_MS)
+        else:
+            time.sleep(POLL_MS / 1000)
+        with self._cond:
+            self._gen += 1
+            self._cond.notify_all()
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.poll_once()
+
+    def drain(self, timeout: float = 1.0) -> None:
+        """Wait until the poller has read everything submitted before this call."""
+        with self._cond:
+            target = self._gen + 2
+            self._cond.wait_for(lambda: self._gen >= target, timeout=timeout)
+
+    def attached(self) -> list[tuple[str, str, str, bool]]:
+        out = []
+        for r in self.plan.points:
+            for a in r.attachments:
+                ok = self.probes is not None and self.probes.attached.get(a, False)
+                out.append((r.point, f"{a.kind}:{a.target}", r.tier, ok))
+        return out
+
+    def state(self) -> ExportState:
+        self.drain()
+        snap = self.agg.snapshot()
+        kernel = self.counters.read()
+        return ExportState(
+            plan=self.plan, snap=snap,
+            totals=self.probes.totals() if self.probes is not None else None,
+            kernel=kernel,
+            drift=drift(snap, self.counters.deltas(kernel), self.plan.reconciled),
+            attached=self.attached(), version=__version__, kernel_release=self.facts.release,
+        )
+
+    def close(self) -> None:
+        if self.probes is not None:
+            self.probes.close()
