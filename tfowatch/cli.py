@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -73,9 +74,48 @@ def build_parser() -> Parser:
     probes = sub.add_parser("probes", help="show what would be attached on this kernel, and why")
     probes.add_argument("--mode", choices=MODES, default="auto")
     probes.add_argument("--json", action="store_true", help="machine-readable output")
+    add_top_parser(sub)
     facts = sub.add_parser("facts", help="print the kernel facts the probe plan is resolved from")
     facts.add_argument("--json", action="store_true", default=True, help=argparse.SUPPRESS)
     return p
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0, not {text!r}")
+    return int(text)
+
+
+def add_top_parser(sub: Any) -> None:
+    from tfowatch.top import SORT_KEYS
+
+    top = sub.add_parser("top", help="live view of TFO and TIME-WAIT activity (no daemon needed)")
+    top.add_argument("-i", "--interval", type=positive_float, default=1.0,
+                     help="seconds between refreshes (default 1)")
+    top.add_argument("-c", "--count", type=positive_int, help="stop after this many intervals")
+    top.add_argument("-s", "--sort", choices=SORT_KEYS, default="activity", metavar="COLUMN",
+                     help="sort by: " + ", ".join(SORT_KEYS) + " (default activity)")
+    top.add_argument("-r", "--reverse", action="store_true", help="reverse the sort order")
+    top.add_argument("-m", "--rows", type=positive_int, help="show at most this many rows")
+    top.add_argument("-p", "--pid", type=positive_int,
+                     help="only this process (its connections, and listeners it holds)")
+    top.add_argument("--port", type=positive_int, help="only this listener or remote port")
+    top.add_argument("--netns", help="only this network namespace (inode or `ip netns` name)")
+    top.add_argument("--totals", action="store_true", help="show totals, not per-interval counts")
+    top.add_argument("--mode", choices=MODES, default="auto")
+    top.add_argument("-o", "--output", choices=("screen", "table", "json"),
+                     help="default: screen on a terminal, table otherwise")
+    top.add_argument("--once", action="store_true", help="print one interval and exit")
 
 
 def print_plan(plan: Plan) -> None:
@@ -160,6 +200,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def netns_inode(value: str) -> int:
+    from tfowatch import nsconfig
+
+    if value.isdigit():
+        return int(value)
+    for ino, name in nsconfig.names().items():
+        if name == value:
+            return ino
+    raise CliError(f"no network namespace named {value!r} (give an inode or an `ip netns` name)",
+                   EXIT_USAGE)
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from tfowatch.top import Options, TopSession, run_plain
+
+    if args.port is not None and args.port > 65535:
+        raise CliError(f"argument --port: {args.port} is not a port (1-65535)", EXIT_USAGE)
+    opts = Options(interval=args.interval, count=1 if args.once else args.count, sort=args.sort,
+                   reverse=args.reverse, rows=args.rows, pid=args.pid, port=args.port,
+                   netns=netns_inode(args.netns) if args.netns else None, totals=args.totals,
+                   mode=args.mode)
+    output = args.output or ("screen" if sys.stdout.isatty() and not args.once else "table")
+    if output == "screen" and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise CliError("-o screen needs a terminal; use -o table or -o json", EXIT_USAGE)
+    if not is_privileged():
+        raise CliError("must run as root (or with CAP_BPF and CAP_PERFMON) to load BPF programs")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    session = TopSession(opts)
+    try:
+        if output == "screen":
+            from tfowatch.topscreen import Screen
+
+            Screen(session, opts).run(stop)
+        else:
+            run_plain(session, opts, output, stop)
+    except BrokenPipeError:  # `tfowatch top | head`: stop quietly, as other filters do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        session.close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -168,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "facts":
             print(detect().to_json())
             return 0
+        if args.command == "top":
+            return cmd_top(args)
         return cmd_run(args)
     except CliError as exc:
         print(f"tfowatch: {exc}", file=sys.stderr)

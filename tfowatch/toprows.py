@@ -1,0 +1,121 @@
+"""`tfowatch top`'s model: the aggregator's series regrouped into one row per
+(netns, side, port, process), with per-interval deltas and totals.
+
+Server events carry no process (softirq context): a server row names the processes
+that hold the listening socket. Client rows are per comm, summed over cgroups.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from tfowatch.aggregator import Snapshot
+from tfowatch.events import EventType as E
+from tfowatch.listeners import Listener
+from tfowatch.metrics import EVENT_METRIC, TW_REUSE, Metric
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str     # JSON key and --sort name
+    header: str
+    side: str    # the row side it applies to
+    event: E     # the probe event it counts; n/a when the tier lacks it
+
+
+COLUMNS = (
+    Column("cookie_requests", "REQ", "server", E.COOKIE_REQUEST),
+    Column("cookies_issued", "ISSUED", "server", E.COOKIE_ISSUED),
+    Column("syn_data_accepted", "ACCEPT", "server", E.SYN_DATA_ACCEPTED),
+    Column("invalid_cookie", "BADCOOKIE", "server", E.INVALID_COOKIE),
+    Column("queue_overflow", "QFULL", "server", E.QUEUE_OVERFLOW),
+    Column("server_disabled", "SRVOFF", "server", E.SERVER_DISABLED),
+    Column("syn_data_sent", "SENT", "client", E.SYN_DATA_SENT),
+    Column("syn_data_acked", "ACKED", "client", E.SYN_DATA_ACKED),
+    Column("cookie_unavailable", "NOCOOKIE", "client", E.COOKIE_UNAVAILABLE),
+    Column("data_not_acked", "NOTACKED", "client", E.DATA_NOT_ACKED),
+    Column("syn_retransmitted", "SYNRTX", "client", E.SYN_RETRANSMITTED),
+    Column("tfo_disabled", "TFOOFF", "client", E.TFO_DISABLED),
+    Column("blackhole_disables", "BLACKHOLE", "client", E.BLACKHOLE_DISABLE),
+    Column("tw_granted", "TW_OK", "client", E.TW_REUSE_GRANTED),
+    Column("tw_refused", "TW_REFUSED", "client", E.TW_REUSE_REFUSED),
+)
+COLUMN_KEYS = tuple(c.key for c in COLUMNS)
+KEY_FIELDS = ("netns", "side", "port", "process")
+
+
+@dataclass(frozen=True, order=True)
+class RowKey:
+    netns: str
+    side: str
+    port: str
+    process: str
+
+
+@dataclass
+class Row:
+    key: RowKey
+    totals: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    deltas: dict[str, int] = field(default_factory=dict)
+    cgroups: set[str] = field(default_factory=set)
+    tw_refused_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+def _column_of(metric: Metric, labels: dict[str, str]) -> Column | None:
+    for col in COLUMNS:
+        m, reason = EVENT_METRIC[col.event]
+        if m is not metric:
+            continue
+        if metric is TW_REUSE:
+            if col.key == f"tw_{labels['result']}":
+                return col
+        elif reason is None or labels.get("reason") == reason:
+            return col
+    return None
+
+
+def _owner(listeners: dict[tuple[int, int], Listener], netns: str, port: str) -> str:
+    if not (netns.isdigit() and port.isdigit()):
+        return "?"
+    lst = listeners.get((int(netns), int(port)))
+    return ",".join(sorted(lst.comms)) if lst and lst.comms else "?"
+
+
+def build_rows(snap: Snapshot, listeners: dict[tuple[int, int], Listener]) -> dict[RowKey, Row]:
+    """Totals since start, one row per (netns, side, port, process)."""
+    rows: dict[RowKey, Row] = {}
+    for metric, series in snap.counters.items():
+        for values, count in series.items():
+            labels = dict(zip(metric.labels, values, strict=True))
+            col = _column_of(metric, labels)
+            if col is None:
+                continue
+            netns, port = labels["netns"], labels["port"]
+            process = (_owner(listeners, netns, port) if col.side == "server"
+                       else labels.get("comm") or "-")
+            key = RowKey(netns, col.side, port, process)
+            row = rows.setdefault(key, Row(key))
+            row.totals[col.key] += count
+            if labels.get("cgroup"):
+                row.cgroups.add(labels["cgroup"])
+            if col.key == "tw_refused":
+                row.tw_refused_reasons[labels["reason"]] += count
+    return rows
+
+
+def with_deltas(now: dict[RowKey, Row], before: dict[RowKey, Row]) -> dict[RowKey, Row]:
+    for key, row in now.items():
+        prev = before.get(key)
+        row.deltas = {k: v - (prev.totals.get(k, 0) if prev else 0) for k, v in row.totals.items()}
+    return now
+
+
+def cell(row: Row, col: Column, available: set[E], totals: bool) -> int | str | None:
+    """A row's value in a column: a count, None when the tier cannot fill it, or ""
+    when the column belongs to the other side."""
+    if col.side != row.key.side:
+        return ""
+    if col.event not in available:
+        return None
+    return (row.totals if totals else row.deltas).get(col.key, 0)
