@@ -42,8 +42,8 @@ def test_kprobe_tier_on_lab_kernel(release: str) -> None:
     suite = ET.parse(out / "junit.xml").getroot().find("testsuite")
     assert suite is not None
     counts = {k: int(suite.get(k, "0")) for k in ("tests", "failures", "errors", "skipped")}
-    assert counts["tests"] >= lab.GUEST_TEST_COUNT and counts["failures"] == counts["errors"] == counts["skipped"] == 0, \
-        f"{counts}{context}"
+    clean = counts["failures"] == counts["errors"] == counts["skipped"] == 0
+    assert counts["tests"] >= lab.GUEST_TEST_COUNT and clean, f"{counts}{context}"
     plan = json.loads((out / "probes.json").read_text())
     assert plan["tier"] == "kprobe", context
     assert {"tfowatch_cookie_requests_total", "tfowatch_tw_reuse_total"} <= set(plan["metrics"])
