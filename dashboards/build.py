@@ -48,8 +48,10 @@ def ratio_panel(title: str, description: str, probe: tuple[str, str, str], kern:
 
 
 def srate(metric: str, by: str, sel: str = "") -> str:
+    """metric: a name, or a {__name__=~...} selector that the label matchers join."""
     inner = ",".join(x for x in (SEL, sel) if x)
-    return f"sum by ({by}) (rate({metric}{{{inner}}}{RATE}))"
+    series = f"{metric[:-1]},{inner}}}" if metric.startswith("{") else f"{metric}{{{inner}}}"
+    return f"sum by ({by}) (rate({series}{RATE}))"
 
 
 def krate(counters: str, by: str = "instance, netns") -> str:
