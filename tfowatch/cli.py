@@ -173,17 +173,23 @@ def run_settings(args: argparse.Namespace) -> tuple[Any, str]:
     return settings, "DEBUG" if args.verbose else cfg.get("log_level", "INFO")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    settings, level = run_settings(args)
-    logging.basicConfig(level=level, format="tfowatch: %(levelname)s %(message)s")
+def stop_on_signals() -> threading.Event:
+    """Check the privileges BPF needs, then route SIGINT/SIGTERM to an event. Called before
+    loading BPF: a signal during start-up must still lead to a clean detach."""
     if not is_privileged():
         raise CliError("must run as root (or with CAP_BPF and CAP_PERFMON) to load BPF programs")
-    from tfowatch.daemon import Daemon
-
-    # Before loading BPF: a signal during start-up must still lead to a clean detach.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings, level = run_settings(args)
+    logging.basicConfig(level=level, format="tfowatch: %(levelname)s %(message)s")
+    from tfowatch.daemon import Daemon
+
+    stop = stop_on_signals()
     daemon = Daemon(settings)
     try:
         daemon.serve()
@@ -224,11 +230,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     output = args.output or ("screen" if sys.stdout.isatty() and not args.once else "table")
     if output == "screen" and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise CliError("-o screen needs a terminal; use -o table or -o json", EXIT_USAGE)
-    if not is_privileged():
-        raise CliError("must run as root (or with CAP_BPF and CAP_PERFMON) to load BPF programs")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     session = TopSession(opts)
     try:
         if output == "screen":
