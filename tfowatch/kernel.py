@@ -14,6 +14,7 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tfowatch import netns
 from tfowatch.btf import VMLINUX_BTF, Btf, BtfError
 
 TRACEFS_DIRS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
@@ -122,16 +123,6 @@ def _filter_functions(tfs: Path | None) -> set[str] | None:
     return out
 
 
-def read_sysctls(proc_net_root: Path = Path("/proc/sys/net/ipv4")) -> dict[str, str]:
-    out = {}
-    for name in SYSCTLS:
-        try:
-            out[name] = " ".join((proc_net_root / name).read_text().split())
-        except OSError:
-            continue
-    return out
-
-
 def _headers_usable(release: str) -> bool:
     build = Path("/lib/modules") / release / "build"
     return (build / "include").is_dir() or (build / "Makefile").exists() or \
@@ -164,7 +155,7 @@ def detect() -> KernelFacts:
     return KernelFacts(
         release=release, kprobes=kprobe_events, kprobes_why=why, btf=btf_ok,
         headers=_headers_usable(release), symbols=traceable, present=present,
-        tracepoints=tps, fields=fields, sysctls=read_sysctls(),
+        tracepoints=tps, fields=fields, sysctls=netns.read_ipv4_sysctls(SYSCTLS),
     )
 
 

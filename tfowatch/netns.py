@@ -88,14 +88,17 @@ def tcpext(handle: str) -> dict[str, int]:
     return run_in(handle, lambda: parse_netstat(Path("/proc/thread-self/net/netstat").read_text()))
 
 
+def read_ipv4_sysctls(names: tuple[str, ...]) -> dict[str, str]:
+    """net.ipv4 sysctls of the calling thread's namespace; absent ones are left out."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = " ".join(Path(f"/proc/sys/net/ipv4/{name}").read_text().split())
+        except OSError:
+            continue
+    return out
+
+
 def sysctls(handle: str, names: tuple[str, ...]) -> dict[str, str]:
     """net.ipv4 sysctls as seen inside the namespace at `handle`."""
-    def read() -> dict[str, str]:
-        out = {}
-        for name in names:
-            try:
-                out[name] = " ".join(Path(f"/proc/sys/net/ipv4/{name}").read_text().split())
-            except OSError:
-                continue
-        return out
-    return run_in(handle, read)
+    return run_in(handle, lambda: read_ipv4_sysctls(names))

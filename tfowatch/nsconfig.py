@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tfowatch import netns
+from tfowatch.kernel import SYSCTLS
 
 # net.ipv4.tcp_fastopen bits (Documentation/networking/ip-sysctl.rst)
 TFO_BITS = {
@@ -14,8 +15,6 @@ TFO_BITS = {
     0x200: "server_no_cookie",   # accept SYN data without a cookie
     0x400: "server_all_listeners",  # TFO on every listener, TCP_FASTOPEN or not
 }
-NAMES = ("tcp_fastopen", "tcp_fastopen_blackhole_timeout_sec", "tcp_tw_reuse", "tcp_tw_reuse_delay",
-         "tcp_timestamps", "ip_local_port_range", "tcp_max_tw_buckets")
 
 
 def tfo_flags(value: int) -> list[str]:
@@ -77,7 +76,7 @@ def read(only: set[int] | None = None) -> dict[int, NamespaceConfig]:
         if only is not None and ino not in only:
             continue
         try:
-            raw = netns.sysctls(handle, NAMES)
+            raw = netns.sysctls(handle, SYSCTLS)
         except OSError:  # vanished
             continue
         out[ino] = NamespaceConfig(ino, named.get(ino, str(ino)), raw)
