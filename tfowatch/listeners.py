@@ -75,10 +75,12 @@ def _comm(pid: int) -> str | None:
         return None
 
 
-def discover(only: set[int] | None = None) -> dict[tuple[int, int], Listener]:
-    """(netns inode, port) -> Listener for every namespace (or those in `only`)."""
+def discover(only: set[int] | None = None,
+             handles: dict[int, str] | None = None) -> dict[tuple[int, int], Listener]:
+    """(netns inode, port) -> Listener for every namespace (or those in `only`); `handles`
+    is netns.discover()'s result when the caller has it already."""
     found: dict[tuple[int, int], Listener] = {}
-    for ino, handle in netns.discover().items():
+    for ino, handle in (netns.discover() if handles is None else handles).items():
         if only is not None and ino not in only:
             continue
         try:

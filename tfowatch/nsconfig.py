@@ -68,11 +68,12 @@ def names() -> dict[int, str]:
     return out
 
 
-def read(only: set[int] | None = None) -> dict[int, NamespaceConfig]:
-    """The configuration of every namespace found (or those in `only`)."""
+def read(only: set[int] | None = None, handles: dict[int, str] | None = None) -> dict[int, NamespaceConfig]:
+    """The configuration of every namespace found (or those in `only`); `handles` is
+    netns.discover()'s result when the caller has it already."""
     named = names()
     out: dict[int, NamespaceConfig] = {}
-    for ino, handle in netns.discover().items():
+    for ino, handle in (netns.discover() if handles is None else handles).items():
         if only is not None and ino not in only:
             continue
         try:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from tfowatch import listeners as listeners_mod
-from tfowatch import nsconfig
+from tfowatch import netns, nsconfig
 from tfowatch.events import Event, EventType
 from tfowatch.listeners import Listener
 from tfowatch.nsconfig import NamespaceConfig
@@ -52,7 +52,8 @@ class Frame:
     namespaces: dict[int, NamespaceConfig] = field(default_factory=dict)
     tcpext_since_start: dict[int, dict[str, int]] = field(default_factory=dict)
     drift: dict[int, dict[str, int]] = field(default_factory=dict)
-    blackhole_recent: dict[int, float] = field(default_factory=dict)  # netns -> s since last
+    # netns -> seconds since the kernel last disabled active TFO, while within its timeout
+    active_tfo_off: dict[int, float] = field(default_factory=dict)
 
 
 class TopSession:
@@ -72,8 +73,8 @@ class TopSession:
                                         name="tfowatch-poll")
         self._poller.start()
 
-    def refresh_listeners(self) -> None:
-        self._listeners = listeners_mod.discover()
+    def refresh_listeners(self, handles: dict[int, str] | None = None) -> None:
+        self._listeners = listeners_mod.discover(handles=handles)
         pid = self.opts.pid
         self._owned = {k for k, lst in self._listeners.items() if pid in lst.pids}
 
@@ -87,7 +88,10 @@ class TopSession:
             return ev.pid == o.pid if ev.pid else (ev.netns, ev.port) in self._owned
         return True
 
-    def _blackhole_recent(self, kernel: dict[int, dict[str, int]]) -> dict[int, float]:
+    def _active_tfo_off(self, kernel: dict[int, dict[str, int]],
+                        spaces: dict[int, NamespaceConfig]) -> dict[int, float]:
+        """Namespaces whose TCPFastOpenBlackhole rose (since top started) less than their
+        blackhole timeout ago: active TFO is off there now."""
         now = time.monotonic()
         out = {}
         for ino, counters in kernel.items():
@@ -96,12 +100,14 @@ class TopSession:
             if prev is None or prev[0] != count:
                 self._blackhole_seen[ino] = (count, now if prev is not None else -1.0)
             at = self._blackhole_seen[ino][1]
-            if at >= 0:
+            timeout = spaces[ino].blackhole_timeout_s if ino in spaces else None
+            if at >= 0 and timeout and now - at < timeout:
                 out[ino] = now - at
         return out
 
     def sample(self) -> Frame:
-        self.refresh_listeners()
+        handles = netns.discover()  # once per interval, for listeners and sysctls alike
+        self.refresh_listeners(handles)
         st = self.pipeline.state()
         now = time.monotonic()
         rows = with_deltas(build_rows(st.snap, self._listeners), self._before)
@@ -114,13 +120,14 @@ class TopSession:
         drift: dict[int, dict[str, int]] = {}
         for (ino, label), v in st.drift.items():
             drift.setdefault(ino, {})[label] = v
+        spaces = nsconfig.read(set(shown), handles)
         return Frame(
             time=time.time(), interval_s=interval, tier=st.plan.tier, mode=st.plan.mode,
             kernel=st.kernel_release, lost=st.snap.lost, available=set(st.plan.events),
-            rows=list(rows.values()), namespaces=nsconfig.read(set(shown)),
+            rows=list(rows.values()), namespaces=spaces,
             tcpext_since_start={i: deltas[i] for i in shown if i in deltas},
             drift={i: drift[i] for i in shown if i in drift},
-            blackhole_recent={i: t for i, t in self._blackhole_recent(st.kernel).items() if i in shown},
+            active_tfo_off=self._active_tfo_off(st.kernel, spaces),
         )
 
     def close(self) -> None:
@@ -171,10 +178,10 @@ def namespace_line(ns: NamespaceConfig, frame: Frame) -> str:
     tfo = ns.tcp_fastopen
     flags = "+".join(ns.tfo_flags) or "off"
     bh = ns.blackhole_timeout_s
-    since = frame.blackhole_recent.get(ns.netns)
+    since = frame.active_tfo_off.get(ns.netns)
     if not bh:
         blackhole = "blackhole detection off"
-    elif since is not None and since < bh:
+    elif since is not None:
         blackhole = f"ACTIVE TFO DISABLED (blackhole {since:.0f}s ago)"
     else:
         blackhole = f"blackhole timeout {bh}s"
@@ -229,8 +236,7 @@ def json_frame(frame: Frame, opts: Options) -> str:
         spaces.append(ns.as_dict() | {
             "tcpext_since_start": frame.tcpext_since_start.get(ino, {}),
             "drift": frame.drift.get(ino, {}),
-            "active_tfo_disabled_recently": (ino in frame.blackhole_recent and bool(ns.blackhole_timeout_s)
-                                             and frame.blackhole_recent[ino] < (ns.blackhole_timeout_s or 0)),
+            "active_tfo_disabled_recently": ino in frame.active_tfo_off,
         })
     return json.dumps({"time": round(frame.time, 3), "interval_s": round(frame.interval_s, 3),
                        "kernel": frame.kernel, "mode": frame.mode, "tier": frame.tier,
