@@ -10,13 +10,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from netlab import has_root_bpf
+from netlab import skip_unless_root_bpf
 
 FACTS_DIR = Path(__file__).parent / "facts"
 
 
 @pytest.fixture
 def root_bpf() -> None:
-    why = has_root_bpf()
-    if why:
-        pytest.skip(f"root BPF test: {why}")
+    skip_unless_root_bpf("root BPF test")

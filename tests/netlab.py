@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,10 +16,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from tfowatch import netns
 from tfowatch.cgroups import cgroup2_mount
 
 PEER = Path(__file__).with_name("peer.py")
+TFOWATCH = Path(os.environ.get("VIRTUAL_ENV", Path(__file__).parents[1] / ".venv")) / "bin" / "tfowatch"
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -140,6 +144,14 @@ class Lab:
         if self.cgroup is not None:
             self.cgroup.rmdir()
         self.tmp.cleanup()
+
+
+def skip_unless_root_bpf(what: str, *tools: str) -> None:
+    """Skip (saying why) where this machine cannot run `what`; `tools` must be on PATH."""
+    why = has_root_bpf() or next((f"{t} is not installed (make setup installs it)"
+                                  for t in tools if not shutil.which(t)), "")
+    if why:
+        pytest.skip(f"{what}: {why}")
 
 
 def has_root_bpf() -> str:

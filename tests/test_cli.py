@@ -9,15 +9,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from netlab import TFOWATCH
 
 from tfowatch.kernel import detect
-
-TFOWATCH = [str(Path(__file__).parents[1] / ".venv" / "bin" / "tfowatch")]
 
 
 def tfowatch(*args: str, env: dict[str, str] | None = None, pre: list[str] | None = None,
              ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*(pre or []), *TFOWATCH, *args], capture_output=True, text=True,
+    return subprocess.run([*(pre or []), str(TFOWATCH), *args], capture_output=True, text=True,
                           timeout=120, env=env)
 
 

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netlab import Host, Lab, has_root_bpf
+from netlab import TFOWATCH, Host, Lab, skip_unless_root_bpf
 from prometheus_client.parser import text_string_to_metric_families
 
 from tfowatch.cgroups import proc_cgroup
 
-TFOWATCH = Path(os.environ.get("VIRTUAL_ENV", Path(__file__).parents[1] / ".venv")) / "bin" / "tfowatch"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 PORT_A, PORT_B, PORT_D, PORT_TW, PORT_Q = 7001, 7002, 7003, 7004, 7005
 Q_COMM = "tfo-q"
@@ -131,9 +130,7 @@ def drive(lab: Lab, srv: Host, addr_s: str, addr_d: str) -> tuple[Seen, Rows, Ro
 
 @pytest.fixture(scope="module")
 def run() -> Iterator[Run]:
-    why = has_root_bpf()
-    if why:
-        pytest.skip(f"integration test: {why}")
+    skip_unless_root_bpf("integration test")
     lab = Lab()
     proc = None
     try:

@@ -6,7 +6,6 @@ fallback-spike alerts must be pending or firing in Prometheus' alerts API."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -20,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netlab import Host, Lab, has_root_bpf
-from test_integration import TFOWATCH, free_port, start_daemon
+from netlab import TFOWATCH, Host, Lab, skip_unless_root_bpf
+from test_integration import free_port, start_daemon
 
 from tfowatch.metrics import PROBE_METRICS
 
@@ -90,9 +89,7 @@ def wait_for(check: Any, what: str, timeout: float = 90) -> Any:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    why = has_root_bpf() or ("" if shutil.which("prometheus") else "prometheus missing (make setup)")
-    if why:
-        pytest.skip(f"prometheus e2e: {why}")
+    skip_unless_root_bpf("prometheus e2e", "prometheus")
     lab = Lab()
     procs: list[subprocess.Popen[Any]] = []
     work = tempfile.TemporaryDirectory(prefix="tfowatch-prom-")

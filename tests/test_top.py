@@ -6,7 +6,6 @@ VM lab (kprobe tier)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import threading
 from collections import Counter
@@ -16,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netlab import Host, Lab, has_root_bpf
+from netlab import TFOWATCH, Host, Lab, skip_unless_root_bpf
 
-TFOWATCH = Path(os.environ.get("VIRTUAL_ENV", Path(__file__).parents[1] / ".venv")) / "bin" / "tfowatch"
 PORT_A, PORT_B = 7101, 7102
 COUNTERS = ("TCPFastOpenActive", "TCPFastOpenPassive", "TCPFastOpenCookieReqd")
 
@@ -74,9 +72,7 @@ class Session:
 
 @pytest.fixture(scope="module")
 def session() -> Iterator[Session]:
-    why = has_root_bpf()
-    if why:
-        pytest.skip(f"top test: {why}")
+    skip_unless_root_bpf("top test")
     lab = Lab()
     tops: list[TopProcess] = []
     try:

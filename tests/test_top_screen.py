@@ -3,18 +3,15 @@ keys — totals, sort by column and reverse, filter, pause, quit — read back f
 
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from netlab import Lab, has_root_bpf
+from netlab import TFOWATCH, Lab, skip_unless_root_bpf
 
-TFOWATCH = Path(os.environ.get("VIRTUAL_ENV", Path(__file__).parents[1] / ".venv")) / "bin" / "tfowatch"
 PORT_A, PORT_B = 7201, 7202
 
 
@@ -68,9 +65,7 @@ def client_ports(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def screen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Tmux, str]]:
-    why = has_root_bpf() or ("" if shutil.which("tmux") else "tmux is not installed (make setup)")
-    if why:
-        pytest.skip(f"top screen test: {why}")
+    skip_unless_root_bpf("top screen test", "tmux")
     lab = Lab()
     exit_file = tmp_path_factory.mktemp("top") / "exit"
     tm = Tmux(f"{TFOWATCH} top -i 0.5", exit_file)
