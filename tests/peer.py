@@ -112,6 +112,19 @@ def syn_hold(host: str, port: int, count: int) -> None:
         s.close()
 
 
+def wait_for_time_wait(local_port: int, timeout: float = 10) -> bool:
+    """Until /proc/net/tcp (this namespace) shows our local port in TIME-WAIT (state 06)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/net/tcp") as table:
+            for row in table.readlines()[1:]:
+                fields = row.split()
+                if int(fields[1].split(":")[1], 16) == local_port and fields[3] == "06":
+                    return True
+        time.sleep(0.05)
+    return False
+
+
 def tw_bind_reuse(host: str, port: int) -> None:
     """Close first (TIME-WAIT on our side), then reconnect from the same local port."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -122,7 +135,11 @@ def tw_bind_reuse(host: str, port: int) -> None:
     s.recv(16)
     local = s.getsockname()
     s.close()
-    time.sleep(0.3)  # let the FIN exchange finish: the socket is now in TIME-WAIT
+    # Only a socket already in TIME-WAIT goes through tcp_twsk_unique(); under emulation the
+    # FIN exchange can take longer than any fixed sleep.
+    if not wait_for_time_wait(local[1]):
+        print(json.dumps({"reused": False, "error": "never reached TIME-WAIT"}), flush=True)
+        return
     s2 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s2.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s2.bind(local)

@@ -102,7 +102,8 @@ def stack() -> Iterator[Stack]:
         procs.append(prom_proc)
         wait_for(lambda: api(prom, "query", query='up{job="tfowatch"} == 1')["result"], "the first scrape")
         lab.client.peer("client", addr, str(PORT), "3", "--comm", "e2e")  # cookie, then accepted
-        lab.client.peer("tw-bind-reuse", addr, str(PORT))  # a TIME-WAIT reuse for the heatmap
+        reused = lab.client.peer("tw-bind-reuse", addr, str(PORT))  # for the age heatmap
+        assert reused and reused[0]["reused"], f"no TIME-WAIT reuse for the heatmap: {reused}"
         time.sleep(3)  # a clean stretch before the spike
         for i in range(4):  # key rotation spike: each rotation invalidates the client's cookie
             srv.sysctl("net.ipv4.tcp_fastopen_key", f"{i + 1:08x}-a1b2c3d4-a1b2c3d4-a1b2c3d4")

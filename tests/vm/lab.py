@@ -20,11 +20,10 @@ VENV_BIN = ROOT / ".venv" / "bin"
 # The integration scenarios attach every kprobe for real; the event layout is checked as BCC
 # compiles it for that kernel. (test_bpf_verify is left to the host: 5 more BCC compiles at
 # ~1 min each under emulation would prove less than the attached run does.)
-# tests/test_prometheus_e2e.py is host-only for now: in the kprobe tier its TIME-WAIT age
-# heatmap came back empty on 6.1 (open in issue 5).
-GUEST_TESTS = ["tests/test_integration.py", "tests/test_top.py",
+# The Prometheus e2e runs here too: only the kprobe tier fills every dashboard panel.
+GUEST_TESTS = ["tests/test_integration.py", "tests/test_top.py", "tests/test_prometheus_e2e.py",
                "tests/test_event_layout.py::test_bcc_sees_the_same_struct"]
-GUEST_TEST_COUNT = 9 + 9 + 1  # integration, top, event layout
+GUEST_TEST_COUNT = 9 + 9 + 3 + 1  # integration, top, Prometheus e2e, event layout
 BOOT_TIMEOUT_S = 900
 
 
