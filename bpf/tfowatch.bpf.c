@@ -11,6 +11,8 @@
  *                   SYN data sent / client fallbacks are read at SYN_SENT exit)
  *   TW_KPROBE       tcp_twsk_unique entry+return attached
  *   BLACKHOLE_KPROBE tcp_fastopen_active_disable attached
+ *   PLAIN_CONNECTS  also report connects that did not attempt TFO (doctor --watch;
+ *                   off for `run`, where it would cost an event per connection)
  *
  * Every event increments `totals` (exact, per CPU, never lost) and is also sent
  * through the `events` perf buffer for attribution in Python.
@@ -23,6 +25,8 @@
 #define TCP_SYN_RECV 3
 #define TCP_CLOSE 7
 #define PROTO_TCP 6
+#define AF_INET 2
+#define AF_INET6 10
 #define TFO_SERVER_ENABLE 2
 #define TFO_COOKIE_UNAVAILABLE 1
 #define TFO_DATA_NOT_ACKED 2
@@ -39,6 +43,8 @@ struct conn {
 	u16 dport;
 	u8 attempted; /* MSG_FASTOPEN / TCP_FASTOPEN_CONNECT seen at connect time */
 	u8 pending;   /* SYN data sent, acked-or-not not yet known */
+	u16 family;
+	u8 daddr[16];
 	char comm[16];
 };
 BPF_TABLE("lru_hash", u64, struct conn, conns, MAX_CONNS);
@@ -105,8 +111,20 @@ static __always_inline void emit_client(void *ctx, u32 type, const struct conn *
 	ev.port = c->dport;
 	ev.pid = c->pid;
 	ev.cgroup_id = c->cgroup_id;
+	ev.family = c->family;
 	__builtin_memcpy(ev.comm, c->comm, sizeof(ev.comm));
+	__builtin_memcpy(ev.daddr, c->daddr, sizeof(ev.daddr));
 	emit(ctx, &ev);
+}
+
+/* The remote address of a socket (a TIME-WAIT one too: both start with sock_common). */
+static __always_inline void read_daddr(struct tfo_event *ev, const void *sk)
+{
+	ev->family = read_u16(sk + OFF_SKC_FAMILY);
+	if (ev->family == AF_INET6)
+		bpf_probe_read_kernel(ev->daddr, 16, sk + OFF_SKC_V6_DADDR);
+	else
+		bpf_probe_read_kernel(ev->daddr, 4, sk + OFF_SKC_DADDR);
 }
 
 static __always_inline u32 client_fail(const void *sk)
@@ -127,6 +145,10 @@ static __always_inline void client_syn_outcome(void *ctx, const void *sk, const 
 		emit_client(ctx, EV_COOKIE_UNAVAILABLE, c);
 	else if (c->attempted && !TP_BIT(sk, SYN_FASTOPEN))
 		emit_client(ctx, EV_TFO_DISABLED, c);
+#if PLAIN_CONNECTS
+	if (!c->attempted)
+		emit_client(ctx, EV_PLAIN_CONNECT, c);
+#endif
 }
 
 /* Client: SYN-ACK processed; was the SYN data acked? */
@@ -153,11 +175,17 @@ static __always_inline int fastopen_attempted(const void *sk)
 	return read_u64(sk + OFF_TP_FASTOPEN_REQ) != 0 || TP_BIT(sk, FASTOPEN_CONNECT);
 }
 
-static __always_inline void on_connect(const void *sk, u16 dport)
+static __always_inline void on_connect(const void *sk, u16 dport, u16 family,
+					      const u8 *daddr4, const u8 *daddr6)
 {
 	u64 key = (u64)sk;
 	struct conn c = {};
 
+	c.family = family;
+	if (family == AF_INET6)
+		__builtin_memcpy(c.daddr, daddr6, sizeof(c.daddr));
+	else
+		__builtin_memcpy(c.daddr, daddr4, 4);
 	c.pid = bpf_get_current_pid_tgid() >> 32;
 	c.cgroup_id = bpf_get_current_cgroup_id();
 	c.netns = sk_netns(sk);
@@ -192,7 +220,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	if (args->protocol != PROTO_TCP)
 		return 0;
 	if (old == TCP_CLOSE && new == TCP_SYN_SENT) {
-		on_connect(sk, args->dport);
+		on_connect(sk, args->dport, args->family, args->daddr, args->daddr_v6);
 		return 0;
 	}
 	if (old == TCP_SYN_RECV) {
@@ -394,6 +422,7 @@ int on_twsk_unique_ret(struct pt_regs *ctx)
 		ev.reason = tw_refuse_reason(net, ts_stamp, ev.age_ms);
 	ev.netns = net_inum(net);
 	ev.port = __builtin_bswap16(read_u16(call->tw + OFF_SKC_DPORT));
+	read_daddr(&ev, call->tw);
 	ev.pid = id >> 32;
 	ev.cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
@@ -415,6 +444,7 @@ int on_active_disable(struct pt_regs *ctx, const void *sk)
 	ev.type = EV_BLACKHOLE_DISABLE;
 	ev.netns = net_inum(net);
 	ev.port = __builtin_bswap16(read_u16(sk + OFF_SKC_DPORT));
+	read_daddr(&ev, sk);
 	emit(ctx, &ev);
 	return 0;
 }

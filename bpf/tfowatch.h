@@ -20,7 +20,8 @@ enum tfo_event_type {
 	EV_BLACKHOLE_DISABLE = 13,   /* client: kernel disabled active TFO (blackhole) */
 	EV_TW_REUSE_GRANTED = 14,    /* connect() took over a TIME-WAIT socket */
 	EV_TW_REUSE_REFUSED = 15,    /* connect() could not reuse a TIME-WAIT socket */
-	EV_TYPE_MAX = 16,
+	EV_PLAIN_CONNECT = 16,       /* client: connect() without TFO (doctor --watch only) */
+	EV_TYPE_MAX = 17,
 };
 
 /* Why a TIME-WAIT reuse was refused (tfo_event.reason for EV_TW_REUSE_REFUSED). */
@@ -42,6 +43,8 @@ struct tfo_event {
 	__u8 reason;     /* enum tw_refuse_reason */
 	__u8 age_res;    /* age resolution: 0 = ms, 1 = whole seconds (pre-6.14) */
 	char comm[16];   /* client events: task comm; empty for server */
+	__u8 daddr[16];  /* client events: remote address (IPv4 in the first 4 bytes) */
+	__u16 family;    /* client events: AF_INET or AF_INET6; 0 for server */
 };
 
 #endif

@@ -31,8 +31,9 @@ def compile_with(overrides: dict[str, int]) -> Any:
     return bcc.BPF(src_file=str(bpfprog.SOURCE).encode(), cflags=flags)
 
 
-def test_tracepoint_tier_loads() -> None:
-    b = compile_with({})
+@pytest.mark.parametrize("variant", [{}, {"PLAIN_CONNECTS": 1}])  # run; doctor --watch
+def test_tracepoint_tier_loads(variant: dict[str, int]) -> None:
+    b = compile_with(variant)
     try:
         assert b.num_open_tracepoints() == 2
     finally:
@@ -45,6 +46,7 @@ def test_tracepoint_tier_loads() -> None:
     {},
     {"HAVE_TW_ENTRY_STAMP": 0},
     {"HAVE_SYN_FASTOPEN_CHILD": 0, "HAVE_CLIENT_FAIL": 0},
+    {"PLAIN_CONNECTS": 1},
 ])
 def test_kprobe_programs_pass_the_verifier(variant: dict[str, int]) -> None:
     bcc = bpfprog.import_bcc()

@@ -68,6 +68,7 @@ def test_bcc_sees_the_same_struct() -> None:
     finally:
         b.cleanup()
     ctype = {"__u64": ctypes.c_uint64, "__u32": ctypes.c_uint32, "__u16": ctypes.c_uint16,
-             "__u8": ctypes.c_uint8, "char[16]": ctypes.c_char * 16}
+             "__u8": ctypes.c_uint8, "char[16]": ctypes.c_char * 16,
+             "__u8[16]": ctypes.c_uint8 * 16}
     assert [(name, ctypes.sizeof(ctype[t.replace(" ", "")])) for name, t in bcc_fields] == \
         [(name, ctypes.sizeof(t)) for name, t in RawEvent._fields_]

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from test_plan import facts
 
 from tfowatch.aggregator import Aggregator
-from tfowatch.events import Event, EventType, RefuseReason
+from tfowatch.events import EV_TYPE_MAX, Event, EventType, RefuseReason
 from tfowatch.exporter import ExportState, TfoCollector
 from tfowatch.plan import Plan, resolve
 from tfowatch.reconcile import drift
@@ -19,7 +19,7 @@ from tfowatch.reconcile import drift
 def exposition(plan: Plan, agg: Aggregator, kernel: dict[int, dict[str, int]]) -> str:
     snap = agg.snapshot()
     deltas = kernel  # baseline 0: namespaces created after start
-    state = ExportState(plan=plan, snap=snap, totals=[0] * 16, kernel=kernel,
+    state = ExportState(plan=plan, snap=snap, totals=[0] * EV_TYPE_MAX, kernel=kernel,
                         drift=drift(snap, deltas, plan.reconciled),
                         attached=[("tcp_twsk_unique", "kprobe:tcp_twsk_unique", "kprobe", True)],
                         version="0.1.0", kernel_release="6.1.0-56-amd64")

@@ -89,6 +89,10 @@ class Aggregator:
         return (OTHER,) * len(key)
 
     def add(self, ev: Event) -> None:
+        if ev.type not in EVENT_METRIC:  # e.g. plain connects: doctor's, not a metric
+            with self._lock:
+                self._received[ev.type] += 1
+            return
         metric, _ = EVENT_METRIC[ev.type]
         key = self.labels(ev)
         with self._lock:

@@ -1,4 +1,5 @@
-"""Command line: `tfowatch run`, `tfowatch probes`. Errors are one line and an exit code."""
+"""Command line: `tfowatch run | top | doctor | probes | facts`. Errors are one line and an
+exit code: 1 runtime, 2 usage, 3 doctor found a warning or worse."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tfowatch.plan import MODES, TIERS, Plan, PlanError, resolve
 
 EXIT_USAGE = 2
 EXIT_RUNTIME = 1
+EXIT_FINDINGS = 3  # doctor: a finding of severity warning or above
 DEFAULT_LISTEN = "127.0.0.1:19135"
 
 
@@ -75,6 +77,15 @@ def build_parser() -> Parser:
     probes.add_argument("--mode", choices=MODES, default="auto")
     probes.add_argument("--json", action="store_true", help="machine-readable output")
     add_top_parser(sub)
+    doctor = sub.add_parser("doctor", help="explain why TFO or TIME-WAIT reuse is (not) happening")
+    doctor.add_argument("--netns", action="append",
+                        help="only this namespace (inode or `ip netns` name); repeatable")
+    doctor.add_argument("-w", "--watch", type=positive_float, metavar="SECONDS",
+                        help="also observe the probes for this long (same plan as run)")
+    doctor.add_argument("--mode", choices=MODES, default="auto", help="probe tier for --watch")
+    doctor.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    doctor.add_argument("-v", "--verbose", action="store_true",
+                        help="describe namespaces without findings too")
     facts = sub.add_parser("facts", help="print the kernel facts the probe plan is resolved from")
     facts.add_argument("--json", action="store_true", default=True, help=argparse.SUPPRESS)
     return p
@@ -246,6 +257,22 @@ def cmd_top(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from tfowatch.doctor import as_json, as_text, diagnose
+
+    only = {netns_inode(n) for n in args.netns} if args.netns else None
+    if os.geteuid() != 0:
+        raise CliError("doctor must run as root: it enters namespaces and reads listener sockets")
+    stop = stop_on_signals() if args.watch else None
+    report = diagnose(only, args.watch, args.mode, stop,
+                      announce=lambda msg: print(f"tfowatch doctor: {msg}", file=sys.stderr, flush=True))
+    if only and not report.namespaces:
+        raise CliError("none of the namespaces given exists any more", EXIT_USAGE)
+    print(as_json(report) if args.output == "json" else as_text(report, args.verbose))
+    worst = report.worst
+    return EXIT_FINDINGS if worst in ("warning", "critical") else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -256,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "top":
             return cmd_top(args)
+        if args.command == "doctor":
+            return cmd_doctor(args)
         return cmd_run(args)
     except CliError as exc:
         print(f"tfowatch: {exc}", file=sys.stderr)
@@ -265,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `tfowatch doctor | head`: stop quietly, as other filters do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

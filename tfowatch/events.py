@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import ipaddress
+import socket
 from dataclasses import dataclass
 
 
@@ -27,9 +29,10 @@ class EventType(enum.IntEnum):
     BLACKHOLE_DISABLE = 13
     TW_REUSE_GRANTED = 14
     TW_REUSE_REFUSED = 15
+    PLAIN_CONNECT = 16
 
 
-EV_TYPE_MAX = 16
+EV_TYPE_MAX = 17
 
 
 class RefuseReason(enum.IntEnum):
@@ -51,6 +54,8 @@ class RawEvent(ctypes.Structure):
         ("reason", ctypes.c_uint8),
         ("age_res", ctypes.c_uint8),
         ("comm", ctypes.c_char * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+        ("family", ctypes.c_uint16),
     ]
 
 
@@ -69,6 +74,22 @@ class Event:
     ts_ns: int = 0
     cgroup_id: int = 0
     cgroup: str = ""  # path under the cgroup v2 root, resolved in Python
+    daddr: str = ""  # client events: the remote address
+
+
+def _address(family: int, raw: bytes) -> str:
+    if family == socket.AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    if family == socket.AF_INET6:
+        return str(ipaddress.IPv6Address(raw[:16]))
+    return ""
+
+
+def _raw_address(addr: str) -> tuple[int, bytes]:
+    if not addr:
+        return 0, b""
+    ip = ipaddress.ip_address(addr)
+    return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET), ip.packed
 
 
 def decode(data: bytes | int) -> Event:
@@ -89,12 +110,15 @@ def decode(data: bytes | int) -> Event:
         reason=raw.reason,
         ts_ns=raw.ts_ns,
         cgroup_id=raw.cgroup_id,
+        daddr=_address(raw.family, bytes(raw.daddr)),
     )
 
 
 def encode(ev: Event) -> bytes:
     """The bytes the kernel would send for `ev` (synthetic sources, tests, benches)."""
+    family, packed = _raw_address(ev.daddr)
     raw = RawEvent(
+        family=family, daddr=(ctypes.c_uint8 * 16)(*packed),
         ts_ns=ev.ts_ns, cgroup_id=ev.cgroup_id, netns=ev.netns, pid=ev.pid, type=int(ev.type),
         age_ms=ev.age_ms, port=ev.port, reason=ev.reason, age_res=0, comm=ev.comm.encode()[:16],
     )

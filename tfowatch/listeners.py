@@ -6,14 +6,17 @@ this module names the process, for `top` rows and for `doctor`.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import socket
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tfowatch import netns
+from tfowatch import netns, socktable
 
-TCP_LISTEN = "0A"
+TCP_FASTOPEN = 23  # on a listener: the TFO queue length, 0 when TFO is off
+SYS_PIDFD_GETFD = 438  # x86_64 and arm64 (asm-generic) alike; Linux 5.6+
 
 
 @dataclass
@@ -23,36 +26,13 @@ class Listener:
     inodes: set[int] = field(default_factory=set)
     pids: set[int] = field(default_factory=set)
     comms: set[str] = field(default_factory=set)
+    fds: set[tuple[int, int]] = field(default_factory=set)  # (pid, fd) holding the socket
+    tfo_qlen: int | None = None  # TCP_FASTOPEN queue length; None = could not be read
 
 
-def parse_proc_net_tcp(text: str) -> list[tuple[int, int]]:
-    """(port, socket inode) of each LISTEN socket in a /proc/net/tcp{,6} text."""
-    out = []
-    for line in text.splitlines()[1:]:
-        f = line.split()
-        if len(f) > 9 and f[3] == TCP_LISTEN:
-            out.append((int(f[1].rsplit(":", 1)[1], 16), int(f[9])))
-    return out
-
-
-def _listening(handle: str) -> list[tuple[int, int]]:
-    def read(base: str) -> list[tuple[int, int]]:
-        found = []
-        for name in ("tcp", "tcp6"):
-            try:
-                found += parse_proc_net_tcp(Path(f"{base}/net/{name}").read_text())
-            except OSError:
-                continue
-        return found
-
-    if handle.startswith("/proc/"):
-        return read(handle.rsplit("/ns/", 1)[0])
-    return netns.run_in(handle, lambda: read("/proc/thread-self"))
-
-
-def socket_owners() -> dict[int, set[int]]:
-    """socket inode -> pids holding it, from every process's fd table."""
-    owners: dict[int, set[int]] = defaultdict(set)
+def socket_owners() -> dict[int, set[tuple[int, int]]]:
+    """socket inode -> (pid, fd) pairs holding it, from every process's fd table."""
+    owners: dict[int, set[tuple[int, int]]] = defaultdict(set)
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -62,7 +42,7 @@ def socket_owners() -> dict[int, set[int]]:
                 for fd in fds:
                     target = os.readlink(fd.path)
                     if target.startswith("socket:["):
-                        owners[int(target[8:-1])].add(int(entry.name))
+                        owners[int(target[8:-1])].add((int(entry.name), int(fd.name)))
         except OSError:  # process gone or fd closed meanwhile
             continue
     return owners
@@ -75,17 +55,40 @@ def _comm(pid: int) -> str | None:
         return None
 
 
-def discover(only: set[int] | None = None,
-             handles: dict[int, str] | None = None) -> dict[tuple[int, int], Listener]:
+def tfo_queue_len(pid: int, fd: int) -> int | None:
+    """A listener's TCP_FASTOPEN queue length, read with getsockopt() on a duplicate of its
+    fd (pidfd_getfd): the socket option is the only per-listener record of it the kernel
+    gives. None when the process or fd is gone, or the kernel refuses."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        dup = ctypes.CDLL(None, use_errno=True).syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if dup < 0:
+            return None
+        with socket.socket(fileno=dup) as sock:  # closing our duplicate leaves theirs open
+            return sock.getsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN)
+    except OSError:
+        return None
+    finally:
+        os.close(pidfd)
+
+
+def discover(only: set[int] | None = None, handles: dict[int, str] | None = None,
+             sockopts: bool = False) -> dict[tuple[int, int], Listener]:
     """(netns inode, port) -> Listener for every namespace (or those in `only`); `handles`
-    is netns.discover()'s result when the caller has it already."""
+    is netns.discover()'s result when the caller has it already. With `sockopts`, each
+    listener's TCP_FASTOPEN queue length is read too."""
     found: dict[tuple[int, int], Listener] = {}
     for ino, handle in (netns.discover() if handles is None else handles).items():
         if only is not None and ino not in only:
             continue
         try:
-            for port, inode in _listening(handle):
-                found.setdefault((ino, port), Listener(ino, port)).inodes.add(inode)
+            for row in socktable.read(handle):
+                if row.state == socktable.LISTEN:
+                    key = (ino, row.local_port)
+                    found.setdefault(key, Listener(*key)).inodes.add(row.inode)
         except OSError:  # namespace vanished
             continue
     if not found:
@@ -93,6 +96,17 @@ def discover(only: set[int] | None = None,
     owners = socket_owners()
     for lst in found.values():
         for inode in lst.inodes:
-            lst.pids |= owners.get(inode, set())
+            lst.fds |= owners.get(inode, set())
+        lst.pids = {pid for pid, _ in lst.fds}
         lst.comms = {c for c in map(_comm, lst.pids) if c}
+        if sockopts:
+            lst.tfo_qlen = _first_readable(lst.fds)
     return found
+
+
+def _first_readable(fds: set[tuple[int, int]]) -> int | None:
+    for pid, fd in sorted(fds):
+        qlen = tfo_queue_len(pid, fd)
+        if qlen is not None:
+            return qlen
+    return None

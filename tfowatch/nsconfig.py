@@ -27,7 +27,7 @@ class NamespaceConfig:
     name: str  # `ip netns` name, or the inode as text
     raw: dict[str, str] = field(default_factory=dict)
 
-    def _int(self, key: str) -> int | None:
+    def number(self, key: str) -> int | None:
         try:
             return int(self.raw[key])
         except (KeyError, ValueError):
@@ -35,7 +35,7 @@ class NamespaceConfig:
 
     @property
     def tcp_fastopen(self) -> int | None:
-        return self._int("tcp_fastopen")
+        return self.number("tcp_fastopen")
 
     @property
     def tfo_flags(self) -> list[str]:
@@ -43,11 +43,11 @@ class NamespaceConfig:
 
     @property
     def tw_reuse(self) -> int | None:
-        return self._int("tcp_tw_reuse")
+        return self.number("tcp_tw_reuse")
 
     @property
     def blackhole_timeout_s(self) -> int | None:
-        return self._int("tcp_fastopen_blackhole_timeout_sec")
+        return self.number("tcp_fastopen_blackhole_timeout_sec")
 
     def as_dict(self) -> dict[str, object]:
         return {"netns": self.netns, "name": self.name,

@@ -25,12 +25,13 @@ POLL_MS = 50
 EventFilter = Callable[[Event], bool]
 
 
-def load_plan(facts: KernelFacts, mode: str) -> tuple[Plan, Any]:
+def load_plan(facts: KernelFacts, mode: str, plain_connects: bool = False) -> tuple[Plan, Any]:
     """Resolve and attach, falling one tier down per failure in auto mode."""
     from tfowatch.bpfprog import LoadError, Probes
 
     plan = resolve(facts, mode)
     while plan.tier != "counters":
+        plan.defines["PLAIN_CONNECTS"] = int(plain_connects)
         try:
             btf = Btf.load()
             probes = Probes(plan, btf)
@@ -50,9 +51,10 @@ class Pipeline:
     consistent view that includes every event submitted before the call."""
 
     def __init__(self, mode: str = "auto", series_cap: int = 1000, perf_pages: int = 256,
-                 keep: EventFilter | None = None, facts: KernelFacts | None = None) -> None:
+                 keep: EventFilter | None = None, facts: KernelFacts | None = None,
+                 plain_connects: bool = False) -> None:
         self.facts = facts or detect()
-        self.plan, self.probes = load_plan(self.facts, mode)
+        self.plan, self.probes = load_plan(self.facts, mode, plain_connects)
         self.agg = Aggregator(series_cap)
         self.counters = KernelCounters(max_namespaces=series_cap)
         self.cgroups = CgroupNames()

@@ -207,6 +207,7 @@ def resolve(facts: KernelFacts, mode: str = "auto") -> Plan:
         "ACTIVE_KPROBE": int("on_connect" in kprobed),
         "TW_KPROBE": int("on_twsk_unique" in kprobed),
         "BLACKHOLE_KPROBE": int("on_active_disable" in kprobed),
+        "PLAIN_CONNECTS": 0,  # `doctor --watch` turns it on
     }
     return Plan(mode=mode, tier=tier, points=points, defines=defines, events=events)
 
