@@ -9,8 +9,8 @@ import pytest
 from conftest import FACTS_DIR
 
 from tfowatch.events import EventType as E
-from tfowatch.metrics import EVENT_METRIC
 from tfowatch.kernel import KernelFacts
+from tfowatch.metrics import EVENT_METRIC
 from tfowatch.plan import PlanError, fall_back, resolve
 
 

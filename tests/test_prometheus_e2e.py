@@ -141,7 +141,10 @@ def test_every_panel_query_runs_and_every_panel_has_data(stack: Stack) -> None:
         if used and not used & stack.tier_metrics:
             print(f"panel {p['title']!r}: no data, its metrics {sorted(used)} are not in this tier")
             continue
-        empty.append(p["title"])
+        # What Prometheus holds of the panel's metrics right now, to tell "never scraped"
+        # from "scraped, but the panel's window or selectors miss it".
+        held = {m: len(api(stack.prom, "query", query=f"{{__name__=~\"{m}.*\"}}")["result"]) for m in used}
+        empty.append(f"{p['title']} (series held: {held})")
     assert not empty, f"panels without data: {empty}"
 
 

@@ -55,7 +55,7 @@ class View:
         cmd = f"sysctl -w net.ipv4.{name}={value}"
         if self.own:
             return cmd
-        if self.now.handle.startswith("/run/netns/"):
+        if self.now.config.name != str(self.now.netns):  # it has an `ip netns` name
             return f"ip netns exec {self.now.config.name} {cmd}"
         return f"nsenter --net={self.now.handle} {cmd}"
 

@@ -40,7 +40,8 @@ class NamespaceSurvey:
     tcpext: dict[str, int]
     listeners: list[Listener]
     key: KeyInfo
-    time_wait: Counter[tuple[str, int]] = field(default_factory=Counter)  # (addr, port) -> n
+    # (remote addr, remote port) -> TIME-WAIT sockets on ephemeral local ports
+    time_wait: Counter[tuple[str, int]] = field(default_factory=Counter)
     peers: dict[str, PeerMetrics] = field(default_factory=dict)
 
     @property
@@ -48,13 +49,18 @@ class NamespaceSurvey:
         return self.config.netns
 
     @property
-    def port_range(self) -> int | None:
+    def port_range(self) -> int:
         """How many ephemeral ports ip_local_port_range allows."""
-        try:
-            low, high = map(int, self.config.raw["ip_local_port_range"].split())
-        except (KeyError, ValueError):
-            return None
-        return high - low + 1
+        low, high = _port_range(self.config)
+        return max(high - low + 1, 0)
+
+
+def _port_range(config: NamespaceConfig) -> tuple[int, int]:
+    try:
+        low, high = map(int, config.raw["ip_local_port_range"].split())
+    except (KeyError, ValueError):
+        return 1, 0  # unknown: empty
+    return low, high
 
 
 def parse_key(text: str) -> KeyInfo:
@@ -105,7 +111,10 @@ def survey(only: set[int] | None = None) -> dict[int, NamespaceSurvey]:
             rows = socktable.read(handle)
         except OSError:  # the namespace went away meanwhile
             continue
-        tw = Counter((r.remote, r.remote_port) for r in rows if r.state == socktable.TIME_WAIT)
+        low, high = _port_range(config)
+        # Only TIME-WAIT sockets on ephemeral ports hold what connect() could pick.
+        tw = Counter((r.remote, r.remote_port) for r in rows
+                     if r.state == socktable.TIME_WAIT and low <= r.local_port <= high)
         out[ino] = NamespaceSurvey(
             config=config, handle=handle, tcpext=tcpext,
             listeners=sorted((lst for (n, _), lst in found.items() if n == ino), key=lambda x: x.port),

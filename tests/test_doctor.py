@@ -1,0 +1,176 @@
+"""`tfowatch doctor` against real misconfigurations in namespaces this test creates: each
+situation must be named with the kernel's own numbers as evidence, and a healthy namespace
+must get no finding at all. The --watch test runs in the host's tracepoint tier and in the
+VM lab's kprobe tier (tests/vm/lab.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from netlab import TFOWATCH, Host, Lab, skip_unless_root_bpf
+
+from tfowatch.cli import EXIT_FINDINGS
+
+PORT = 7401
+KEY = "a1b2c3d4-a1b2c3d4-a1b2c3d4-{:08x}"
+
+
+def doctor(*hosts: Host, watch: float | None = None) -> tuple[int, dict[str, Any]]:
+    args = [str(TFOWATCH), "doctor", "-o", "json"]
+    for h in hosts:
+        args += ["--netns", h.name]
+    if watch:
+        args += ["--watch", str(watch)]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert res.returncode in (0, EXIT_FINDINGS), res.stderr
+    return res.returncode, json.loads(res.stdout)
+
+
+def findings(report: dict[str, Any], code: str, host: Host) -> list[dict[str, Any]]:
+    return [f for f in report["findings"] if f["code"] == code and f["netns"] == host.inode]
+
+
+def wait_for_time_wait(host: Host) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        out = subprocess.run(["ip", "netns", "exec", host.name, "ss", "-Htn", "state", "time-wait"],
+                             capture_output=True, text=True, check=True).stdout
+        if out.strip():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no TIME-WAIT socket in {host.name}")
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    skip_unless_root_bpf("doctor")
+    lab = Lab()
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def test_server_with_client_only_sysctl(lab: Lab) -> None:
+    srv, addr = lab.server("s", "1")  # client bit only: the listener asks for TFO in vain
+    lab.start_server(srv, f"{PORT}:64")
+    lab.client.peer("client", addr, str(PORT), "2")
+    rc, report = doctor(srv)
+    [f] = findings(report, "server_tfo_disabled", srv)
+    assert rc == EXIT_FINDINGS and f["severity"] == "warning"
+    assert f["evidence"]["TCPFastOpenCookieReqd"] == srv.tcpext()["TCPFastOpenCookieReqd"] == 2
+    assert f["evidence"]["tfo_listeners"][0]["port"] == PORT
+    assert f["evidence"]["tfo_listeners"][0]["tfo_qlen"] == 64  # what the server set
+    assert f["fix"] == f"ip netns exec {srv.name} sysctl -w net.ipv4.tcp_fastopen=3 (adds the server bit 0x2)"
+
+
+def test_listener_without_tcp_fastopen(lab: Lab) -> None:
+    srv, addr = lab.server("s", "3")  # server TFO on, but the application never asks for it
+    lab.start_server(srv, f"{PORT}:0")
+    seen = lab.client.peer("client", addr, str(PORT), "3")
+    assert not any(s["acked"] for s in seen)
+    rc, report = doctor(srv)
+    [f] = findings(report, "listener_without_tfo", srv)
+    assert rc == EXIT_FINDINGS
+    assert f["evidence"]["port"] == PORT and f["evidence"]["tfo_qlen"] == 0
+    assert f["evidence"]["TCPFastOpenCookieReqd"] == srv.tcpext()["TCPFastOpenCookieReqd"] == 3
+    assert f["evidence"]["comms"]  # the process that holds the listener is named
+    assert "TCP_FASTOPEN" in f["fix"]
+
+
+def test_key_rotation(lab: Lab) -> None:
+    srv, addr = lab.server("s", "3")
+    lab.start_server(srv, f"{PORT}:64")
+    srv.sysctl("net.ipv4.tcp_fastopen_key", KEY.format(1))
+    lab.client.peer("client", addr, str(PORT), "2")  # cookie, then SYN data accepted
+    srv.sysctl("net.ipv4.tcp_fastopen_key", KEY.format(2))  # no backup: the cookie dies
+    lab.client.peer("client", addr, str(PORT), "1")
+    rc, report = doctor(srv)
+    [f] = findings(report, "invalid_cookies", srv)
+    kernel = srv.tcpext()
+    assert rc == EXIT_FINDINGS
+    assert f["evidence"]["TCPFastOpenPassiveFail"] == kernel["TCPFastOpenPassiveFail"] == 1
+    assert f["evidence"]["TCPFastOpenPassive"] == kernel["TCPFastOpenPassive"]
+    assert f["evidence"]["backup_key"] is False
+    assert "NEW,OLD" in f["fix"]
+
+
+@pytest.mark.parametrize("reuse", ["0", "2"])  # 2: loopback only, and this path is a veth
+def test_tw_reuse_blocks_the_only_port(lab: Lab, reuse: str) -> None:
+    srv, addr = lab.server("s", "3")
+    lab.start_server(srv, f"{PORT}:64")
+    lab.client.sysctl("net.ipv4.ip_local_port_range", "40000 40000")
+    lab.client.sysctl("net.ipv4.tcp_tw_reuse", reuse)
+    lab.client.peer("client", addr, str(PORT), "1", "--plain")  # we close first: TIME-WAIT here
+    wait_for_time_wait(lab.client)
+    rc, report = doctor(lab.client)
+    [f] = findings(report, "time_wait_blocks_ports", lab.client)
+    assert rc == EXIT_FINDINGS
+    assert f["evidence"] | {"tcp_tw_reuse": int(reuse)} == {
+        "destination": f"{addr}:{PORT}", "time_wait": 1, "ephemeral_ports": 1,
+        "tcp_tw_reuse": int(reuse), "tcp_timestamps": 1}
+    assert "tcp_tw_reuse=1" in f["fix"]
+
+
+def test_healthy_namespaces_have_no_findings(lab: Lab) -> None:
+    srv, addr = lab.server("s", "3")
+    lab.start_server(srv, f"{PORT}:64")
+    seen = lab.client.peer("client", addr, str(PORT), "4")
+    assert [s["acked"] for s in seen] == [False, True, True, True]  # TFO works here
+    rc, report = doctor(srv, lab.client)
+    assert rc == 0 and report["findings"] == [], report["findings"]
+    assert {ns["netns"] for ns in report["namespaces"]} == {srv.inode, lab.client.inode}
+    [s] = [ns for ns in report["namespaces"] if ns["netns"] == srv.inode]
+    assert [(lst["port"], lst["tfo_qlen"]) for lst in s["listeners"]] == [(PORT, 64)]
+
+
+def test_watch_names_the_plain_connecting_client_and_the_rotation(lab: Lab) -> None:
+    """The resolver case: one process uses TFO, another (its TLS library) plain connect()s
+    to the same server; and the key rotates during the window."""
+    srv, addr = lab.server("s", "3")
+    lab.start_server(srv, f"{PORT}:64")
+    srv.sysctl("net.ipv4.tcp_fastopen_key", KEY.format(1))
+    lab.client.peer("client", addr, str(PORT), "1", "--comm", "tfo-app")  # cookie cached
+    proc = subprocess.Popen([str(TFOWATCH), "doctor", "-o", "json", "--watch", "15",
+                             "--netns", srv.name, "--netns", lab.client.name],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        ready = proc.stderr.readline()  # after the probes are attached and the first survey
+        assert "watching" in ready, ready + proc.stderr.read()
+        lab.client.peer("client", addr, str(PORT), "3", "--comm", "tfo-app")
+        lab.client.peer("client", addr, str(PORT), "2", "--comm", "tls-app", "--plain")
+        srv.sysctl("net.ipv4.tcp_fastopen_key", KEY.format(2))
+        lab.client.peer("client", addr, str(PORT), "1", "--comm", "tfo-app")
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_FINDINGS, err
+    report = json.loads(out)
+    [plain] = findings(report, "plain_connect_to_tfo_server", lab.client)
+    assert plain["severity"] == "warning"
+    assert plain["evidence"]["comm"] == "tls-app"
+    assert plain["evidence"]["destination"] == f"{addr}:{PORT}"
+    assert plain["evidence"]["plain_connects"] == 2
+    assert plain["evidence"]["tfo_attempts_by_others"] == 4
+    assert plain["evidence"]["cookie_cached"] is True
+    [rot] = findings(report, "invalid_cookies", srv)
+    assert rot["evidence"]["TCPFastOpenPassiveFail"] == srv.tcpext()["TCPFastOpenPassiveFail"] == 1
+    assert rot["evidence"]["key_changed_during_watch"] is True
+    if report["probe_tier"] == "kprobe":  # per-port attribution needs tcp_try_fastopen
+        assert rot["evidence"]["invalid_cookies_per_port"] == {str(PORT): 1}
+    codes = {f["code"] for f in report["findings"]}
+    assert codes == {"plain_connect_to_tfo_server", "invalid_cookies"}, report["findings"]
+
+
+def test_bad_input_is_one_line(lab: Lab) -> None:
+    for args, needle in ((["--netns", "tfw-nosuch"], "no network namespace named"),
+                         (["--watch", "0"], "must be a number above 0"),
+                         (["-o", "yaml"], "invalid choice")):
+        res = subprocess.run([str(TFOWATCH), "doctor", *args], capture_output=True, text=True)
+        assert res.returncode == 2 and needle in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
