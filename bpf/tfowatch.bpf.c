@@ -175,7 +175,7 @@ static __always_inline int fastopen_attempted(const void *sk)
 	return read_u64(sk + OFF_TP_FASTOPEN_REQ) != 0 || TP_BIT(sk, FASTOPEN_CONNECT);
 }
 
-static __always_inline void on_connect(const void *sk, u16 dport, u16 family,
+static __always_inline void track_connect(const void *sk, u16 dport, u16 family,
 					      const u8 *daddr4, const u8 *daddr6)
 {
 	u64 key = (u64)sk;
@@ -220,7 +220,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	if (args->protocol != PROTO_TCP)
 		return 0;
 	if (old == TCP_CLOSE && new == TCP_SYN_SENT) {
-		on_connect(sk, args->dport, args->family, args->daddr, args->daddr_v6);
+		track_connect(sk, args->dport, args->family, args->daddr, args->daddr_v6);
 		return 0;
 	}
 	if (old == TCP_SYN_RECV) {
@@ -330,7 +330,7 @@ int on_try_fastopen_ret(struct pt_regs *ctx)
 /* tcp_connect(sk) / tcp_send_syn_data(sk, syn): process context. */
 BPF_HASH(active_calls, u64, const void *, 4096);
 
-int on_connect_entry(struct pt_regs *ctx, const void *sk)
+int on_connect(struct pt_regs *ctx, const void *sk)
 {
 	u64 id = bpf_get_current_pid_tgid();
 

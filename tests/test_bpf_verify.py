@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from test_plan import facts
 
 from tfowatch import bpfprog
 from tfowatch.btf import Btf
@@ -17,8 +18,10 @@ from tfowatch.plan import resolve
 
 pytestmark = pytest.mark.usefixtures("root_bpf")
 
-KPROBE_FUNCS = ["on_try_fastopen", "on_try_fastopen_ret", "on_connect_entry", "on_connect_ret",
-                "on_twsk_unique", "on_twsk_unique_ret", "on_active_disable"]
+# Every function the kprobe plans attach (Debian 6.1 and 6.12, from the recorded facts): the
+# names come from the plan, so a plan that names a function the C lacks fails here.
+KPROBE_FUNCS = sorted({a.fn for release in ("6.1.", "6.12.")
+                       for a in resolve(facts(release), "kprobe").attachments if a.kind != "tracepoint"})
 ALL_KPROBES = {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 1, "TW_KPROBE": 1, "BLACKHOLE_KPROBE": 1}
 
 
@@ -56,6 +59,10 @@ def test_kprobe_programs_pass_the_verifier(variant: dict[str, int]) -> None:
             assert b.load_func(fn.encode(), bcc.BPF.KPROBE).fd >= 0
     finally:
         b.cleanup()
+
+
+def test_the_plans_attach_every_kprobe_program() -> None:
+    assert len(KPROBE_FUNCS) == 7, KPROBE_FUNCS  # entry+return of 3 points, and the blackhole
 
 
 def test_tracepoint_only_build_has_no_kprobe_functions() -> None:

@@ -6,6 +6,7 @@ VM lab's kprobe tier (tests/vm/lab.py)."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -136,22 +137,29 @@ def test_watch_names_the_plain_connecting_client_and_the_rotation(lab: Lab) -> N
     lab.start_server(srv, f"{PORT}:64")
     srv.sysctl("net.ipv4.tcp_fastopen_key", KEY.format(1))
     lab.client.peer("client", addr, str(PORT), "1", "--comm", "tfo-app")  # cookie cached
-    proc = subprocess.Popen([str(TFOWATCH), "doctor", "-o", "json", "--watch", "15",
+    # A long window, ended by SIGINT once the traffic is done: doctor then reports what it saw.
+    proc = subprocess.Popen([str(TFOWATCH), "doctor", "-o", "json", "--watch", "600",
                              "--netns", srv.name, "--netns", lab.client.name],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
-        ready = proc.stderr.readline()  # after the probes are attached and the first survey
-        assert "watching" in ready, ready + proc.stderr.read()
+        started = ""
+        while "watching" not in started:  # after the probes are attached and the first survey
+            started = proc.stderr.readline()  # (BCC's compiler warnings may come first)
+            assert started, f"doctor exited {proc.wait()} before watching"
         lab.client.peer("client", addr, str(PORT), "3", "--comm", "tfo-app")
         lab.client.peer("client", addr, str(PORT), "2", "--comm", "tls-app", "--plain")
         srv.sysctl("net.ipv4.tcp_fastopen_key", KEY.format(2))
         lab.client.peer("client", addr, str(PORT), "1", "--comm", "tfo-app")
-        out, err = proc.communicate(timeout=600)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == EXIT_FINDINGS, err
     report = json.loads(out)
+    planned = json.loads(subprocess.run([str(TFOWATCH), "probes", "--json"], capture_output=True,
+                                        text=True, check=True).stdout)["tier"]
+    assert report["probe_tier"] == planned, f"watched in a lower tier than planned: {report['notes']}"
     [plain] = findings(report, "plain_connect_to_tfo_server", lab.client)
     assert plain["severity"] == "warning"
     assert plain["evidence"]["comm"] == "tls-app"

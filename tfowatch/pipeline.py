@@ -41,8 +41,10 @@ def load_plan(facts: KernelFacts, mode: str, plain_connects: bool = False) -> tu
             if mode != "auto":
                 raise PlanError(str(exc)) from exc
             log.warning("%s tier unavailable (%s); falling back", plan.tier, exc)
+            why = f"{plan.tier} tier unavailable: {exc}"
             plan = fall_back(plan, facts)
             plan.mode = mode
+            plan.fell_back = plan.fell_back or why
     return plan, None
 
 

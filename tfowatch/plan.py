@@ -54,6 +54,7 @@ class Plan:
     tier: str
     points: list[Resolution]
     defines: dict[str, int] = field(default_factory=dict)
+    fell_back: str = ""  # why a higher tier could not be attached (auto mode), if one could not
     events: set[E] = field(default_factory=set)
 
     @property
