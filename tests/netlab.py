@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,6 +145,13 @@ class Lab:
         if self.cgroup is not None:
             self.cgroup.rmdir()
         self.tmp.cleanup()
+
+
+def planned_plan() -> dict[str, Any]:
+    """`tfowatch probes --json`: the plan this kernel resolves to (its tier, and the metrics
+    of every tier). A daemon running below that tier fell back, which tests must not accept."""
+    out = subprocess.run([str(TFOWATCH), "probes", "--json"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
 def skip_unless_root_bpf(what: str, *tools: str) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netlab import TFOWATCH, Host, Lab, skip_unless_root_bpf
+from netlab import TFOWATCH, Host, Lab, planned_plan, skip_unless_root_bpf
 from prometheus_client.parser import text_string_to_metric_families
 
 from tfowatch.cgroups import proc_cgroup
@@ -247,6 +247,7 @@ def test_self_metrics(run: Run) -> None:
 
 def test_tier_specific_metrics(run: Run) -> None:
     s, d = run.server.inode, run.disabled.inode
+    assert run.tier == planned_plan()["tier"], "the daemon runs below the tier planned for this kernel"
     if run.tier == "tracepoint":
         for name in ("tfowatch_cookie_requests_total", "tfowatch_tw_reuse_total",
                      "tfowatch_passive_fallbacks_total"):

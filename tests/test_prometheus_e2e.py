@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netlab import TFOWATCH, Host, Lab, skip_unless_root_bpf
+from netlab import Host, Lab, planned_plan, skip_unless_root_bpf
 from test_integration import free_port, start_daemon
 
 from tfowatch.metrics import PROBE_METRICS
@@ -113,8 +113,7 @@ def stack() -> Iterator[Stack]:
         # Until Prometheus holds the spike's final counts.
         fail = f'tfowatch_kernel_tcpext_total{{counter="TCPFastOpenPassiveFail",netns="{srv.inode}"}} >= 4'
         wait_for(lambda: api(prom, "query", query=fail)["result"], "the spike in Prometheus")
-        plan = json.loads(subprocess.run([str(TFOWATCH), "probes", "--json"], capture_output=True,
-                                         text=True, check=True).stdout)
+        plan = planned_plan()
         # The tier the daemon runs, which may be lower than the plan if an attach failed.
         [info] = api(prom, "query", query='tfowatch_build_info{job="tfowatch"}')["result"]
         running = info["metric"]["tier"]
