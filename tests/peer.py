@@ -161,8 +161,15 @@ def tw_ephemeral(host: str, port: int) -> None:
     s.connect((host, port))
     s.sendall(b"x")
     s.recv(16)
+    local_port = s.getsockname()[1]
     s.close()
     closed = time.monotonic()
+    # Until then the old socket is in FIN_WAIT2, which refuses the 4-tuple without any
+    # TIME-WAIT decision: only count refusals by a TIME-WAIT socket.
+    if not wait_for_time_wait(local_port):
+        print(json.dumps({"refused": 0, "granted_after_s": None, "error": "never reached TIME-WAIT"}),
+              flush=True)
+        return
     refused = 0
     while time.monotonic() - closed < 10:
         s2 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
