@@ -157,6 +157,9 @@ def tw_bind_reuse(host: str, port: int) -> None:
 def tw_ephemeral(host: str, port: int) -> None:
     """With a one-port ip_local_port_range: close first, then reconnect until the kernel
     lets the new connection take over the TIME-WAIT socket (needs tcp_tw_reuse=1)."""
+    # Before 6.14 the kernel ages TIME-WAIT sockets in whole CLOCK_MONOTONIC seconds: start
+    # just after a second begins, so the first retry is refused (same second) on every kernel.
+    time.sleep(1 - time.monotonic() % 1)
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.connect((host, port))
     s.sendall(b"x")
