@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from tfowatch import netns
 from tfowatch.findings import SEVERITIES, Finding, View, evaluate
-from tfowatch.nsconfig import tfo_flags
+from tfowatch.nsconfig import TFO_ALL_LISTENERS, TFO_CLIENT, TFO_SERVER, tfo_flags
 from tfowatch.observe import Observation
 from tfowatch.survey import NamespaceSurvey, survey
 
@@ -118,8 +118,8 @@ def _describe(ns: NamespaceSurvey) -> list[str]:
     cfg = ns.config
     bits = cfg.tcp_fastopen or 0
     flags = tfo_flags(bits)
-    server = SERVER_MEANING[bool(bits & 0x2)]
-    if bits & 0x400:
+    server = SERVER_MEANING[bool(bits & TFO_SERVER)]
+    if bits & TFO_ALL_LISTENERS:
         server = "every listener accepts SYN data (0x400), TCP_FASTOPEN or not"
     tfo_listeners = [f"{lst.port}" for lst in ns.listeners if lst.tfo_qlen]
     plain = [f"{lst.port}" for lst in ns.listeners if lst.tfo_qlen == 0]
@@ -130,7 +130,7 @@ def _describe(ns: NamespaceSurvey) -> list[str]:
     return [
         f"namespace {cfg.name} (netns {cfg.netns})",
         f"  tcp_fastopen={bits:#x} [{', '.join(flags) or 'off'}]: "
-        f"{CLIENT_MEANING[bool(bits & 0x1)]}; {server}",
+        f"{CLIENT_MEANING[bool(bits & TFO_CLIENT)]}; {server}",
         f"  key: {key}; blackhole timeout {cfg.blackhole_timeout_s} s",
         f"  listeners with TFO: {', '.join(tfo_listeners) or 'none'}; without: {', '.join(plain) or 'none'}"
         + (f"; unknown (no process holds them): {', '.join(unknown)}" if unknown else ""),

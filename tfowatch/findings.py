@@ -12,12 +12,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from tfowatch.events import EventType
-from tfowatch.nsconfig import tfo_flags
+from tfowatch.listeners import Listener
+from tfowatch.nsconfig import TFO_ALL_LISTENERS, TFO_SERVER, tfo_flags
 from tfowatch.observe import CLIENT_TFO, Observation
 from tfowatch.survey import NamespaceSurvey
 
 SEVERITIES = ("info", "warning", "critical")
-TFO_SERVER, TFO_ALL_LISTENERS = 0x2, 0x400
 EXHAUSTION_SHARE = 0.5  # TIME-WAIT sockets to one destination vs ephemeral ports
 
 
@@ -70,9 +70,8 @@ class View:
         return sum(seen[t] for t in types) if seen else 0
 
 
-def _listener_text(lst: object) -> str:
-    comms = ",".join(sorted(getattr(lst, "comms", set()))) or "?"
-    return f"{getattr(lst, 'port', '?')} ({comms})"
+def _listener_text(lst: Listener) -> str:
+    return f"{lst.port} ({','.join(sorted(lst.comms)) or '?'})"
 
 
 def server_tfo_disabled(v: View) -> Iterator[Finding]:

@@ -8,12 +8,15 @@ from tfowatch import netns
 from tfowatch.kernel import SYSCTLS
 
 # net.ipv4.tcp_fastopen bits (Documentation/networking/ip-sysctl.rst)
+TFO_CLIENT = 0x1  # send SYN data with a cookie
+TFO_SERVER = 0x2  # accept SYN data on listeners with TCP_FASTOPEN
+TFO_ALL_LISTENERS = 0x400  # TFO on every listener, TCP_FASTOPEN or not
 TFO_BITS = {
-    0x1: "client",               # send SYN data with a cookie
-    0x2: "server",               # accept SYN data on listeners with TCP_FASTOPEN
+    TFO_CLIENT: "client",
+    TFO_SERVER: "server",
     0x4: "client_no_cookie",     # send SYN data without a cookie
     0x200: "server_no_cookie",   # accept SYN data without a cookie
-    0x400: "server_all_listeners",  # TFO on every listener, TCP_FASTOPEN or not
+    TFO_ALL_LISTENERS: "server_all_listeners",
 }
 
 
