@@ -75,22 +75,31 @@ def tfo_queue_len(pid: int, fd: int) -> int | None:
         os.close(pidfd)
 
 
-def discover(only: set[int] | None = None, handles: dict[int, str] | None = None,
-             sockopts: bool = False) -> dict[tuple[int, int], Listener]:
+def discover(only: set[int] | None = None,
+             handles: dict[int, str] | None = None) -> dict[tuple[int, int], Listener]:
     """(netns inode, port) -> Listener for every namespace (or those in `only`); `handles`
-    is netns.discover()'s result when the caller has it already. With `sockopts`, each
-    listener's TCP_FASTOPEN queue length is read too."""
-    found: dict[tuple[int, int], Listener] = {}
+    is netns.discover()'s result when the caller has it already."""
+    tables: dict[int, list[socktable.SocketRow]] = {}
     for ino, handle in (netns.discover() if handles is None else handles).items():
         if only is not None and ino not in only:
             continue
         try:
-            for row in socktable.read(handle):
-                if row.state == socktable.LISTEN:
-                    key = (ino, row.local_port)
-                    found.setdefault(key, Listener(*key)).inodes.add(row.inode)
+            tables[ino] = socktable.read(handle)
         except OSError:  # namespace vanished
             continue
+    return from_tables(tables)
+
+
+def from_tables(tables: dict[int, list[socktable.SocketRow]],
+                sockopts: bool = False) -> dict[tuple[int, int], Listener]:
+    """The listeners in each namespace's socket table (netns inode -> socktable.read()),
+    named after their owners. With `sockopts`, each one's TCP_FASTOPEN queue length too."""
+    found: dict[tuple[int, int], Listener] = {}
+    for ino, rows in tables.items():
+        for row in rows:
+            if row.state == socktable.LISTEN:
+                key = (ino, row.local_port)
+                found.setdefault(key, Listener(*key)).inodes.add(row.inode)
     if not found:
         return found
     owners = socket_owners()

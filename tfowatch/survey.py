@@ -9,6 +9,7 @@ import subprocess
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from tfowatch import listeners, netns, nsconfig, socktable
 from tfowatch.listeners import Listener
@@ -86,6 +87,13 @@ def parse_tcp_metrics(text: str) -> dict[str, PeerMetrics]:
     return out
 
 
+class _Read(NamedTuple):
+    key_text: str
+    metrics_text: str
+    tcpext: dict[str, int]
+    rows: list[socktable.SocketRow]
+
+
 def _inside() -> tuple[str, str]:
     """(tcp_fastopen_key, `ip tcp_metrics show`) read from inside the namespace. The key
     sysctl is root-only; `ip` inherits this thread's namespace when forked from it."""
@@ -101,22 +109,25 @@ def survey(only: set[int] | None = None) -> dict[int, NamespaceSurvey]:
     if only is not None:
         handles = {ino: h for ino, h in handles.items() if ino in only}
     configs = nsconfig.read(handles=handles)
-    found = listeners.discover(handles=handles, sockopts=True)
-    out = {}
-    for ino, config in configs.items():
+    read: dict[int, _Read] = {}
+    for ino in configs:
         handle = handles[ino]
         try:
             key_text, metrics_text = netns.run_in(handle, _inside)
-            tcpext = netns.tcpext(handle)
-            rows = socktable.read(handle)
+            read[ino] = _Read(key_text, metrics_text, netns.tcpext(handle), socktable.read(handle))
         except OSError:  # the namespace went away meanwhile
             continue
+    # One read of each socket table serves both the listeners and the TIME-WAIT count.
+    found = listeners.from_tables({ino: r.rows for ino, r in read.items()}, sockopts=True)
+    out = {}
+    for ino, (key_text, metrics_text, tcpext, rows) in read.items():
+        config = configs[ino]
         low, high = _port_range(config)
         # Only TIME-WAIT sockets on ephemeral ports hold what connect() could pick.
         tw = Counter((r.remote, r.remote_port) for r in rows
                      if r.state == socktable.TIME_WAIT and low <= r.local_port <= high)
         out[ino] = NamespaceSurvey(
-            config=config, handle=handle, tcpext=tcpext,
+            config=config, handle=handles[ino], tcpext=tcpext,
             listeners=sorted((lst for (n, _), lst in found.items() if n == ino), key=lambda x: x.port),
             key=parse_key(key_text), time_wait=tw, peers=parse_tcp_metrics(metrics_text))
     return out
