@@ -250,10 +250,6 @@ def _tw_refusals(v: View) -> Iterator[Finding]:
             continue
         delay = v.now.config.number("tcp_tw_reuse_delay")
         only_recent = set(refused) == {"too_recent"}
-        fix = (f"{v.sysctl('tcp_tw_reuse_delay', 'MS')} (now {delay} ms)" if only_recent and delay is not None
-               else "with tcp_tw_reuse=1 and timestamps on, a TIME-WAIT socket is reusable 1 s after "
-                    "its last segment" if only_recent
-               else v.sysctl("tcp_tw_reuse", 1) + " and keep net.ipv4.tcp_timestamps=1")
         yield v.finding(
             "info" if only_recent else "warning", "time_wait_reuse_refused",
             f"connect() to {addr}:{port} was refused a TIME-WAIT 4-tuple {sum(refused.values())} times "
@@ -261,7 +257,16 @@ def _tw_refusals(v: View) -> Iterator[Finding]:
             f"granted {outcomes['granted']}",
             {"destination": f"{addr}:{port}", "refused": refused, "granted": outcomes["granted"],
              "tcp_tw_reuse": v.now.config.tw_reuse, "tcp_tw_reuse_delay_ms": delay},
-            fix)
+            _tw_refusal_fix(v, only_recent, delay))
+
+
+def _tw_refusal_fix(v: View, only_recent: bool, delay: int | None) -> str:
+    if not only_recent:
+        return v.sysctl("tcp_tw_reuse", 1) + " and keep net.ipv4.tcp_timestamps=1"
+    if delay is not None:  # 6.14+: the age a TIME-WAIT socket needs is tunable
+        return f"{v.sysctl('tcp_tw_reuse_delay', 'MS')} (now {delay} ms)"
+    return ("with tcp_tw_reuse=1 and timestamps on, a TIME-WAIT socket is reusable 1 s after "
+            "its last segment")
 
 
 def tw_overflow(v: View) -> Iterator[Finding]:
