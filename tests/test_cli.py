@@ -31,7 +31,12 @@ def one_line_error(res: subprocess.CompletedProcess[str], code: int, words: str)
     (["run", "--bogus"], "unrecognized arguments: --bogus"),
     (["run", "--listen", "nowhere"], "bad listen address"),
     (["run", "--listen", "127.0.0.1:70000"], "bad listen address"),
-    (["run", "--mode", "fentry"], "invalid choice"),
+    (["run", "--mode", "fentry"], "--mode: must be one of auto, kprobe"),
+    (["run", "--series-cap", "0"], "--series-cap: must be at least 1"),
+    (["run", "--series-cap", "many"], "invalid int value"),
+    (["run", "--perf-pages", "100"], "must be a power of two"),
+    (["run", "--listen", "no-such-host.invalid:9100"], "bad listen address"),
+    (["run", "--web-config-file", "/nonexistent/web.yml"], "cannot read web config"),
     (["frobnicate"], "invalid choice"),
     (["run", "--config", "/nonexistent/tfowatch.toml"], "cannot read config"),
 ])
@@ -41,15 +46,39 @@ def test_bad_flags(args: list[str], words: str) -> None:
 
 @pytest.mark.parametrize(("text", "words"), [
     ('listen = "127.0.0.1:1"\ncolour = "blue"\n', "unknown key 'colour'"),
-    ("series_cap = \"many\"\n", "series_cap must be a int"),
+    ("series_cap = \"many\"\n", "series_cap must be a whole number, not 'many'"),
+    ("series_cap = true\n", "series_cap must be a whole number"),
     ("mode = \n", "config"),
-    ('mode = "sideways"\n', "mode must be one of"),
-    ("series_cap = 0\n", "series cap must be at least 1"),
+    ('mode = "sideways"\n', "mode: must be one of"),
+    ("series_cap = 0\n", "series_cap: must be at least 1"),
+    ('listen = "10.0.0.1"\n', "bad listen address '10.0.0.1': expected HOST:PORT"),
+    ('listen = "300.1.2.3:9100"\n', "bad listen address '300.1.2.3:9100'"),
+    ('log_level = "LOUD"\n', "log_level: must be one of DEBUG"),
+    ("max_connections = 1.5\n", "max_connections must be a whole number"),
 ])
 def test_bad_config(tmp_path: Path, text: str, words: str) -> None:
     cfg = tmp_path / "tfowatch.toml"
     cfg.write_text(text)
     one_line_error(tfowatch("run", "--config", str(cfg)), 2, words)
+
+
+def test_flags_override_the_file_and_check_config_says_what_it_would_run(tmp_path: Path) -> None:
+    cfg = tmp_path / "tfowatch.toml"
+    cfg.write_text('listen = "127.0.0.1:9300"\nseries_cap = 50\nmode = "counters"\nperf_pages = 64\n')
+    res = tfowatch("run", "--config", str(cfg), "--series-cap", "70", "--check-config")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == ("tfowatch: config OK: http://127.0.0.1:9300/metrics, mode counters, "
+                                  "series_cap 70, perf_pages 64, max_connections 16")
+
+
+def test_every_run_flag_is_a_config_key() -> None:
+    """The flags and the file's keys come from one table: --help lists each key as a flag."""
+    from tfowatch.config import OPTIONS, Settings
+
+    helptext = tfowatch("run", "--help").stdout
+    for opt in OPTIONS:
+        assert opt.flag in helptext
+    assert {o.key for o in OPTIONS} == set(vars(Settings()))
 
 
 def test_not_root() -> None:

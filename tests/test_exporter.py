@@ -22,7 +22,7 @@ def exposition(plan: Plan, agg: Aggregator, kernel: dict[int, dict[str, int]]) -
     state = ExportState(plan=plan, snap=snap, totals=[0] * EV_TYPE_MAX, kernel=kernel,
                         drift=drift(snap, deltas, plan.reconciled),
                         attached=[("tcp_twsk_unique", "kprobe:tcp_twsk_unique", "kprobe", True)],
-                        version="0.1.0", kernel_release="6.1.0-56-amd64")
+                        version="0.1.0", kernel_release="6.1.0-56-amd64", series_cap=agg.series_cap)
     reg = CollectorRegistry()
     reg.register(TfoCollector(lambda: state))
     return generate_latest(reg).decode()

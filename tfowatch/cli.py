@@ -10,18 +10,20 @@ import os
 import signal
 import sys
 import threading
-import tomllib
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from tfowatch import __version__
+from tfowatch import __version__, config
+from tfowatch.config import OPTIONS, Settings
 from tfowatch.kernel import KernelFacts, detect, is_privileged
 from tfowatch.plan import MODES, TIERS, Plan, PlanError, resolve
+
+if TYPE_CHECKING:
+    from tfowatch.webconfig import WebConfig
 
 EXIT_USAGE = 2
 EXIT_RUNTIME = 1
 EXIT_FINDINGS = 3  # doctor: a finding of severity warning or above
-DEFAULT_LISTEN = "127.0.0.1:19135"
 
 
 class CliError(Exception):
@@ -35,44 +37,11 @@ class Parser(argparse.ArgumentParser):
         raise CliError(f"{message} (see {self.prog} --help)", EXIT_USAGE)
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise CliError(f"bad listen address {value!r}: expected HOST:PORT, e.g. {DEFAULT_LISTEN}",
-                       EXIT_USAGE)
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-CONFIG_KEYS = {"listen": str, "mode": str, "series_cap": int, "perf_pages": int, "log_level": str}
-
-
-def load_config(path: str) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise CliError(f"cannot read config {path}: {exc.strerror}", EXIT_USAGE) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise CliError(f"config {path}: {exc}", EXIT_USAGE) from exc
-    for key, value in data.items():
-        if key not in CONFIG_KEYS:
-            raise CliError(f"config {path}: unknown key {key!r} (known: {', '.join(CONFIG_KEYS)})",
-                           EXIT_USAGE)
-        if not isinstance(value, CONFIG_KEYS[key]) or isinstance(value, bool):
-            raise CliError(f"config {path}: {key} must be a {CONFIG_KEYS[key].__name__}", EXIT_USAGE)
-    return data
-
-
 def build_parser() -> Parser:
     p = Parser(prog="tfowatch", description="Watch TCP Fast Open and TIME-WAIT reuse in the kernel.")
     p.add_argument("--version", action="version", version=f"tfowatch {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    run = sub.add_parser("run", help="attach probes and serve Prometheus metrics")
-    run.add_argument("--listen", help=f"HOST:PORT for /metrics (default {DEFAULT_LISTEN})")
-    run.add_argument("--mode", choices=MODES, help="probe tier (default auto: the best available)")
-    run.add_argument("--config", help="TOML file with any of: " + ", ".join(CONFIG_KEYS))
-    run.add_argument("--series-cap", type=int, help="max series per metric (default 1000)")
-    run.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    add_run_parser(sub)
     probes = sub.add_parser("probes", help="show what would be attached on this kernel, and why")
     probes.add_argument("--mode", choices=MODES, default="auto")
     probes.add_argument("--json", action="store_true", help="machine-readable output")
@@ -89,6 +58,22 @@ def build_parser() -> Parser:
     facts = sub.add_parser("facts", help="print the kernel facts the probe plan is resolved from")
     facts.add_argument("--json", action="store_true", default=True, help=argparse.SUPPRESS)
     return p
+
+
+def add_run_parser(sub: Any) -> None:
+    run = sub.add_parser("run", help="attach probes and serve Prometheus metrics",
+                         description="Every option can also be a key of the --config file "
+                                     "(flags win over the file).")
+    defaults = Settings()
+    for opt in OPTIONS:
+        run.add_argument(opt.flag, type=opt.type, metavar=opt.key.upper(),
+                         help=f"{opt.help} (default {getattr(defaults, opt.key)})")
+    run.add_argument("--config", help="TOML file with any of the options above, as snake_case keys")
+    run.add_argument("--check-config", action="store_true",
+                     help="check the settings and web config, print them, and exit")
+    run.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub.add_parser("hash-password", help="read a password on stdin, print its bcrypt hash "
+                                         "for basic_auth_users in the web config")
 
 
 def positive_float(text: str) -> float:
@@ -167,21 +152,39 @@ def cmd_probes(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_settings(args: argparse.Namespace) -> tuple[Any, str]:
-    from tfowatch.daemon import Settings
+def run_settings(args: argparse.Namespace) -> tuple[Settings, WebConfig | None]:
+    """The checked settings and web config; any problem is a usage error (exit 2)."""
+    from tfowatch import webconfig
 
-    cfg = load_config(args.config) if args.config else {}
-    listen = args.listen or cfg.get("listen", DEFAULT_LISTEN)
-    host, port = parse_listen(listen)
-    settings = Settings(listen_host=host, listen_port=port,
-                        mode=args.mode or cfg.get("mode", "auto"),
-                        series_cap=args.series_cap or cfg.get("series_cap", 1000),
-                        perf_pages=cfg.get("perf_pages", 256))
-    if settings.mode not in MODES:
-        raise CliError(f"mode must be one of {', '.join(MODES)}", EXIT_USAGE)
-    if settings.series_cap < 1:
-        raise CliError("series cap must be at least 1", EXIT_USAGE)
-    return settings, "DEBUG" if args.verbose else cfg.get("log_level", "INFO")
+    try:
+        settings = config.settings({o.key: getattr(args, o.key) for o in OPTIONS}, args.config)
+        web = webconfig.load(settings.web_config_file) if settings.web_config_file else None
+    except config.ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+    return settings, web
+
+
+def describe(settings: Settings, web: WebConfig | None) -> str:
+    scheme = "https" if web is not None and web.tls is not None else "http"
+    host, port = settings.address
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    parts = [f"{scheme}://{where}/metrics", f"mode {settings.mode}", f"series_cap {settings.series_cap}",
+             f"perf_pages {settings.perf_pages}", f"max_connections {settings.max_connections}"]
+    if web is not None and web.tls is not None:
+        parts.append(f"client certificates: {web.client_auth}")
+    if web is not None and web.users:
+        parts.append(f"basic auth: {len(web.users)} user(s)")
+    return ", ".join(parts)
+
+
+def cmd_hash_password() -> int:
+    import bcrypt
+
+    password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        raise CliError("no password on stdin", EXIT_USAGE)
+    print(bcrypt.hashpw(password.encode(), bcrypt.gensalt(10)).decode())
+    return 0
 
 
 def stop_on_signals() -> threading.Event:
@@ -196,20 +199,31 @@ def stop_on_signals() -> threading.Event:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    settings, level = run_settings(args)
-    logging.basicConfig(level=level, format="tfowatch: %(levelname)s %(message)s")
+    settings, web = run_settings(args)
+    if args.check_config:
+        print(f"tfowatch: config OK: {describe(settings, web)}")
+        return 0
+    logging.basicConfig(level="DEBUG" if args.verbose else settings.log_level,
+                        format="tfowatch: %(levelname)s %(message)s")
+    log = logging.getLogger("tfowatch")
     from tfowatch.daemon import Daemon
+    from tfowatch.web import MetricsServer
 
     stop = stop_on_signals()
-    daemon = Daemon(settings)
-    try:
-        daemon.serve()
+    host, port = settings.address
+    try:  # bound before BPF loads: a port in use costs nothing and fails at once
+        server = MetricsServer(host, port, web, settings.max_connections)
     except OSError as exc:
-        daemon.close()
-        raise CliError(f"cannot listen on {settings.listen_host}:{settings.listen_port}: "
-                       f"{exc.strerror}") from exc
-    where = f"http://{settings.listen_host}:{settings.listen_port}/metrics"
-    logging.getLogger("tfowatch").info("tier %s, serving %s", daemon.plan.tier, where)
+        raise CliError(f"cannot listen on {settings.listen}: {exc.strerror}") from exc
+    try:
+        daemon = Daemon(settings, server)
+    except BaseException:
+        server.close()
+        raise
+    if web is not None and web.users and web.tls is None:
+        log.warning("basic auth without TLS: passwords cross the network in clear")
+    daemon.serve()
+    log.info("tier %s, serving %s", daemon.plan.tier, describe(settings, web))
     try:
         daemon.run(stop)
     finally:
@@ -285,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_top(args)
         if args.command == "doctor":
             return cmd_doctor(args)
+        if args.command == "hash-password":
+            return cmd_hash_password()
         return cmd_run(args)
     except CliError as exc:
         print(f"tfowatch: {exc}", file=sys.stderr)

@@ -2,34 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
-from tfowatch.exporter import TfoCollector, serve
+from tfowatch.config import Settings
+from tfowatch.exporter import TfoCollector, registry
 from tfowatch.pipeline import Pipeline
-
-
-@dataclass
-class Settings:
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 19135
-    mode: str = "auto"
-    series_cap: int = 1000
-    perf_pages: int = 256
+from tfowatch.web import MetricsServer
 
 
 class Daemon(Pipeline):
-    def __init__(self, settings: Settings) -> None:
+    """The pipeline plus an HTTP server that was bound (not yet serving) before BPF loaded."""
+
+    def __init__(self, settings: Settings, server: MetricsServer) -> None:
         super().__init__(settings.mode, settings.series_cap, settings.perf_pages)
-        self.settings = settings
-        self._server: Any = None
+        self.server = server
 
     def serve(self) -> None:
-        collector = TfoCollector(self.state)
-        self._server = serve(collector, self.settings.listen_host, self.settings.listen_port)
+        self.server.start(registry(TfoCollector(self.state)))
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        # The server goes first: no scrape may read BPF maps that are being closed.
+        self.server.close()
         super().close()

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
+from prometheus_client import disable_created_metrics
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.registry import Collector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from tfowatch.aggregator import Snapshot
 from tfowatch.events import EventType
@@ -34,6 +35,7 @@ class ExportState:
     attached: list[tuple[str, str, str, bool]]  # point, target, tier, attached
     version: str
     kernel_release: str
+    series_cap: int
 
 
 def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
@@ -115,19 +117,25 @@ class TfoCollector(Collector):
         for name, n in sorted(st.snap.dropped.items()):
             dropped.add_metric([name], n)
         yield dropped
+        series = GaugeMetricFamily("tfowatch_series", "Label sets each probe metric holds now "
+                                   "(at most tfowatch_series_cap, plus one 'other').", labels=["metric"])
+        for m in st.plan.metrics:
+            held = st.snap.histograms if m is TW_REUSE_AGE else st.snap.counters.get(m, {})
+            series.add_metric([m.name], len(held))
+        yield series
+        yield GaugeMetricFamily("tfowatch_series_cap", "Label sets a metric may hold (series_cap).",
+                                value=st.series_cap)
         info = GaugeMetricFamily("tfowatch_build_info", "tfowatch version, kernel and probe mode.",
                                  labels=["version", "kernel", "mode", "tier"])
         info.add_metric([st.version, st.kernel_release, st.plan.mode, st.plan.tier], 1)
         yield info
 
 
-def serve(collector: TfoCollector, host: str, port: int) -> Any:
-    """Start the HTTP server in a thread; returns the server (call .shutdown())."""
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.process_collector import ProcessCollector
-
-    registry = CollectorRegistry()
-    registry.register(collector)
-    ProcessCollector(namespace="tfowatch", registry=registry)
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return server
+def registry(collector: TfoCollector) -> CollectorRegistry:
+    """The registry /metrics serves: tfowatch's metrics and the daemon's own process_* ones."""
+    # *_created series would double the exposition, and no dashboard or alert uses them.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    reg = CollectorRegistry()
+    reg.register(collector)
+    ProcessCollector(namespace="tfowatch", registry=reg)
+    return reg

@@ -111,6 +111,7 @@ class Pipeline:
             kernel=kernel,
             drift=drift(snap, self.counters.deltas(kernel), self.plan.reconciled),
             attached=self.attached(), version=__version__, kernel_release=self.facts.release,
+            series_cap=self.agg.series_cap,
         )
 
     def close(self) -> None:

@@ -1,0 +1,196 @@
+"""/metrics security, node_exporter style: TLS, client certificates, basic auth (bcrypt), a
+bound on connections, and bad web configs. Real clients: curl and Python's ssl; a real daemon."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import certs
+import pytest
+from netlab import TFOWATCH, skip_unless_root_bpf
+from test_cli import one_line_error, tfowatch
+
+PASSWORD = "correct horse"
+
+
+def web_config(pki: certs.Pki, password_hash: str, auth: str = "RequireAndVerifyClientCert") -> str:
+    return (f"tls_server_config:\n  cert_file: {pki.server_crt.name}\n  key_file: {pki.server_key.name}\n"
+            f"  client_auth_type: {auth}\n  client_ca_file: {pki.ca.name}\n"
+            f"basic_auth_users:\n  prometheus: '{password_hash}'\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> certs.Pki:
+    return certs.make(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def password_hash() -> str:
+    res = subprocess.run([str(TFOWATCH), "hash-password"], input=PASSWORD + "\n", capture_output=True,
+                         text=True, check=True)
+    return res.stdout.strip()
+
+
+@dataclass
+class Server:
+    url: str
+    pki: certs.Pki
+    proc: subprocess.Popen[str]
+
+    def curl(self, *args: str, cert: str = "client", user: str | None = f"prometheus:{PASSWORD}",
+             path: str = "/metrics") -> tuple[int, str]:
+        """(curl exit code, 'HTTP status' or '') for one request."""
+        cmd = ["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}",
+               "--cacert", str(self.pki.ca)]
+        if cert:
+            cmd += ["--cert", str(getattr(self.pki, f"{cert}_crt")),
+                    "--key", str(getattr(self.pki, f"{cert}_key"))]
+        if user:
+            cmd += ["-u", user]
+        res = subprocess.run([*cmd, *args, self.url + path], capture_output=True, text=True, timeout=20)
+        return res.returncode, res.stdout.strip()
+
+    def scrape(self) -> str:
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca))
+        ctx.load_cert_chain(str(self.pki.client_crt), str(self.pki.client_key))
+        token = base64.b64encode(f"prometheus:{PASSWORD}".encode()).decode()
+        req = urllib.request.Request(self.url + "/metrics", headers={"Authorization": f"Basic {token}"})
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+            return str(resp.read().decode())
+
+    def value(self, series: str) -> float:
+        for line in self.scrape().splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+
+@pytest.fixture(scope="module")
+def server(pki: certs.Pki, password_hash: str) -> Iterator[Server]:
+    skip_unless_root_bpf("HTTPS daemon", "curl", "openssl")
+    cfg = pki.ca.parent / "web.yml"
+    cfg.write_text(web_config(pki, password_hash))
+    port = free_port()
+    proc = subprocess.Popen([str(TFOWATCH), "run", "--listen", f"127.0.0.1:{port}", "--web-config-file",
+                             str(cfg), "--max-connections", "3"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    srv = Server(f"https://127.0.0.1:{port}", pki, proc)
+    deadline = time.monotonic() + 60
+    while srv.curl()[1] != "200":
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr and proc.stderr.read()
+        time.sleep(0.3)
+    yield srv
+    proc.terminate()
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert "Traceback" not in err, err
+
+
+def test_tls_with_client_cert_and_password_is_served(server: Server) -> None:
+    assert server.curl() == (0, "200")
+    body = server.scrape()
+    assert "tfowatch_build_info{" in body and "tfowatch_process_resident_memory_bytes" in body
+
+
+def test_wrong_or_missing_password_is_401(server: Server) -> None:
+    before = server.value('tfowatch_http_requests_total{code="401"}')
+    assert server.curl(user="prometheus:wrong") == (0, "401")
+    assert server.curl(user=None) == (0, "401")
+    assert server.curl(user=f"nobody:{PASSWORD}") == (0, "401")
+    assert server.value('tfowatch_http_requests_total{code="401"}') == before + 3
+
+
+def test_client_without_a_trusted_cert_fails_the_handshake(server: Server) -> None:
+    before = server.value('tfowatch_http_connections_refused_total{reason="tls_failed"}')
+    for cert in ("", "stranger"):
+        code, status = server.curl(cert=cert)
+        assert code != 0 and status == "000", (cert, code, status)
+    assert server.value('tfowatch_http_connections_refused_total{reason="tls_failed"}') == before + 2
+
+
+def test_server_cert_is_checked_by_the_client(server: Server) -> None:
+    """curl trusting another CA refuses the server: the daemon serves the configured cert."""
+    code, _ = server.curl("--cacert", str(server.pki.ca.with_name("stranger-ca.crt")))
+    assert code == 60  # CURLE_PEER_FAILED_VERIFICATION
+
+
+def test_plain_http_to_the_tls_port_gets_a_400_that_says_so(server: Server) -> None:
+    http_url = server.url.replace("https://", "http://") + "/metrics"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(http_url, timeout=10)
+    assert err.value.code == 400
+    assert b"HTTP request to an HTTPS server" in err.value.read()
+    assert server.curl() == (0, "200")
+
+
+def test_connections_beyond_the_bound_are_closed_and_counted(server: Server) -> None:
+    """Three idle connections (the bound) hold every slot: a fourth is closed at once, not
+    queued; once they go, scrapes work again."""
+    before = server.value('tfowatch_http_connections_refused_total{reason="rejected"}')
+    host, port = server.url.removeprefix("https://").split(":")
+    idle = [socket.create_connection((host, int(port))) for _ in range(3)]
+    try:
+        time.sleep(0.5)
+        code, status = server.curl()
+        assert code != 0 and status == "000"
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 15
+    while server.curl() != (0, "200"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert server.value('tfowatch_http_connections_refused_total{reason="rejected"}') >= before + 1
+
+
+def test_scrape_self_metrics(server: Server) -> None:
+    before = server.value("tfowatch_scrape_duration_seconds_count")
+    server.scrape()
+    assert server.value("tfowatch_scrape_duration_seconds_count") == before + 2
+    assert server.value("tfowatch_series_cap") == 1000
+
+
+@pytest.mark.parametrize(("edit", "words"), [
+    (lambda t: t.replace("cert_file: server.crt", "cert_file: gone.crt"), "cannot read"),
+    (lambda t: t.replace("key_file: server.key", "key_file: client.key"), "cannot use cert_file"),
+    (lambda t: t.replace("client_ca_file: ca.crt", "client_ca_file: server.key"), "client_ca_file"),
+    (lambda t: t.replace("  client_ca_file: ca.crt\n", ""), "needs client_ca_file"),
+    (lambda t: t.replace("RequireAndVerifyClientCert", "Sometimes"), "client_auth_type must be one of"),
+    (lambda t: t.replace("  key_file: server.key\n", ""), "cert_file and key_file are both required"),
+    (lambda t: t.replace("client_auth_type", "client_auth"), "unknown key 'client_auth'"),
+    (lambda t: t.split("basic_auth_users")[0] + "basic_auth_users:\n  prometheus: hunter2\n",
+     "not a bcrypt hash"),
+    (lambda t: t + "  : [\n", "not YAML"),
+    (lambda t: t + "tls_config: {}\n", "unknown key 'tls_config'"),
+])
+def test_bad_web_config(pki: certs.Pki, password_hash: str, tmp_path: Path, edit: object,
+                        words: str) -> None:
+    assert callable(edit)
+    for f in pki.ca.parent.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cfg = tmp_path / "web.yml"
+    cfg.write_text(edit(web_config(pki, password_hash)))
+    one_line_error(tfowatch("run", "--web-config-file", str(cfg), "--check-config"), 2, words)
+
+
+def test_good_web_config_checks(pki: certs.Pki, password_hash: str) -> None:
+    cfg = pki.ca.parent / "web-ok.yml"
+    cfg.write_text(web_config(pki, password_hash))
+    res = tfowatch("run", "--web-config-file", str(cfg), "--check-config")
+    assert res.returncode == 0, res.stderr
+    assert "https://127.0.0.1:19135/metrics" in res.stdout and "RequireAndVerifyClientCert" in res.stdout
