@@ -147,6 +147,25 @@ class Lab:
         self.tmp.cleanup()
 
 
+SYSTEMD = Path(__file__).parents[1] / "systemd"
+
+
+def unit_caps(*dropins: str) -> list[str]:
+    """CapabilityBoundingSet of systemd/tfowatch.service (merged with the named drop-ins, as
+    systemd merges them), e.g. ['bpf', 'perfmon', 'sys_ptrace']."""
+    caps: list[str] = []
+    for f in [SYSTEMD / "tfowatch.service", *(SYSTEMD / "dropins" / d for d in dropins)]:
+        for line in f.read_text().splitlines():
+            if line.startswith("CapabilityBoundingSet="):
+                caps += [c.removeprefix("CAP_").lower() for c in line.split("=", 1)[1].split()]
+    return sorted(set(caps))
+
+
+def with_caps(caps: list[str]) -> list[str]:
+    """A command prefix: run as root but with only `caps`, as the systemd unit does."""
+    return ["setpriv", "--bounding-set=-all," + ",".join(f"+{c}" for c in caps), "--inh-caps=-all"]
+
+
 def planned_plan() -> dict[str, Any]:
     """`tfowatch probes --json`: the plan this kernel resolves to (its tier, and the metrics
     of every tier). A daemon running below that tier fell back, which tests must not accept."""

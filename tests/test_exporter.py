@@ -19,7 +19,7 @@ from tfowatch.reconcile import drift
 def exposition(plan: Plan, agg: Aggregator, kernel: dict[int, dict[str, int]]) -> str:
     snap = agg.snapshot()
     deltas = kernel  # baseline 0: namespaces created after start
-    state = ExportState(plan=plan, snap=snap, totals=[0] * EV_TYPE_MAX, kernel=kernel,
+    state = ExportState(plan=plan, snap=snap, totals=[0] * EV_TYPE_MAX, kernel=kernel, unreadable=0,
                         drift=drift(snap, deltas, plan.reconciled),
                         attached=[("tcp_twsk_unique", "kprobe:tcp_twsk_unique", "kprobe", True)],
                         version="0.1.0", kernel_release="6.1.0-56-amd64", series_cap=agg.series_cap)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netlab import TFOWATCH, Host, Lab, planned_plan, skip_unless_root_bpf
+from netlab import TFOWATCH, Host, Lab, planned_plan, skip_unless_root_bpf, unit_caps, with_caps
 from prometheus_client.parser import text_string_to_metric_families
 
 from tfowatch.cgroups import proc_cgroup
@@ -79,8 +79,9 @@ class Run:
     exit_code: int | None = None
 
 
-def start_daemon(listen: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([str(TFOWATCH), "run", "--listen", listen],
+def start_daemon(listen: str, caps: list[str]) -> subprocess.Popen[str]:
+    """`tfowatch run` with only `caps`, as systemd would start it."""
+    proc = subprocess.Popen([*with_caps(caps), str(TFOWATCH), "run", "--listen", listen],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120  # BCC compiles take ~1 min under emulation (VM lab)
     while time.monotonic() < deadline:
@@ -145,7 +146,8 @@ def run() -> Iterator[Run]:
         log = lab.start_server(srv, str(PORT_A), str(PORT_B), str(PORT_TW), f"{PORT_Q}:1")
         lab.start_server(dis, str(PORT_D))
         listen = f"127.0.0.1:{free_port()}"
-        proc = start_daemon(listen)
+        # The unit's capabilities plus sys-admin.conf: the client namespace has no process.
+        proc = start_daemon(listen, unit_caps("sys-admin.conf"))
         hosts = {"client": lab.client, "server": srv, "disabled": dis, "tw": twc}
         before = {k: h.tcpext() for k, h in hosts.items()}
         seen, held, reused = drive(lab, srv, addr_s, addr_d)

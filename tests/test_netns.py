@@ -62,3 +62,11 @@ def test_drift_is_probe_count_minus_kernel_delta() -> None:
     deltas = {5: {"TCPFastOpenPassive": 2}, 6: {"TCPFastOpenActiveFail": 2}, 7: {}}
     out = drift(agg.snapshot(), deltas, ["syn_data_accepted", "syn_data_not_acked"])
     assert out == {(5, "syn_data_accepted"): 1, (6, "syn_data_not_acked"): 0}
+
+
+def test_no_drift_for_a_namespace_whose_counters_were_never_read() -> None:
+    """Events from a namespace tfowatch could not read (no CAP_SYS_ADMIN for a process-less
+    one) have no kernel side: reporting them as drift would be a false alarm."""
+    agg = Aggregator()
+    agg.add(Event(EventType.SYN_DATA_ACCEPTED, netns=9, port=80))
+    assert drift(agg.snapshot(), {5: {"TCPFastOpenPassive": 0}}, ["syn_data_accepted"]) == {}

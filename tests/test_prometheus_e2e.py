@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netlab import Host, Lab, planned_plan, skip_unless_root_bpf
+from netlab import Host, Lab, planned_plan, skip_unless_root_bpf, unit_caps
 from test_integration import free_port, start_daemon
 
 from tfowatch.metrics import PROBE_METRICS
@@ -99,7 +99,7 @@ def stack() -> Iterator[Stack]:
         srv, addr = lab.server("s", "3")
         lab.start_server(srv, str(PORT))
         listen = f"127.0.0.1:{free_port()}"
-        procs.append(start_daemon(listen))
+        procs.append(start_daemon(listen, unit_caps("sys-admin.conf")))
         prom_proc, prom = start_prometheus(listen, Path(work.name))
         procs.append(prom_proc)
         wait_for(lambda: api(prom, "query", query='up{job="tfowatch"} == 1')["result"], "the first scrape")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from tfowatch import __version__, config
 from tfowatch.config import OPTIONS, Settings
-from tfowatch.kernel import KernelFacts, detect, is_privileged
+from tfowatch.kernel import KernelFacts, detect, is_privileged, namespace_blind_spots
 from tfowatch.plan import MODES, TIERS, Plan, PlanError, resolve
 
 if TYPE_CHECKING:
@@ -191,7 +191,8 @@ def stop_on_signals() -> threading.Event:
     """Check the privileges BPF needs, then route SIGINT/SIGTERM to an event. Called before
     loading BPF: a signal during start-up must still lead to a clean detach."""
     if not is_privileged():
-        raise CliError("must run as root (or with CAP_BPF and CAP_PERFMON) to load BPF programs")
+        raise CliError("must run as root (or with CAP_BPF and CAP_PERFMON) to load BPF programs; "
+                       "this process has neither")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -220,6 +221,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except BaseException:
         server.close()
         raise
+    for blind_spot in namespace_blind_spots():
+        log.warning("%s", blind_spot)
     if web is not None and web.users and web.tls is None:
         log.warning("basic auth without TLS: passwords cross the network in clear")
     daemon.serve()

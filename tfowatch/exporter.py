@@ -31,6 +31,7 @@ class ExportState:
     snap: Snapshot
     totals: list[int] | None  # exact per-type counts from the kernel; None without BPF
     kernel: dict[int, dict[str, int]]
+    unreadable: int  # namespaces found whose counters this process may not read
     drift: dict[tuple[int, str], int]
     attached: list[tuple[str, str, str, bool]]  # point, target, tier, attached
     version: str
@@ -86,6 +87,9 @@ class TfoCollector(Collector):
             for name, value in sorted(counters.items()):
                 fam.add_metric([str(ino), name], value)
         yield fam
+        yield GaugeMetricFamily("tfowatch_netns_unreadable",
+                                "Network namespaces found whose counters tfowatch may not read "
+                                "(process-less ones need CAP_SYS_ADMIN).", value=st.unreadable)
         if st.plan.reconciled:
             drift = GaugeMetricFamily(
                 "tfowatch_reconcile_drift",

@@ -7,7 +7,6 @@ against the recorded facts of kernels we do not run on (tests/facts/).
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 import subprocess
@@ -159,14 +158,33 @@ def detect() -> KernelFacts:
     )
 
 
-def is_privileged() -> bool:
-    """Root, or the capabilities BPF tracing needs (CAP_SYS_ADMIN, or CAP_BPF+CAP_PERFMON)."""
-    if os.geteuid() == 0:
-        return True
+CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 19, 21, 38, 39
+
+
+def effective_caps() -> int:
     try:
-        status = Path("/proc/self/status").read_text()
+        m = re.search(r"^CapEff:\s*([0-9a-f]+)", Path("/proc/self/status").read_text(), re.M)
     except OSError:
-        return False
-    m = re.search(r"^CapEff:\s*([0-9a-f]+)", status, re.M)
-    caps = int(m.group(1), 16) if m else 0
-    return bool(caps & (1 << 21)) or (bool(caps & (1 << 39)) and bool(caps & (1 << 38)))
+        return 0
+    return int(m.group(1), 16) if m else 0
+
+
+def has_cap(cap: int) -> bool:
+    return bool(effective_caps() & (1 << cap))
+
+
+def is_privileged() -> bool:
+    """The capabilities BPF tracing needs: CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN before
+    5.8. Asked of the kernel, not of the uid: root in a capability-bounded unit may lack them."""
+    return has_cap(CAP_SYS_ADMIN) or (has_cap(CAP_BPF) and has_cap(CAP_PERFMON))
+
+
+def namespace_blind_spots() -> list[str]:
+    """What this process cannot see for want of a capability (empty when it sees everything)."""
+    out = []
+    if not has_cap(CAP_SYS_PTRACE):
+        out.append("no CAP_SYS_PTRACE: only namespaces of processes this one may ptrace are found")
+    if not has_cap(CAP_SYS_ADMIN):
+        out.append("no CAP_SYS_ADMIN: namespaces no process is in (`ip netns add`) cannot be read; "
+                   "they are counted in tfowatch_netns_unreadable")
+    return out

@@ -108,7 +108,7 @@ class Pipeline:
         return ExportState(
             plan=self.plan, snap=snap,
             totals=self.probes.totals() if self.probes is not None else None,
-            kernel=kernel,
+            kernel=kernel, unreadable=len(self.counters.unreadable),
             drift=drift(snap, self.counters.deltas(kernel), self.plan.reconciled),
             attached=self.attached(), version=__version__, kernel_release=self.facts.release,
             series_cap=self.agg.series_cap,

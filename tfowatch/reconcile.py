@@ -24,16 +24,24 @@ class KernelCounters:
         self._lock = threading.Lock()
         self._baseline: dict[int, dict[str, int]] = {}
         self._last: dict[int, dict[str, int]] = {}
+        self.unreadable: set[int] = set()  # found, but not ours to read (see kernel.namespace_blind_spots)
 
     def _read_live(self) -> dict[int, dict[str, int]]:
         out: dict[int, dict[str, int]] = {}
+        unreadable: set[int] = set()
         for ino, handle in sorted(netns.discover().items())[: self.max_namespaces]:
             try:
                 ext = netns.tcpext(handle)
+            except PermissionError as exc:
+                if ino not in self.unreadable:
+                    log.warning("netns %s (%s): cannot read its counters: %s", ino, handle, exc.strerror)
+                unreadable.add(ino)
+                continue
             except OSError as exc:  # namespace vanished between discovery and read
                 log.debug("netns %s: %s", ino, exc)
                 continue
             out[ino] = {c: ext.get(c, 0) for c in KERNEL_COUNTERS}
+        self.unreadable = unreadable
         return out
 
     def read(self) -> dict[int, dict[str, int]]:
@@ -62,9 +70,10 @@ class KernelCounters:
 
 def drift(snap: Snapshot, deltas: dict[int, dict[str, int]], labels: list[str]
           ) -> dict[tuple[int, str], int]:
-    """(netns, metric label) -> probe count minus kernel delta, where either moved."""
+    """(netns, metric label) -> probe count minus kernel delta, where either moved, for the
+    namespaces whose counters were read: one never read has no kernel side to compare."""
     out: dict[tuple[int, str], int] = {}
-    spaces = set(deltas) | {ino for ino, _ in snap.per_netns}
+    spaces = set(deltas)
     for rec in RECONCILIATIONS:
         if rec.label not in labels:
             continue

@@ -1,0 +1,83 @@
+"""The systemd unit's capability set is enough, and no more is assumed: `tfowatch run` started
+with exactly CapabilityBoundingSet of systemd/tfowatch.service (as root, every other capability
+gone) attaches the full plan and counts exactly; what it cannot see without CAP_SYS_ADMIN is
+reported, not silently missing. Runs on the host and in the VM lab's kprobe kernels."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+from netlab import Lab, planned_plan, skip_unless_root_bpf, unit_caps, with_caps
+from test_cli import one_line_error, tfowatch
+from test_integration import Samples, free_port, scrape, series, start_daemon, value
+
+PORT = 7601
+
+
+@pytest.fixture(scope="module")
+def observed() -> Iterator[tuple[Samples, Lab, dict[str, int], dict[str, int], str]]:
+    skip_unless_root_bpf("least-privilege run", "setpriv")
+    lab = Lab()
+    proc = None
+    try:
+        srv, addr = lab.server("s", "3")
+        lab.start_server(srv, str(PORT))
+        listen = f"127.0.0.1:{free_port()}"
+        proc = start_daemon(listen, unit_caps())
+        before = srv.tcpext()
+        rows = lab.client.peer("client", addr, str(PORT), "4", "--comm", "lp-client")
+        assert len(rows) == 4
+        time.sleep(0.5)
+        after = srv.tcpext()
+        samples = scrape(f"http://{listen}/metrics")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        yield samples, lab, before, after, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        lab.close()
+
+
+def test_unit_grants_no_sys_admin() -> None:
+    assert "sys_admin" not in unit_caps()
+    assert "sys_admin" in unit_caps("sys-admin.conf")
+
+
+def test_full_plan_attaches_with_the_units_capabilities(observed: tuple[Samples, ...]) -> None:
+    samples = observed[0]
+    assert isinstance(samples, dict)
+    (build,) = series(samples, "tfowatch_build_info")
+    assert dict(build)["tier"] == planned_plan()["tier"]
+    attached = series(samples, "tfowatch_probe_attached")
+    assert attached and all(v == 1 for v in attached.values()), attached
+
+
+def test_namespace_with_a_process_is_read_and_exact(observed: tuple) -> None:  # type: ignore[type-arg]
+    samples, lab, before, after, _ = observed
+    srv = lab.hosts[1]
+    for counter in ("TCPFastOpenPassive", "TCPFastOpenCookieReqd"):
+        assert value(samples, "tfowatch_kernel_tcpext_total", netns=srv.inode, counter=counter) \
+            == after[counter]
+    assert after["TCPFastOpenPassive"] - before["TCPFastOpenPassive"] == 3  # 1 cookie request, 3 accepted
+    drifts = {dict(k)["metric"]: v for k, v in series(samples, "tfowatch_reconcile_drift").items()
+              if dict(k)["netns"] == str(srv.inode)}
+    assert drifts and set(drifts.values()) == {0}, drifts
+
+
+def test_process_less_namespace_is_reported_unreadable(observed: tuple) -> None:  # type: ignore[type-arg]
+    samples, lab, _, _, stderr = observed
+    client = str(lab.client.inode)
+    assert value(samples, "tfowatch_netns_unreadable") >= 1
+    for name in ("tfowatch_kernel_tcpext_total", "tfowatch_reconcile_drift"):
+        assert not [k for k in series(samples, name) if dict(k)["netns"] == client], name
+    assert "no CAP_SYS_ADMIN" in stderr and "cannot read its counters" in stderr
+
+
+def test_too_few_capabilities_is_a_one_line_error() -> None:
+    skip_unless_root_bpf("capability check", "setpriv")
+    res = tfowatch("run", "--listen", f"127.0.0.1:{free_port()}", pre=with_caps(["bpf"]))
+    one_line_error(res, 1, "must run as root (or with CAP_BPF and CAP_PERFMON)")
