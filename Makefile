@@ -4,7 +4,14 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 ARGS      ?=
 
-.PHONY: all setup host run test test-quick lint clean
+.PHONY: all setup host run test test-quick lint clean install
+
+# `make install`: tfowatch in its own venv (BCC comes from the distribution's python3-bpfcc),
+# the systemd unit, and a config that is never overwritten. Paths can be moved, e.g. for a test.
+PREFIX     ?= /usr/local
+LIBDIR     ?= /opt/tfowatch
+SYSCONFDIR ?= /etc
+UNITDIR    ?= /etc/systemd/system
 
 all: test
 
@@ -32,9 +39,29 @@ lint: setup
 test: setup lint
 	$(VENV)/bin/pytest -v -rs tests
 
-# Everything but the VM lab, for iteration.
+# Everything but the VM lab and the soak, for iteration.
 test-quick: setup
-	$(VENV)/bin/pytest -q -rs -m "not vm" tests
+	$(VENV)/bin/pytest -q -rs -m "not vm and not soak" tests
+
+install:
+	@[ "$$(id -u)" = 0 ] || { echo "make: install as root" >&2; exit 1; }
+	@scripts/setup-host.sh
+	/usr/bin/python3 -m venv --system-site-packages $(LIBDIR)
+	$(LIBDIR)/bin/pip install -q .
+	install -d $(PREFIX)/bin $(PREFIX)/share/doc/tfowatch $(SYSCONFDIR)/tfowatch $(SYSCONFDIR)/default \
+		$(UNITDIR)/tfowatch.service.d
+	ln -sfn $(LIBDIR)/bin/tfowatch $(PREFIX)/bin/tfowatch
+	install -m 0644 README.md docs/DEPLOYMENT.md $(PREFIX)/share/doc/tfowatch/
+	sed -e 's|/usr/local|$(PREFIX)|g' -e 's|/etc/|$(SYSCONFDIR)/|g' systemd/tfowatch.service \
+		> $(UNITDIR)/tfowatch.service
+	[ -e $(SYSCONFDIR)/tfowatch/tfowatch.toml ] || install -m 0600 systemd/tfowatch.toml $(SYSCONFDIR)/tfowatch/
+	[ -e $(SYSCONFDIR)/default/tfowatch ] || install -m 0644 systemd/tfowatch.default $(SYSCONFDIR)/default/tfowatch
+	@# RestartSteps/RestartMaxDelaySec exist from systemd 254 on; older ones would warn.
+	[ "$$(systemctl --version | awk 'NR==1 {print $$2}')" -lt 254 ] || \
+		install -m 0644 systemd/dropins/restart-backoff.conf $(UNITDIR)/tfowatch.service.d/
+	$(PREFIX)/bin/tfowatch run --config $(SYSCONFDIR)/tfowatch/tfowatch.toml --check-config
+	[ ! -d /run/systemd/system ] || systemctl daemon-reload
+	@echo "installed; start with: systemctl enable --now tfowatch"
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -59,9 +59,11 @@ class Host:
     def _peer_cmd(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, sys.executable, str(PEER), *args]
 
-    def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(self._peer_cmd(*args), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    def popen(self, *args: str, quiet: bool = False) -> subprocess.Popen[str]:
+        """The peer in the background; `quiet` discards its output (a long-running load that
+        would otherwise block on a full pipe)."""
+        out = subprocess.DEVNULL if quiet else subprocess.PIPE
+        return subprocess.Popen(self._peer_cmd(*args), stdout=out, stderr=out, text=True)
 
     def peer(self, *args: str, cgroup: Path | None = None) -> list[dict[str, object]]:
         """Run the peer to completion; inside `cgroup` (a v2 directory) when given."""

@@ -79,9 +79,9 @@ class Run:
     exit_code: int | None = None
 
 
-def start_daemon(listen: str, caps: list[str]) -> subprocess.Popen[str]:
+def start_daemon(listen: str, caps: list[str], *flags: str) -> subprocess.Popen[str]:
     """`tfowatch run` with only `caps`, as systemd would start it."""
-    proc = subprocess.Popen([*with_caps(caps), str(TFOWATCH), "run", "--listen", listen],
+    proc = subprocess.Popen([*with_caps(caps), str(TFOWATCH), "run", "--listen", listen, *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120  # BCC compiles take ~1 min under emulation (VM lab)
     while time.monotonic() < deadline:
