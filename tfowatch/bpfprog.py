@@ -5,13 +5,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib
-from collections.abc import Callable
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from tfowatch.btf import Btf, BtfError
 from tfowatch.events import EV_TYPE_MAX
 from tfowatch.plan import Attachment, Plan
+
+log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 if not (BPF_DIR / "tfowatch.bpf.c").exists():  # installed (non-editable) layout
@@ -104,6 +110,26 @@ def import_bcc() -> Any:
         raise LoadError(BCC_MISSING) from exc
 
 
+@contextlib.contextmanager
+def libbcc_stderr() -> Iterator[None]:
+    """libbcc and clang write compiler warnings and perf_event_open() failures straight to
+    fd 2; keep them out of the daemon's stderr (one line per error, and a quiet journal) and
+    log them at debug level instead."""
+    with tempfile.TemporaryFile() as sink:
+        saved = os.dup(2)
+        sys.stderr.flush()
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode(errors="replace").splitlines():
+                if line.strip():
+                    log.debug("libbcc: %s", line)
+
+
 class Probes:
     """The compiled programs, attached per plan, with their maps."""
 
@@ -112,7 +138,8 @@ class Probes:
         self.plan = plan
         self.attached: dict[Attachment, bool] = {}
         try:
-            self.bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags(btf, plan))
+            with libbcc_stderr():
+                self.bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags(btf, plan))
         except Exception as exc:  # BCC raises bare Exception on compile/load failure
             raise LoadError(f"BPF compile/load failed: {exc}") from exc
 
@@ -123,10 +150,11 @@ class Probes:
                 self.attached[a] = True
                 continue
             try:
-                if a.kind == "kprobe":
-                    self.bpf.attach_kprobe(event=a.target, fn_name=a.fn)
-                else:
-                    self.bpf.attach_kretprobe(event=a.target, fn_name=a.fn)
+                with libbcc_stderr():
+                    if a.kind == "kprobe":
+                        self.bpf.attach_kprobe(event=a.target, fn_name=a.fn)
+                    else:
+                        self.bpf.attach_kretprobe(event=a.target, fn_name=a.fn)
             except Exception as exc:
                 self.attached[a] = False
                 self.close()

@@ -179,6 +179,25 @@ def is_privileged() -> bool:
     return has_cap(CAP_SYS_ADMIN) or (has_cap(CAP_BPF) and has_cap(CAP_PERFMON))
 
 
+def perf_event_paranoid() -> int:
+    try:
+        return int(Path("/proc/sys/kernel/perf_event_paranoid").read_text())
+    except (OSError, ValueError):
+        return 2
+
+
+def perf_events_denied() -> str:
+    """Why perf_event_open() will be refused to this process, or '' if nothing says so.
+    Debian and Ubuntu kernels add a level 3 (their default) at which only CAP_SYS_ADMIN may
+    open perf events: CAP_PERFMON, enough upstream, is not."""
+    level = perf_event_paranoid()
+    if level < 3 or has_cap(CAP_SYS_ADMIN):
+        return ""
+    return (f"kernel.perf_event_paranoid is {level}: this kernel lets only CAP_SYS_ADMIN attach "
+            "probes; set it to 2 (sysctl -w kernel.perf_event_paranoid=2) or grant CAP_SYS_ADMIN "
+            "(systemd/dropins/sys-admin.conf)")
+
+
 def namespace_blind_spots() -> list[str]:
     """What this process cannot see for want of a capability (empty when it sees everything)."""
     out = []

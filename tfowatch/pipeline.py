@@ -16,7 +16,7 @@ from tfowatch.btf import Btf, BtfError
 from tfowatch.cgroups import CgroupNames
 from tfowatch.events import Event, decode
 from tfowatch.exporter import ExportState
-from tfowatch.kernel import KernelFacts, detect
+from tfowatch.kernel import KernelFacts, detect, perf_events_denied
 from tfowatch.plan import Plan, PlanError, fall_back, resolve
 from tfowatch.reconcile import KernelCounters, drift
 
@@ -38,6 +38,8 @@ def load_plan(facts: KernelFacts, mode: str, plain_connects: bool = False) -> tu
             probes.attach()
             return plan, probes
         except (LoadError, BtfError) as exc:
+            if denied := perf_events_denied():  # every tier with probes would fail the same way
+                raise PlanError(f"cannot attach probes: {denied}") from exc
             if mode != "auto":
                 raise PlanError(str(exc)) from exc
             log.warning("%s tier unavailable (%s); falling back", plan.tier, exc)

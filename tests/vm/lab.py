@@ -25,7 +25,7 @@ GUEST_TESTS = ["tests/test_integration.py", "tests/test_top.py", "tests/test_doc
                "tests/test_prometheus_e2e.py", "tests/test_event_layout.py::test_bcc_sees_the_same_struct",
                "tests/test_least_privilege.py", "tests/test_faults.py"]
 # integration, top, doctor, Prometheus e2e, event layout, least privilege, faults
-GUEST_TEST_COUNT = 9 + 9 + 8 + 3 + 1 + 5 + 2
+GUEST_TEST_COUNT = 9 + 9 + 8 + 3 + 1 + 6 + 2
 BOOT_TIMEOUT_S = 900
 
 
