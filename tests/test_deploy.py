@@ -29,15 +29,20 @@ def exposure(unit: Path) -> str:
     return m.group(1)
 
 
+def make_install(root: Path) -> subprocess.CompletedProcess[str]:
+    """`make install` with every path moved under `root`."""
+    dirs = {"PREFIX": root / "usr", "LIBDIR": root / "opt", "SYSCONFDIR": root / "etc",
+            "UNITDIR": root / "unit"}
+    return subprocess.run(["make", "-C", str(ROOT), "install", *(f"{k}={v}" for k, v in dirs.items())],
+                          capture_output=True, text=True, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if os.geteuid() != 0 or not shutil.which("systemd-analyze"):
         pytest.skip("make install needs root and systemd-analyze (make setup installs it)")
     root = tmp_path_factory.mktemp("install")
-    dirs = {"PREFIX": root / "usr", "LIBDIR": root / "opt", "SYSCONFDIR": root / "etc",
-            "UNITDIR": root / "unit"}
-    res = subprocess.run(["make", "-C", str(ROOT), "install", *(f"{k}={v}" for k, v in dirs.items())],
-                         capture_output=True, text=True, timeout=900)
+    res = make_install(root)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     return root
 
@@ -64,10 +69,7 @@ def test_exposure_in_the_docs_is_the_measured_one(installed: Path) -> None:
 def test_install_keeps_an_edited_config(installed: Path) -> None:
     cfg = installed / "etc" / "tfowatch" / "tfowatch.toml"
     cfg.write_text('series_cap = 7\n')
-    dirs = {"PREFIX": installed / "usr", "LIBDIR": installed / "opt", "SYSCONFDIR": installed / "etc",
-            "UNITDIR": installed / "unit"}
-    subprocess.run(["make", "-C", str(ROOT), "install", *(f"{k}={v}" for k, v in dirs.items())],
-                   capture_output=True, text=True, timeout=900, check=True)
+    make_install(installed).check_returncode()
     assert cfg.read_text() == 'series_cap = 7\n'
 
 

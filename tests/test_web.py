@@ -18,6 +18,7 @@ import certs
 import pytest
 from netlab import TFOWATCH, skip_unless_root_bpf
 from test_cli import one_line_error, tfowatch
+from test_integration import free_port
 
 PASSWORD = "correct horse"
 
@@ -26,12 +27,6 @@ def web_config(pki: certs.Pki, password_hash: str, auth: str = "RequireAndVerify
     return (f"tls_server_config:\n  cert_file: {pki.server_crt.name}\n  key_file: {pki.server_key.name}\n"
             f"  client_auth_type: {auth}\n  client_ca_file: {pki.ca.name}\n"
             f"basic_auth_users:\n  prometheus: '{password_hash}'\n")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -165,7 +165,7 @@ def run_settings(args: argparse.Namespace) -> tuple[Settings, WebConfig | None]:
 
 
 def describe(settings: Settings, web: WebConfig | None) -> str:
-    scheme = "https" if web is not None and web.tls is not None else "http"
+    scheme = web.scheme if web is not None else "http"
     host, port = settings.address
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     parts = [f"{scheme}://{where}/metrics", f"mode {settings.mode}", f"series_cap {settings.series_cap}",

@@ -21,12 +21,17 @@ class ConfigError(Exception):
 
 
 def split_listen(value: str) -> tuple[str, int]:
-    """'HOST:PORT' (IPv6 as [ADDR]:PORT) -> (host, port). An empty host means all IPv4
-    addresses; a name must resolve now, so a typo fails at start, not at the first scrape."""
+    """'HOST:PORT' (IPv6 as [ADDR]:PORT) -> (host, port); an empty host means all IPv4 addresses."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"bad listen address {value!r}: expected HOST:PORT, e.g. {Settings.listen}")
-    host = host.strip("[]") or "0.0.0.0"
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _listen(value: str) -> None:
+    """A well-formed address whose name resolves now: a typo fails at start, not at the first
+    scrape. Checked once, with the other settings; `Settings.address` only parses."""
+    host, _ = split_listen(value)
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -34,11 +39,6 @@ def split_listen(value: str) -> tuple[str, int]:
             socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
         except OSError as exc:
             raise ConfigError(f"bad listen address {value!r}: {host}: {exc.strerror}") from exc
-    return host, int(port)
-
-
-def _listen(value: str) -> None:
-    split_listen(value)
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[str], None]:

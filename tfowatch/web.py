@@ -155,10 +155,6 @@ class MetricsServer:
         self._scrape: Histogram | None = None
         self._conn_events: Counter | None = None
 
-    @property
-    def scheme(self) -> str:
-        return "https" if self.web.tls is not None else "http"
-
     def _count_event(self, what: str) -> None:
         if what == "plain_http" and self._requests is not None:
             self._requests.labels("400").inc()

@@ -42,6 +42,10 @@ class WebConfig:
     users: dict[str, bytes] = field(default_factory=dict)
     client_auth: str = "NoClientCert"
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
 
 def _mapping(value: Any, where: str, known: tuple[str, ...] | None, strings: bool = True
              ) -> dict[str, Any]:
