@@ -133,6 +133,17 @@ def test_plain_http_to_the_tls_port_gets_a_400_that_says_so(server: Server) -> N
     assert server.curl() == (0, "200")
 
 
+def wait_until_accepted(port: int) -> None:
+    """Until the daemon has accept()ed every connection made to `port` (a listening socket's
+    Recv-Q is its accept queue), so the next one meets the bound, not the queue."""
+    deadline = time.monotonic() + 10
+    while True:
+        out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
+        if out.split()[1] == "0" or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+
+
 def test_connections_beyond_the_bound_are_closed_and_counted(server: Server) -> None:
     """Three idle connections (the bound) hold every slot: a fourth is closed at once, not
     queued; once they go, scrapes work again."""
@@ -140,7 +151,7 @@ def test_connections_beyond_the_bound_are_closed_and_counted(server: Server) -> 
     host, port = server.url.removeprefix("https://").split(":")
     idle = [socket.create_connection((host, int(port))) for _ in range(3)]
     try:
-        time.sleep(0.5)
+        wait_until_accepted(int(port))
         code, status = server.curl()
         assert code != 0 and status == "000"
     finally:
