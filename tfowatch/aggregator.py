@@ -70,6 +70,18 @@ class Aggregator:
         self._received: dict[EventType, int] = defaultdict(int)
         self._dropped: dict[str, int] = defaultdict(int)
         self._lost = 0
+        self._label_cache: dict[tuple[object, ...], Labels] = {}
+
+    def _cached_labels(self, ev: Event) -> Labels:
+        """labels(ev), memoised: most events repeat a few label sets. The cache is bounded
+        like the series (emptied when it outgrows them)."""
+        k = (ev.type, ev.netns, ev.port, ev.comm, ev.cgroup, ev.reason)
+        labels = self._label_cache.get(k)
+        if labels is None:
+            if len(self._label_cache) >= 4 * self.series_cap:
+                self._label_cache.clear()
+            labels = self._label_cache[k] = self.labels(ev)
+        return labels
 
     @staticmethod
     def labels(ev: Event) -> Labels:
@@ -94,8 +106,8 @@ class Aggregator:
                 self._received[ev.type] += 1
             return
         metric, _ = EVENT_METRIC[ev.type]
-        key = self.labels(ev)
         with self._lock:
+            key = self._cached_labels(ev)
             self._received[ev.type] += 1
             series = self._counters[metric]
             key = self._bounded(metric.name, series, key)

@@ -65,6 +65,11 @@ OPTIONAL_BITFIELDS = {"SYN_FASTOPEN_CHILD": "HAVE_SYN_FASTOPEN_CHILD",
                       "CLIENT_FAIL": "HAVE_CLIENT_FAIL"}
 
 MAX_CONNS = 65536
+# A CPU's perf buffer wakes the poller once per WAKEUP_EVENTS events instead of once per
+# event; poll() then consumes whatever is left, so no event waits longer than one poll.
+# With wakeup per event, the wakeups cost the traced (connecting) tasks more than the
+# programs did (docs/PERFORMANCE.md, "perf buffer wakeups").
+WAKEUP_EVENTS = 32
 
 
 class LoadError(Exception):
@@ -130,6 +135,11 @@ def libbcc_stderr() -> Iterator[None]:
                     log.debug("libbcc: %s", line)
 
 
+def poll_and_consume(bpf: Any, timeout_ms: int) -> None:
+    bpf.perf_buffer_poll(timeout=timeout_ms)
+    bpf.perf_buffer_consume()
+
+
 class Probes:
     """The compiled programs, attached per plan, with their maps."""
 
@@ -162,11 +172,14 @@ class Probes:
             self.attached[a] = True
 
     def open_events(self, on_event: Callable[[int, Any, int], None],
-                    on_lost: Callable[[int], None], pages: int = 256) -> None:
-        self.bpf["events"].open_perf_buffer(on_event, page_cnt=pages, lost_cb=on_lost)
+                    on_lost: Callable[[int], None], pages: int = 256,
+                    wakeup_events: int = WAKEUP_EVENTS) -> None:
+        self.bpf["events"].open_perf_buffer(on_event, page_cnt=pages, lost_cb=on_lost,
+                                            wakeup_events=wakeup_events)
 
     def poll(self, timeout_ms: int) -> None:
-        self.bpf.perf_buffer_poll(timeout=timeout_ms)
+        """Wait up to timeout_ms for a full batch, then read every buffer."""
+        poll_and_consume(self.bpf, timeout_ms)
 
     def totals(self) -> list[int]:
         """Exact per-type event counts kept in the kernel (summed over CPUs)."""

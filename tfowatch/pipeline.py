@@ -7,7 +7,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from tfowatch import __version__
@@ -50,6 +49,21 @@ def load_plan(facts: KernelFacts, mode: str, plain_connects: bool = False) -> tu
     return plan, None
 
 
+class Ingest:
+    """One perf-buffer sample → decode → cgroup name → (filter) → aggregator. The poller
+    calls it per event; benchmarks call it with synthetic events (bench/synthetic.py)."""
+
+    def __init__(self, agg: Aggregator, keep: EventFilter | None = None) -> None:
+        self.agg = agg
+        self.keep = keep
+        self.cgroups = CgroupNames()
+
+    def __call__(self, _cpu: int, data: Any, _size: int) -> None:
+        ev = decode(data, self.cgroups.name)
+        if self.keep is None or self.keep(ev):
+            self.agg.add(ev)
+
+
 class Pipeline:
     """Probes → decode → (filter) → aggregator, polled by one thread; `state()` is a
     consistent view that includes every event submitted before the call."""
@@ -61,20 +75,11 @@ class Pipeline:
         self.plan, self.probes = load_plan(self.facts, mode, plain_connects)
         self.agg = Aggregator(series_cap)
         self.counters = KernelCounters(max_namespaces=series_cap)
-        self.cgroups = CgroupNames()
-        self.keep = keep
         self._gen = 0
         self._cond = threading.Condition()
         if self.probes is not None:
-            self.probes.open_events(self._on_event, self.agg.add_lost, perf_pages)
+            self.probes.open_events(Ingest(self.agg, keep), self.agg.add_lost, perf_pages)
         self.counters.start()
-
-    def _on_event(self, _cpu: int, data: Any, _size: int) -> None:
-        ev = decode(data)
-        if ev.cgroup_id:
-            ev = replace(ev, cgroup=self.cgroups.name(ev.cgroup_id, ev.pid))
-        if self.keep is None or self.keep(ev):
-            self.agg.add(ev)
 
     def poll_once(self) -> None:
         if self.probes is not None:

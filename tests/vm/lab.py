@@ -54,7 +54,7 @@ def boot(release: str, out: Path) -> subprocess.CompletedProcess[str]:
         stale.unlink()
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
     cmd = [str(VENV_BIN / "vng"), "--run", f"/boot/vmlinuz-{release}", "--disable-kvm",
-           "--force-9p", "--cpus", "2", "--memory", "2G", "--rwdir", str(out),
+           "--force-9p", "--cpus", "2", "--memory", "2G", "--verbose", "--rwdir", str(out),
            "--exec", guest_script(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=BOOT_TIMEOUT_S)
     (out / "console.txt").write_text(res.stdout + res.stderr)
