@@ -8,6 +8,9 @@
          [--rate N] [--plain]          SYN data (MSG_FASTOPEN) unless --plain; at N connections/s
                                        in all when --rate is given, else as fast as they can
 
+  spray ADDR FIRST COUNT               one SYN with data to each of COUNT closed ports from FIRST
+                                       on: every port a new label value (series) in tfowatch
+
 The client prints one JSON line: {"conns", "errors", "seconds"}, counted between a common
 start and end time, so worker start-up is not measured.
 """
@@ -15,6 +18,7 @@ start and end time, so worker start-up is not measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -97,6 +101,16 @@ def client(args: argparse.Namespace) -> None:
                       "seconds": args.seconds}), flush=True)
 
 
+def spray(addr: str, first: int, count: int) -> None:
+    for port in range(first, first + count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        with contextlib.suppress(OSError):  # EINPROGRESS or refused: the SYN went out
+            s.sendto(PAYLOAD, socket.MSG_FASTOPEN, (addr, port))
+        s.close()
+    print(json.dumps({"ports": count}), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -110,8 +124,14 @@ def main() -> None:
     cl.add_argument("seconds", type=float)
     cl.add_argument("--rate", type=float, default=0.0)
     cl.add_argument("--plain", action="store_true")
+    sp = sub.add_parser("spray")
+    sp.add_argument("addr")
+    sp.add_argument("first", type=int)
+    sp.add_argument("count", type=int)
     args = p.parse_args()
-    if args.cmd == "server":
+    if args.cmd == "spray":
+        spray(args.addr, args.first, args.count)
+    elif args.cmd == "server":
         for _ in range(args.workers - 1):
             if os.fork() == 0:
                 break

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from tfowatch.aggregator import Aggregator
-from tfowatch.bpfprog import BPF_DIR, WAKEUP_EVENTS, import_bcc, libbcc_stderr, poll_and_consume
+from tfowatch.bpfprog import BPF_DIR, WAKEUP_EVENTS, EventReader, import_bcc, libbcc_stderr
 from tfowatch.events import Event, EventType, encode
 from tfowatch.pipeline import POLL_MS, Ingest
 
@@ -61,15 +61,14 @@ class PerfSource:
         with libbcc_stderr():
             self.bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=[f"-I{BPF_DIR}"])
         self.agg = Aggregator()
-        self.bpf["events"].open_perf_buffer(Ingest(self.agg), page_cnt=pages, lost_cb=self.agg.add_lost,
-                                            wakeup_events=wakeup_events)
+        self.reader = EventReader(self.bpf, Ingest(self.agg), self.agg.add_lost, pages, wakeup_events)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            poll_and_consume(self.bpf, POLL_MS)
+            self.reader.poll(POLL_MS)
 
     def step(self, rate: float, seconds: float) -> dict[str, float]:
         """One rate: offered, received and lost events, and the rate actually reached."""
@@ -87,6 +86,7 @@ class PerfSource:
         offered = self.bpf["submitted"][ctypes.c_int(0)].value - sent0
         deadline = time.monotonic() + 5  # until every offered event is read or counted lost
         while True:
+            self.reader.consume()
             after = self.agg.snapshot()
             accounted = sum(after.received.values()) - sum(before.received.values()) + \
                 after.lost - before.lost

@@ -7,8 +7,10 @@ import ctypes
 import importlib
 import logging
 import os
+import select
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -66,7 +68,7 @@ OPTIONAL_BITFIELDS = {"SYN_FASTOPEN_CHILD": "HAVE_SYN_FASTOPEN_CHILD",
 
 MAX_CONNS = 65536
 # A CPU's perf buffer wakes the poller once per WAKEUP_EVENTS events instead of once per
-# event; poll() then consumes whatever is left, so no event waits longer than one poll.
+# event; poll() then consumes whatever is there, so no event waits longer than one poll.
 # With wakeup per event, the wakeups cost the traced (connecting) tasks more than the
 # programs did (docs/PERFORMANCE.md, "perf buffer wakeups").
 WAKEUP_EVENTS = 32
@@ -135,9 +137,37 @@ def libbcc_stderr() -> Iterator[None]:
                     log.debug("libbcc: %s", line)
 
 
-def poll_and_consume(bpf: Any, timeout_ms: int) -> None:
-    bpf.perf_buffer_poll(timeout=timeout_ms)
-    bpf.perf_buffer_consume()
+def release_compiler_heap() -> None:
+    """Clang/LLVM leave ~40 MB of freed heap that glibc keeps mapped; hand it back, so the
+    daemon's steady RSS is what it uses (docs/PERFORMANCE.md, "RSS")."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class EventReader:
+    """The `events` perf buffer of `bpf`, read by a poller thread and, on demand, by any other."""
+
+    def __init__(self, bpf: Any, on_event: Callable[[int, Any, int], None],
+                 on_lost: Callable[[int], None], pages: int, wakeup_events: int = WAKEUP_EVENTS) -> None:
+        self.bpf = bpf
+        bpf["events"].open_perf_buffer(on_event, page_cnt=pages, lost_cb=on_lost,
+                                       wakeup_events=wakeup_events)
+        self._consuming = threading.Lock()  # BCC's readers must not be read concurrently
+        self._readable = select.poll()
+        lib = importlib.import_module("bcc.libbcc").lib
+        for reader in bpf.perf_buffers.values():
+            self._readable.register(lib.perf_reader_fd(reader), select.POLLIN)
+
+    def poll(self, timeout_ms: int) -> None:
+        """Wait up to timeout_ms for a batch on any CPU, then read every buffer."""
+        self._readable.poll(timeout_ms)
+        self.consume()
+
+    def consume(self) -> None:
+        """Read every event in the buffers now, in the calling thread: a scrape gets all
+        that was submitted before it without waiting for the poller."""
+        with self._consuming:
+            self.bpf.perf_buffer_consume()
 
 
 class Probes:
@@ -147,11 +177,13 @@ class Probes:
         bcc = import_bcc()
         self.plan = plan
         self.attached: dict[Attachment, bool] = {}
+        self.reader: EventReader | None = None
         try:
             with libbcc_stderr():
                 self.bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags(btf, plan))
         except Exception as exc:  # BCC raises bare Exception on compile/load failure
             raise LoadError(f"BPF compile/load failed: {exc}") from exc
+        release_compiler_heap()
 
     def attach(self) -> None:
         """Attach every kprobe of the plan; tracepoints were bound at load by BCC."""
@@ -174,12 +206,15 @@ class Probes:
     def open_events(self, on_event: Callable[[int, Any, int], None],
                     on_lost: Callable[[int], None], pages: int = 256,
                     wakeup_events: int = WAKEUP_EVENTS) -> None:
-        self.bpf["events"].open_perf_buffer(on_event, page_cnt=pages, lost_cb=on_lost,
-                                            wakeup_events=wakeup_events)
+        self.reader = EventReader(self.bpf, on_event, on_lost, pages, wakeup_events)
 
     def poll(self, timeout_ms: int) -> None:
-        """Wait up to timeout_ms for a full batch, then read every buffer."""
-        poll_and_consume(self.bpf, timeout_ms)
+        if self.reader is not None:
+            self.reader.poll(timeout_ms)
+
+    def consume(self) -> None:
+        if self.reader is not None:
+            self.reader.consume()
 
     def totals(self) -> list[int]:
         """Exact per-type event counts kept in the kernel (summed over CPUs)."""

@@ -62,14 +62,15 @@ class RawEvent(ctypes.Structure):
 
 
 EVENT_SIZE = ctypes.sizeof(RawEvent)
-_CODES = {ctypes.c_uint64: "Q", ctypes.c_uint32: "I", ctypes.c_uint16: "H", ctypes.c_uint8: "B"}
+_CODES: dict[object, str] = {ctypes.c_uint64: "Q", ctypes.c_uint32: "I", ctypes.c_uint16: "H",
+                             ctypes.c_uint8: "B"}
 
 
 def _struct_of(layout: type[ctypes.Structure]) -> struct.Struct:
     """A struct.Struct for `layout`, with its padding: unpacking with it is several times
     faster than reading ctypes fields, and RawEvent stays the one mirror of the C struct."""
     fmt, at = "<", 0
-    for name, ctype in layout._fields_:
+    for name, ctype, *_bits in layout._fields_:
         field = getattr(layout, name)
         fmt += "x" * (field.offset - at)
         fmt += _CODES.get(ctype) or f"{ctypes.sizeof(ctype)}s"
@@ -79,7 +80,7 @@ def _struct_of(layout: type[ctypes.Structure]) -> struct.Struct:
 
 _RAW = _struct_of(RawEvent)
 _TYPES = {t.value: t for t in EventType}
-_FAMILY_LEN = {socket.AF_INET: 4, socket.AF_INET6: 16}
+_FAMILY_LEN: dict[int, int] = {socket.AF_INET: 4, socket.AF_INET6: 16}
 
 
 @dataclass(frozen=True)

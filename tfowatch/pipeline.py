@@ -75,8 +75,6 @@ class Pipeline:
         self.plan, self.probes = load_plan(self.facts, mode, plain_connects)
         self.agg = Aggregator(series_cap)
         self.counters = KernelCounters(max_namespaces=series_cap)
-        self._gen = 0
-        self._cond = threading.Condition()
         if self.probes is not None:
             self.probes.open_events(Ingest(self.agg, keep), self.agg.add_lost, perf_pages)
         self.counters.start()
@@ -86,19 +84,15 @@ class Pipeline:
             self.probes.poll(POLL_MS)
         else:
             time.sleep(POLL_MS / 1000)
-        with self._cond:
-            self._gen += 1
-            self._cond.notify_all()
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.poll_once()
 
-    def drain(self, timeout: float = 1.0) -> None:
-        """Wait until the poller has read everything submitted before this call."""
-        with self._cond:
-            target = self._gen + 2
-            self._cond.wait_for(lambda: self._gen >= target, timeout=timeout)
+    def drain(self) -> None:
+        """Read everything submitted before this call (in this thread, at once)."""
+        if self.probes is not None:
+            self.probes.consume()
 
     def attached(self) -> list[tuple[str, str, str, bool]]:
         out = []

@@ -1,0 +1,157 @@
+"""What runs beside the workload while it is measured: nothing, tfowatch (its planned tier or
+the counters tier), or the bpftrace equivalent. Each reports its own CPU time, RSS and the
+kernel run time of the BPF programs it loaded (kernel.bpf_stats_enabled)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+BENCH = Path(__file__).resolve().parent
+TFOWATCH = BENCH.parent / ".venv" / "bin" / "tfowatch"
+START_TIMEOUT_S = 300  # BCC and bpftrace compile for ~1 min each under emulation (VM lab)
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def bpf_programs() -> dict[int, dict[str, Any]]:
+    out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True, check=True)
+    return {p["id"]: p for p in json.loads(out.stdout or "[]")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def parse(text: str) -> Samples:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def total(samples: Samples, name: str) -> float:
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+class Observer:
+    name = "none"
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.programs: set[int] = set()
+        self._before: set[int] = set()
+        self.startup_s = 0.0
+
+    def start(self) -> None:
+        self._before = set(bpf_programs())
+        t0 = time.monotonic()
+        self._launch()
+        self.startup_s = time.monotonic() - t0
+        self.programs = set(bpf_programs()) - self._before
+
+    def _launch(self) -> None:
+        pass
+
+    def tick(self) -> None:
+        """Once a second while the workload runs: what a scraper would do."""
+
+    def cpu_s(self) -> float:
+        if self.proc is None:
+            return 0.0
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return float(t.user + t.system)
+
+    def rss_bytes(self) -> int:
+        return psutil.Process(self.proc.pid).memory_info().rss if self.proc else 0
+
+    def bpf_run_ns(self) -> int:
+        progs = bpf_programs()
+        return sum(int(progs[i].get("run_time_ns", 0)) for i in self.programs if i in progs)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def _died(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            err = self.proc.stderr.read().decode().strip() if self.proc.stderr else ""
+            raise RuntimeError(f"{self.name} exited {self.proc.returncode}: {err}")
+
+
+class Tfowatch(Observer):
+    def __init__(self, mode: str = "auto", series_cap: int = 1000) -> None:
+        super().__init__()
+        self.name = "tfowatch" if mode == "auto" else f"tfowatch-{mode}"
+        self.args = ["--mode", mode, "--series-cap", str(series_cap), "--log-level", "WARNING"]
+        self.url = f"http://127.0.0.1:{free_port()}/metrics"
+
+    def _launch(self) -> None:
+        listen = self.url.split("/")[2]
+        self.proc = subprocess.Popen([str(TFOWATCH), "run", "--listen", listen, *self.args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            self._died()
+            try:
+                urllib.request.urlopen(self.url, timeout=5).read()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"{self.name} did not serve in {START_TIMEOUT_S} s")
+
+    def scrape(self) -> tuple[float, Samples]:
+        """(seconds the scrape took, its samples)."""
+        t0 = time.perf_counter()
+        text = urllib.request.urlopen(self.url, timeout=30).read().decode()
+        return time.perf_counter() - t0, parse(text)
+
+    def tick(self) -> None:
+        self.scrape()
+
+
+class Bpftrace(Observer):
+    name = "bpftrace"
+
+    def __init__(self, tier: str, out: Path) -> None:
+        super().__init__()
+        self.script = BENCH / "bpftrace" / f"{tier}.bt"
+        self.out = out
+
+    def _launch(self) -> None:
+        self.out.write_text("")
+        self.proc = subprocess.Popen(["bpftrace", "-o", str(self.out), str(self.script)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        # "Attaching N probes..." comes before the attach; the first once-a-second print
+        # (an empty line while the maps are empty) comes after it.
+        while self.out.read_text().count("\n") < 2:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"bpftrace exited {self.proc.returncode}: {err.strip()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bpftrace did not attach in {START_TIMEOUT_S} s")
+            time.sleep(0.05)
+
+
+def make(name: str, tier: str, scratch: Path) -> Observer:
+    if name == "tfowatch":
+        return Tfowatch()
+    if name == "counters":
+        return Tfowatch(mode="counters")
+    if name == "bpftrace":
+        return Bpftrace(tier, scratch / "bpftrace.out")
+    return Observer()

@@ -1,0 +1,325 @@
+"""`make bench`: what tfowatch costs the host, side by side with the alternatives.
+
+    bench/run.py [--reps N] [--seconds S] [--rate R] [--quick] [--json FILE] [--doc]
+
+In namespaces of its own (a client and a server joined by a veth pair) it measures, with
+every condition interleaved in each repetition (none, tfowatch, bpftrace, counters only):
+connection rate at saturation (TFO and plain TCP), CPU per 1k connections at a fixed rate,
+tfowatch's startup, RSS and exactness (drift against TcpExt, events lost); then scrape
+latency at 1k and 10k series, and the aggregator's capacity with synthetic events. The JSON
+goes to --json; --doc also rewrites docs/PERFORMANCE.md from every bench/results/*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
+import observers  # noqa: E402
+import report  # noqa: E402
+import synthetic  # noqa: E402
+from netlab import Host, Lab  # noqa: E402
+
+LOAD = BENCH / "load.py"
+PORT = 9000
+CONDITIONS = ("none", "tfowatch", "bpftrace", "counters")
+WORKLOADS = ("tfo", "plain")
+
+
+def busy_s() -> float:
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + t.irq + t.softirq + t.steal)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "n": len(values)}
+
+
+@contextmanager
+def bpf_stats() -> Iterator[None]:
+    """kernel.bpf_stats_enabled for the run: programs' run time, as bpftool shows it."""
+    path = Path("/proc/sys/kernel/bpf_stats_enabled")
+    old = path.read_text().strip()
+    path.write_text("1")
+    try:
+        yield
+    finally:
+        path.write_text(old)
+
+
+class Workload:
+    """The load server in its namespace, and client runs against it."""
+
+    def __init__(self, lab: Lab, workers: int) -> None:
+        self.lab = lab
+        self.workers = workers
+        self.srv, self.addr = lab.server("s", "3")
+        proc = subprocess.Popen(["ip", "netns", "exec", self.srv.name, sys.executable, str(LOAD),
+                                 "server", str(PORT), str(workers)],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self.server = proc
+        assert proc.stdout is not None
+        for _ in range(workers):
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("load server did not start")
+
+    def close(self) -> None:
+        """The server's workers are forks in its own session: end them all."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.server.pid, signal.SIGTERM)
+        self.server.wait(timeout=10)
+
+    def _client(self, *args: str) -> dict[str, Any]:
+        cmd = ["ip", "netns", "exec", self.lab.client.name, sys.executable, str(LOAD), *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
+        return json.loads(out.stdout.splitlines()[-1])  # type: ignore[no-any-return]
+
+    def run(self, workload: str, seconds: float, rate: float = 0.0, workers: int = 0) -> dict[str, Any]:
+        args = ["client", self.addr, str(PORT), str(workers or self.workers), str(seconds)]
+        args += ["--plain"] * (workload == "plain") + (["--rate", str(rate)] if rate else [])
+        res = self._client(*args)
+        res["rate"] = res["conns"] / seconds
+        return res
+
+    def spray(self, first: int, count: int) -> None:
+        self._client("spray", self.addr, str(first), str(count))
+
+
+class Ticker:
+    """Calls tick() once a second in a thread (the scraper of a scraped observer)."""
+
+    def __init__(self, tick: Callable[[], None]) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(tick,), daemon=True)
+        self._thread.start()
+
+    def _loop(self, tick: Callable[[], None]) -> None:
+        while not self._stop.wait(1.0):
+            tick()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def tcpext(host: Host, name: str) -> int:
+    return host.tcpext().get(name, 0)
+
+
+def exactness(obs: observers.Tfowatch, srv: Host, passive0: int, emitted0: float) -> dict[str, Any]:
+    """After a saturation run: drift, events lost, and the accepted SYN data as tfowatch and
+    as the server namespace's TCPFastOpenPassive count it."""
+    _, s = obs.scrape()
+    drift = [v for (n, _), v in s.items() if n == "tfowatch_reconcile_drift"]
+    accepted = sum(v for (n, lab), v in s.items() if n == "tfowatch_syn_data_accepted_total"
+                   and ("netns", str(srv.inode)) in lab)
+    return {"max_abs_drift": max((abs(v) for v in drift), default=0.0), "drift_series": len(drift),
+            "events_lost": observers.total(s, "tfowatch_events_lost_total"),
+            "events_emitted": observers.total(s, "tfowatch_events_total") - emitted0,
+            "syn_data_accepted_tfowatch": accepted,
+            "syn_data_accepted_kernel": tcpext(srv, "TCPFastOpenPassive") - passive0}
+
+
+def one_condition(name: str, wl: Workload, tier: str, args: argparse.Namespace,
+                  scratch: Path) -> dict[str, Any]:
+    obs = observers.make(name, tier, scratch)
+    obs.start()
+    passive0 = tcpext(wl.srv, "TCPFastOpenPassive")
+    emitted0 = 0.0
+    if isinstance(obs, observers.Tfowatch):
+        emitted0 = observers.total(obs.scrape()[1], "tfowatch_events_total")
+    ticker = Ticker(obs.tick)
+    try:
+        row: dict[str, Any] = {"startup_s": obs.startup_s, "bpf_programs": len(obs.programs)}
+        t0 = time.monotonic()
+        for workload in WORKLOADS:
+            row[f"{workload}_rate"] = wl.run(workload, args.seconds)["rate"]
+        row["saturation_s"] = time.monotonic() - t0
+        cpu0, bpf0, busy0 = obs.cpu_s(), obs.bpf_run_ns(), busy_s()
+        fixed = wl.run("tfo", args.seconds, rate=args.rate, workers=2)
+        k = fixed["conns"] / 1000
+        row.update(fixed_conns=fixed["conns"], cpu_ms_per_1k=(obs.cpu_s() - cpu0) * 1000 / k,
+                   bpf_ms_per_1k=(obs.bpf_run_ns() - bpf0) / 1e6 / k,
+                   machine_cpu_ms_per_1k=(busy_s() - busy0) * 1000 / k)
+        if isinstance(obs, observers.Tfowatch):
+            row["rss_bytes"] = obs.rss_bytes()
+            if obs.name == "tfowatch":
+                row["exactness"] = exactness(obs, wl.srv, passive0, emitted0)
+        return row
+    finally:
+        ticker.stop()
+        obs.stop()
+
+
+def overhead(wl: Workload, tier: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    reps: list[dict[str, Any]] = []
+    for rep in range(args.reps):
+        order = CONDITIONS[rep % len(CONDITIONS):] + CONDITIONS[:rep % len(CONDITIONS)]
+        rows = {name: one_condition(name, wl, tier, args, scratch) for name in order}
+        reps.append({"order": list(order), "rows": rows})
+        print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
+            f"{n} {rows[n]['tfo_rate']:.0f}/s" for n in CONDITIONS), file=sys.stderr, flush=True)
+    return {"reps": reps, "summary": summarise(reps)}
+
+
+def summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians and spread per condition; ratios paired within a repetition (same minute,
+    same machine state), then their median."""
+    out: dict[str, Any] = {}
+    for name in CONDITIONS:
+        rows = [r["rows"][name] for r in reps]
+        cond: dict[str, Any] = {}
+        for workload in WORKLOADS:
+            key = f"{workload}_rate"
+            cond[key] = spread([r[key] for r in rows])
+            cond[f"{workload}_ratio"] = spread([r[key] / b["rows"]["none"][key]
+                                                for r, b in zip(rows, reps, strict=True)])
+        for key in ("cpu_ms_per_1k", "bpf_ms_per_1k", "machine_cpu_ms_per_1k", "startup_s"):
+            cond[key] = spread([r[key] for r in rows])
+        cond["machine_cpu_ms_per_1k_over_none"] = spread(
+            [r["machine_cpu_ms_per_1k"] - b["rows"]["none"]["machine_cpu_ms_per_1k"]
+             for r, b in zip(rows, reps, strict=True)])
+        if "rss_bytes" in rows[0]:
+            cond["rss_bytes"] = spread([r["rss_bytes"] for r in rows])
+        out[name] = cond
+    ex = [r["rows"]["tfowatch"]["exactness"] for r in reps]
+    out["tfowatch"]["exactness"] = {
+        "max_abs_drift": max(e["max_abs_drift"] for e in ex),
+        "events_lost": sum(e["events_lost"] for e in ex),
+        "events_per_s": spread([e["events_emitted"] / r["rows"]["tfowatch"]["saturation_s"]
+                                for e, r in zip(ex, reps, strict=True)]),
+        "accepted_equal": all(e["syn_data_accepted_tfowatch"] == e["syn_data_accepted_kernel"]
+                              for e in ex),
+    }
+    return out
+
+
+def scrape_latency(wl: Workload, series_points: list[int], scrapes: int) -> list[dict[str, Any]]:
+    """tfowatch with room for every series; SYN data to N distinct closed ports makes N
+    label sets in tfowatch_syn_data_sent_total; scrapes timed from the client side."""
+    obs = observers.Tfowatch(series_cap=2 * max(series_points))
+    obs.start()
+    out = []
+    try:
+        sprayed = 0
+        for n in series_points:
+            wl.spray(20000 + sprayed, n - sprayed)
+            sprayed = n
+            obs.scrape()  # the first scrape after the spray drains the buffer
+            times, samples = [], {}
+            for _ in range(scrapes):
+                dt, samples = obs.scrape()
+                times.append(dt)
+            lines = sum(1 for _ in samples)
+            out.append({"target_series": n, "series": observers.total(samples, "tfowatch_series"),
+                        "samples": lines, "scrape_s": spread(times)})
+    finally:
+        obs.stop()
+    return out
+
+
+def environment(tier: str) -> dict[str, Any]:
+    def version(*cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "missing"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())
+    return {"kernel": platform.release(), "tier": tier, "cpu": cpu, "cpus": psutil.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "bpftrace": version("bpftrace", "--version"),
+            "bcc": version("dpkg-query", "-W", "-f", "${Version}", "python3-bpfcc"),
+            "virtualised": version("systemd-detect-virt") if Path("/usr/bin/systemd-detect-virt").exists()
+            else "unknown"}
+
+
+def planned_tier() -> str:
+    out = subprocess.run([str(observers.TFOWATCH), "probes", "--json"], capture_output=True,
+                         text=True, check=True)
+    return str(json.loads(out.stdout)["tier"])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
+    p.add_argument("--seconds", type=float, default=8.0, help="seconds per measurement (default 8)")
+    p.add_argument("--rate", type=float, default=2000.0, help="fixed rate, connections/s (default 2000)")
+    p.add_argument("--workers", type=int, default=4, help="client processes at saturation (default 4)")
+    p.add_argument("--series", default="1000,10000", help="series counts for scrape latency")
+    p.add_argument("--quick", action="store_true", help="one short repetition: the smoke test's run")
+    p.add_argument("--label", default="", help="results name (default: host or the kernel)")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--doc", action="store_true", help="also rewrite docs/PERFORMANCE.md")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.reps, args.seconds, args.rate, args.series = 1, 1.0, 500.0, "200,1000"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tier = planned_tier()
+    lab = Lab()
+    started = time.time()
+    wl: Workload | None = None
+    try:
+        with bpf_stats(), tempfile.TemporaryDirectory(prefix="tfowatch-bench-") as tmp:
+            wl = Workload(lab, workers=2)
+            wl.workers = args.workers
+            result: dict[str, Any] = {
+                "label": args.label or f"{tier} tier, {platform.release()}",
+                "command": "bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                "date": time.strftime("%Y-%m-%d", time.gmtime()),
+                "environment": environment(tier),
+                "settings": {k: str(v) for k, v in vars(args).items()},
+            }
+            result["overhead"] = overhead(wl, tier, args, Path(tmp))
+            result["scrape"] = scrape_latency(wl, [int(n) for n in args.series.split(",")],
+                                              scrapes=5 if args.quick else 30)
+    finally:
+        if wl is not None:
+            wl.close()
+        lab.close()
+    result["aggregator"] = aggregator(args)
+    result["duration_s"] = time.time() - started
+    text = json.dumps(result, indent=1, sort_keys=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    else:
+        print(text)
+    if args.doc:
+        report.write()
+    return 0
+
+
+def aggregator(args: argparse.Namespace) -> dict[str, Any]:
+    rates = [50e3, 100e3] if args.quick else [50e3, 75e3, 100e3, 125e3, 150e3, 200e3, 250e3, 300e3]
+    step_s = 0.5 if args.quick else 2.0
+    return {"decode_rate": synthetic.decode_rate(50_000 if args.quick else 500_000),
+            "perf": synthetic.perf_ladder(256, step_s, rates),
+            "perf_wakeup_per_event": synthetic.perf_ladder(256, step_s, rates, wakeup_events=1)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
