@@ -227,6 +227,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		on_child_leaves_syn_recv(args, sk, args->sport);
 		return 0;
 	}
+	/* A tracked client socket matters only when it leaves SYN_SENT or ESTABLISHED, or
+	 * closes: skip the map lookup on every other transition (half of them). */
+	if (old != TCP_SYN_SENT && old != TCP_ESTABLISHED && new != TCP_CLOSE)
+		return 0;
 	c = conns.lookup(&key);
 	if (!c)
 		return 0;
