@@ -4,7 +4,7 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 ARGS      ?=
 
-.PHONY: all setup host run test test-quick lint clean install
+.PHONY: all setup host run test test-quick lint clean install bench
 
 # `make install`: tfowatch in its own venv (BCC comes from the distribution's python3-bpfcc),
 # the systemd unit, and a config that is never overwritten. Paths can be moved, e.g. for a test.
@@ -42,6 +42,18 @@ test: setup lint
 # Everything but the VM lab and the soak, for iteration.
 test-quick: setup
 	$(VENV)/bin/pytest -q -rs -m "not vm and not soak" tests
+
+# `make bench`: the benchmarks on this host (its best tier), then in each VM lab kernel
+# (kprobe tier, ~20 min each under emulation); results in bench/results/, table in
+# docs/PERFORMANCE.md. BENCH_ARGS go to the host run, e.g. BENCH_ARGS="--reps 3".
+BENCH_ARGS ?=
+bench: setup
+	$(PY) bench/run.py --label "Host ($$($(VENV)/bin/tfowatch probes --json | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["tier"])') tier)" \
+		--json bench/results/host.json $(BENCH_ARGS)
+	for rel in $$(grep -v '^#' tests/vm/kernels.txt); do \
+		$(PY) tests/vm/lab.py --bench $$rel tests/vm/out/bench-$$rel || exit 1; done
+	$(PY) bench/report.py
+	@echo "results: bench/results/*.json; table: docs/PERFORMANCE.md"
 
 install:
 	@[ "$$(id -u)" = 0 ] || { echo "make: install as root" >&2; exit 1; }

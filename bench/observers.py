@@ -53,7 +53,11 @@ class Observer:
     def start(self) -> None:
         self._before = set(bpf_programs())
         t0 = time.monotonic()
-        self._launch()
+        try:
+            self._launch()
+        except BaseException:
+            self.stop()  # a process that did not come up must not stay behind
+            raise
         self.startup_s = time.monotonic() - t0
         self.programs = set(bpf_programs()) - self._before
 

@@ -278,6 +278,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Stopped by a signal: unwind, so namespaces and processes are cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tier = planned_tier()
     lab = Lab()
     started = time.time()

@@ -4,7 +4,7 @@
 set -euo pipefail
 
 APT_PACKAGES=(python3-bpfcc bpfcc-tools bpftool linux-headers-amd64 python3-venv
-              iproute2 nftables prometheus tmux procps)
+              iproute2 nftables prometheus tmux procps bpftrace)
 
 "$(dirname "$0")/apt-ensure.sh" "${APT_PACKAGES[@]}"
 

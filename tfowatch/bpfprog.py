@@ -138,8 +138,8 @@ def libbcc_stderr() -> Iterator[None]:
 
 
 def release_compiler_heap() -> None:
-    """Clang/LLVM leave ~40 MB of freed heap that glibc keeps mapped; hand it back, so the
-    daemon's steady RSS is what it uses (docs/PERFORMANCE.md, "RSS")."""
+    """Clang/LLVM leave ~40 MB of freed heap that glibc keeps mapped; hand it back once the
+    programs are loaded, so the daemon's steady RSS is what it uses (docs/PERFORMANCE.md)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -183,7 +183,6 @@ class Probes:
                 self.bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags(btf, plan))
         except Exception as exc:  # BCC raises bare Exception on compile/load failure
             raise LoadError(f"BPF compile/load failed: {exc}") from exc
-        release_compiler_heap()
 
     def attach(self) -> None:
         """Attach every kprobe of the plan; tracepoints were bound at load by BCC."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from tfowatch import __version__
 from tfowatch.aggregator import Aggregator
+from tfowatch.bpfprog import release_compiler_heap
 from tfowatch.btf import Btf, BtfError
 from tfowatch.cgroups import CgroupNames
 from tfowatch.events import Event, decode
@@ -78,6 +79,7 @@ class Pipeline:
         if self.probes is not None:
             self.probes.open_events(Ingest(self.agg, keep), self.agg.add_lost, perf_pages)
         self.counters.start()
+        release_compiler_heap()
 
     def poll_once(self) -> None:
         if self.probes is not None:

@@ -1,6 +1,7 @@
 """Boot one lab kernel under qemu (virtme-ng, TCG) and run the kprobe-tier tests inside.
 
-    python tests/vm/lab.py RELEASE OUTDIR
+    python tests/vm/lab.py RELEASE OUTDIR            the kprobe-tier tests
+    python tests/vm/lab.py --bench RELEASE OUTDIR    bench/run.py in the guest (`make bench`)
 
 One boot per kernel: inside, as root, it records `tfowatch facts` and `tfowatch probes
 --json`, then runs GUEST_TESTS with JUnit XML. The host test (tests/test_vm_lab.py)
@@ -48,20 +49,50 @@ def guest_script(out: Path) -> str:
             f"> {o}/pytest.txt 2>&1; echo $? > {o}/pytest.rc")
 
 
-def boot(release: str, out: Path) -> subprocess.CompletedProcess[str]:
+# Under TCG a connection costs ~30x what it does on the host: fewer, shorter repetitions and
+# a fixed rate the guest can hold.
+GUEST_BENCH_ARGS = ["--reps", "3", "--seconds", "5", "--rate", "200"]
+
+
+def bench_script(release: str, out: Path) -> str:
+    py = shlex.quote(str(VENV_BIN / "python"))
+    o = shlex.quote(str(out))
+    args = " ".join(shlex.quote(a) for a in [*GUEST_BENCH_ARGS, "--label",
+                                               f"VM lab (kprobe tier, Debian {release}, qemu TCG)"])
+    return (f"cd {shlex.quote(str(ROOT))} && export PYTHONDONTWRITEBYTECODE=1 && "
+            f"{py} bench/run.py {args} --json {o}/bench.json > {o}/bench.txt 2>&1; "
+            f"echo $? > {o}/bench.rc")
+
+
+def boot(release: str, out: Path, script: str = "") -> subprocess.CompletedProcess[str]:
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.iterdir():
         stale.unlink()
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
     cmd = [str(VENV_BIN / "vng"), "--run", f"/boot/vmlinuz-{release}", "--disable-kvm",
            "--force-9p", "--cpus", "2", "--memory", "2G", "--verbose", "--rwdir", str(out),
-           "--exec", guest_script(out)]
+           "--exec", script or guest_script(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=BOOT_TIMEOUT_S)
     (out / "console.txt").write_text(res.stdout + res.stderr)
     return res
 
 
+def bench(release: str, out: Path) -> int:
+    res = boot(release, out, bench_script(release, out))
+    rc = (out / "bench.rc").read_text().strip() if (out / "bench.rc").exists() else "none"
+    print(f"{release}: vng exit {res.returncode}, guest bench exit {rc}")
+    if rc != "0":
+        print((out / "bench.txt").read_text()[-3000:] if (out / "bench.txt").exists() else "", file=sys.stderr)
+        return 1
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"vm-{release}.json").write_text((out / "bench.json").read_text())
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1] == "--bench":
+        return bench(sys.argv[2], Path(sys.argv[3]))
     release, out = sys.argv[1], Path(sys.argv[2])
     res = boot(release, out)
     rc = (out / "pytest.rc").read_text().strip() if (out / "pytest.rc").exists() else "none"

@@ -1,0 +1,76 @@
+"""Benchmark smoke test: `bench/run.py --quick` runs end to end (seconds, one repetition) and
+its JSON holds every figure docs/PERFORMANCE.md reports; the report renders from it. The
+numbers themselves are not judged here: they live in bench/results/ (`make bench`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from netlab import skip_unless_root_bpf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import report  # noqa: E402
+from run import CONDITIONS, WORKLOADS  # noqa: E402
+
+PER_CONDITION = ["startup_s", "cpu_ms_per_1k", "bpf_ms_per_1k", "machine_cpu_ms_per_1k",
+                 "machine_cpu_ms_per_1k_over_none"] + \
+    [f"{w}_{k}" for w in WORKLOADS for k in ("rate", "ratio")]
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    skip_unless_root_bpf("benchmark smoke test", "bpftrace", "bpftool")
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+
+def test_every_condition_has_every_figure(result: dict) -> None:
+    summary = result["overhead"]["summary"]
+    assert set(summary) == set(CONDITIONS)
+    for name in CONDITIONS:
+        for key in PER_CONDITION:
+            assert summary[name][key]["n"] == 1, (name, key)
+        assert summary[name]["tfo_rate"]["median"] > 0, name
+    for name in ("tfowatch", "counters"):
+        assert summary[name]["rss_bytes"]["median"] > 0
+    # Programs of their own: tfowatch and bpftrace load some, counters-only and nothing none.
+    rows = result["overhead"]["reps"][0]["rows"]
+    assert rows["tfowatch"]["bpf_programs"] > 0 and rows["bpftrace"]["bpf_programs"] > 0
+    assert rows["none"]["bpf_programs"] == rows["counters"]["bpf_programs"] == 0
+
+
+def test_exactness_is_measured_against_the_kernel(result: dict) -> None:
+    rows = result["overhead"]["reps"][0]["rows"]["tfowatch"]["exactness"]
+    assert rows["syn_data_accepted_kernel"] > 0 and rows["events_emitted"] > 0
+    ex = result["overhead"]["summary"]["tfowatch"]["exactness"]
+    assert {"max_abs_drift", "events_lost", "events_per_s", "accepted_equal"} <= set(ex)
+
+
+def test_scrape_latency_at_each_series_count(result: dict) -> None:
+    points = result["scrape"]
+    assert [p["target_series"] for p in points] == [200, 1000]
+    for p in points:
+        assert p["series"] >= p["target_series"] and p["scrape_s"]["median"] > 0
+
+
+def test_aggregator_capacity(result: dict) -> None:
+    agg = result["aggregator"]
+    assert agg["decode_rate"] > 0
+    for ladder in (agg["perf"], agg["perf_wakeup_per_event"]):
+        assert ladder["steps"] and all(s["offered"] > 0 for s in ladder["steps"])
+        assert "max_zero_loss_rate" in ladder and "first_loss_rate" in ladder
+
+
+def test_report_renders_every_section(result: dict) -> None:
+    text = "\n".join(report.section(result))
+    for heading in ("| Target |", "| Beside the load |", "| Series |", "| Offered events/s |"):
+        assert heading in text
+    assert text.count("| yes |") + text.count("| **no** |") == 7
