@@ -82,7 +82,8 @@ def bench(release: str, out: Path) -> int:
     rc = (out / "bench.rc").read_text().strip() if (out / "bench.rc").exists() else "none"
     print(f"{release}: vng exit {res.returncode}, guest bench exit {rc}")
     if rc != "0":
-        print((out / "bench.txt").read_text()[-3000:] if (out / "bench.txt").exists() else "", file=sys.stderr)
+        log = out / "bench.txt"
+        print(log.read_text()[-3000:] if log.exists() else "", file=sys.stderr)
         return 1
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
