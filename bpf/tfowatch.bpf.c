@@ -13,9 +13,11 @@
  *   BLACKHOLE_KPROBE tcp_fastopen_active_disable attached
  *   PLAIN_CONNECTS  also report connects that did not attempt TFO (doctor --watch;
  *                   off for `run`, where it would cost an event per connection)
+ *   IN_KERNEL_COUNTS count events per label set in `counts` (`run`); `top` and `doctor`
+ *                   need every event (pid, remote address) and leave it off
  *
- * Every event increments `totals` (exact, per CPU, never lost) and is also sent
- * through the `events` perf buffer for attribution in Python.
+ * Every event increments `totals` (exact, per CPU, never lost) and is also either
+ * counted in `counts` or sent through the `events` perf buffer for attribution in Python.
  */
 #include <uapi/linux/ptrace.h>
 #include "tfowatch.h"
@@ -34,6 +36,9 @@
 
 BPF_PERCPU_ARRAY(totals, u64, EV_TYPE_MAX);
 BPF_PERF_OUTPUT(events);
+#if IN_KERNEL_COUNTS
+BPF_HASH(counts, struct count_key, struct count_val, MAX_COUNTS);
+#endif
 
 /* Client sockets between connect() and their fate; LRU bounds memory. */
 struct conn {
@@ -81,6 +86,35 @@ static __always_inline u32 sk_netns(const void *sk)
 	return net_inum(sk_net(sk));
 }
 
+#if IN_KERNEL_COUNTS
+/* 1 when counted in `counts`; 0 when the event must go out as a sample instead. */
+static __always_inline int count_in_kernel(const struct tfo_event *ev)
+{
+	struct count_key k = {};
+	struct count_val init = {}, *v;
+
+	if (ev->type == EV_TW_REUSE_GRANTED || ev->type == EV_TW_REUSE_REFUSED)
+		return 0;
+	k.cgroup_id = ev->cgroup_id;
+	k.netns = ev->netns;
+	k.type = ev->type;
+	k.port = ev->port;
+	k.reason = ev->reason;
+	__builtin_memcpy(k.comm, ev->comm, sizeof(k.comm));
+	v = counts.lookup(&k);
+	if (!v) {
+		init.pid = ev->pid;
+		counts.insert(&k, &init); /* fails if another CPU was first, or the map is full */
+		v = counts.lookup(&k);
+		if (!v)
+			return 0;
+	}
+	__sync_fetch_and_add(&v->count, 1);
+	v->pid = ev->pid;
+	return 1;
+}
+#endif
+
 static __always_inline void emit(void *ctx, struct tfo_event *ev)
 {
 	u32 idx = ev->type;
@@ -88,6 +122,10 @@ static __always_inline void emit(void *ctx, struct tfo_event *ev)
 
 	if (n)
 		(*n)++;
+#if IN_KERNEL_COUNTS
+	if (count_in_kernel(ev))
+		return;
+#endif
 	ev->ts_ns = bpf_ktime_get_ns();
 	events.perf_submit(ctx, ev, sizeof(*ev));
 }

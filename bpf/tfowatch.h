@@ -47,4 +47,24 @@ struct tfo_event {
 	__u16 family;    /* client events: AF_INET or AF_INET6; 0 for server */
 };
 
+/* In-kernel counts (IN_KERNEL_COUNTS, `tfowatch run`): one entry per label set of an
+ * event, so the daemon reads a map at scrape time instead of one perf sample per event.
+ * TIME-WAIT events (their age feeds a histogram) and events that find the map full still
+ * go through the perf buffer. */
+struct count_key {
+	__u64 cgroup_id; /* as tfo_event */
+	__u32 netns;
+	__u32 type;      /* enum tfo_event_type */
+	__u16 port;
+	__u8 reason;
+	__u8 pad;
+	char comm[16];
+};
+
+struct count_val {
+	__u64 count;
+	__u32 pid;       /* the last process seen with this key: names its cgroup */
+	__u32 pad;
+};
+
 #endif

@@ -34,7 +34,8 @@ def compile_with(overrides: dict[str, int]) -> Any:
     return bcc.BPF(src_file=str(bpfprog.SOURCE).encode(), cflags=flags)
 
 
-@pytest.mark.parametrize("variant", [{}, {"PLAIN_CONNECTS": 1}])  # run; doctor --watch
+# run (counts in the kernel); top; doctor --watch
+@pytest.mark.parametrize("variant", [{"IN_KERNEL_COUNTS": 1}, {}, {"PLAIN_CONNECTS": 1}])
 def test_tracepoint_tier_loads(variant: dict[str, int]) -> None:
     b = compile_with(variant)
     try:
@@ -50,6 +51,7 @@ def test_tracepoint_tier_loads(variant: dict[str, int]) -> None:
     {"HAVE_TW_ENTRY_STAMP": 0},
     {"HAVE_SYN_FASTOPEN_CHILD": 0, "HAVE_CLIENT_FAIL": 0},
     {"PLAIN_CONNECTS": 1},
+    {"IN_KERNEL_COUNTS": 1},
 ])
 def test_kprobe_programs_pass_the_verifier(variant: dict[str, int]) -> None:
     bcc = bpfprog.import_bcc()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tfowatch import bpfprog
-from tfowatch.events import EV_TYPE_MAX, EventType, RawEvent, RefuseReason
+from tfowatch.events import EV_TYPE_MAX, CountKey, CountVal, EventType, RawEvent, RefuseReason
 
 HEADER = bpfprog.BPF_DIR / "tfowatch.h"
 
@@ -32,22 +32,25 @@ def test_refuse_reasons_match_header() -> None:
     assert c_enum("tw_refuse_reason") == {f"TW_{r.name}": r.value for r in RefuseReason}
 
 
-def test_struct_layout_matches_compiled_c(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("struct", "mirror"), [("tfo_event", RawEvent), ("count_key", CountKey),
+                                               ("count_val", CountVal)])
+def test_struct_layout_matches_compiled_c(tmp_path: Path, struct: str,
+                                          mirror: type[ctypes.Structure]) -> None:
     """Compile the header with the C compiler and compare offsets and sizes field by field."""
-    fields = [name for name, *_ in RawEvent._fields_]
-    prints = "".join(f'printf("{f} %zu %zu\\n", offsetof(struct tfo_event, {f}), '
-                     f"sizeof(((struct tfo_event *)0)->{f}));" for f in fields)
+    fields = [name for name, *_ in mirror._fields_]
+    prints = "".join(f'printf("{f} %zu %zu\\n", offsetof(struct {struct}, {f}), '
+                     f"sizeof(((struct {struct} *)0)->{f}));" for f in fields)
     src = tmp_path / "layout.c"
     src.write_text("#include <stdio.h>\n#include <stddef.h>\n#include <linux/types.h>\n"
                    f'#include "{HEADER}"\nint main(void) {{ {prints} '
-                   'printf("sizeof %zu 0\\n", sizeof(struct tfo_event)); return 0; }\n')
+                   f'printf("sizeof %zu 0\\n", sizeof(struct {struct})); return 0; }}\n')
     exe = tmp_path / "layout"
     subprocess.run(["cc", "-o", str(exe), str(src)], check=True)
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
     rows = (line.split() for line in out.splitlines())
     c_layout = {name: (int(off), int(size)) for name, off, size in rows}
-    py_layout = {f: (getattr(RawEvent, f).offset, getattr(RawEvent, f).size) for f in fields}
-    py_layout["sizeof"] = (ctypes.sizeof(RawEvent), 0)
+    py_layout = {f: (getattr(mirror, f).offset, getattr(mirror, f).size) for f in fields}
+    py_layout["sizeof"] = (ctypes.sizeof(mirror), 0)
     assert c_layout == py_layout
 
 

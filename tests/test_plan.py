@@ -37,7 +37,8 @@ def test_debian_kernels_get_the_kprobe_tier(release: str) -> None:
     assert plan.events == set(EVENT_METRIC)  # every metric's events (plain connects are doctor's)
     assert "tfowatch_tw_reuse_age_seconds" in {m.name for m in plan.metrics}
     assert plan.defines == {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 1, "TW_KPROBE": 1,
-                            "BLACKHOLE_KPROBE": 1, "PLAIN_CONNECTS": 0}
+                            "BLACKHOLE_KPROBE": 1, "PLAIN_CONNECTS": 0,
+                            "IN_KERNEL_COUNTS": 0}
     # Substitutes say what they replace and why; tcp_twsk_unique is used as designed.
     subs = {r.point: r.substitute for r in plan.points}
     assert subs["tcp_fastopen_cookie_gen"] and subs["tcp_send_syn_data"]

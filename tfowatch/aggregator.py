@@ -94,30 +94,32 @@ class Aggregator:
             values["reason"] = "" if granted else _refuse_reason(ev.reason)
         return tuple(values[name] for name in metric.labels)
 
-    def _bounded(self, metric_name: str, series: Mapping[Labels, object], key: Labels) -> Labels:
+    def _bounded(self, metric_name: str, series: Mapping[Labels, object], key: Labels,
+                 n: int = 1) -> Labels:
         if key in series or len(series) < self.series_cap:
             return key
-        self._dropped[metric_name] += 1
+        self._dropped[metric_name] += n
         return (OTHER,) * len(key)
 
-    def add(self, ev: Event) -> None:
+    def add(self, ev: Event, n: int = 1) -> None:
+        """Count `ev` n times (n > 1: an in-kernel count, never a TIME-WAIT event)."""
         if ev.type not in EVENT_METRIC:  # e.g. plain connects: doctor's, not a metric
             with self._lock:
-                self._received[ev.type] += 1
+                self._received[ev.type] += n
             return
         metric, _ = EVENT_METRIC[ev.type]
         with self._lock:
             key = self._cached_labels(ev)
-            self._received[ev.type] += 1
+            self._received[ev.type] += n
             series = self._counters[metric]
-            key = self._bounded(metric.name, series, key)
-            series[key] = series.get(key, 0) + 1
+            key = self._bounded(metric.name, series, key, n)
+            series[key] = series.get(key, 0) + n
             if metric is TW_REUSE:
                 hkey = self._bounded(TW_REUSE_AGE.name, self._hist, (key[0], key[4]))
                 self._hist.setdefault(hkey, Histogram()).observe(ev.age_ms / 1000.0)
             if ev.netns in self._netns_seen or len(self._netns_seen) < self.series_cap:
                 self._netns_seen.add(ev.netns)
-                self._per_netns[(ev.netns, ev.type)] += 1
+                self._per_netns[(ev.netns, ev.type)] += n
 
     def add_lost(self, count: int) -> None:
         with self._lock:

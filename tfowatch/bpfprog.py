@@ -67,6 +67,7 @@ OPTIONAL_BITFIELDS = {"SYN_FASTOPEN_CHILD": "HAVE_SYN_FASTOPEN_CHILD",
                       "CLIENT_FAIL": "HAVE_CLIENT_FAIL"}
 
 MAX_CONNS = 65536
+MAX_COUNTS = 16384  # label sets counted in the kernel; beyond, events go out as samples
 # A CPU's perf buffer wakes the poller once per WAKEUP_EVENTS events instead of once per
 # event; poll() then consumes whatever is there, so no event waits longer than one poll.
 # With wakeup per event, the wakeups cost the traced (connecting) tasks more than the
@@ -104,7 +105,7 @@ def offset_defines(btf: Btf) -> dict[str, int]:
 
 
 def cflags(btf: Btf, plan: Plan) -> list[str]:
-    defines = offset_defines(btf) | plan.defines | {"MAX_CONNS": MAX_CONNS}
+    defines = offset_defines(btf) | plan.defines | {"MAX_CONNS": MAX_CONNS, "MAX_COUNTS": MAX_COUNTS}
     return [f"-I{BPF_DIR}", "-Wno-pointer-arith", "-Wno-unused-function",
             "-Wno-unused-variable", "-Wno-unused-parameter"] + \
         [f"-D{k}={v}" for k, v in sorted(defines.items())]
@@ -214,6 +215,12 @@ class Probes:
     def consume(self) -> None:
         if self.reader is not None:
             self.reader.consume()
+
+    def counts(self) -> list[tuple[Any, int, int]]:
+        """(CountKey, count, last pid) of every label set counted in the kernel."""
+        if not self.plan.defines.get("IN_KERNEL_COUNTS"):
+            return []
+        return [(k, v.count, v.pid) for k, v in self.bpf["counts"].items()]
 
     def totals(self) -> list[int]:
         """Exact per-type event counts kept in the kernel (summed over CPUs)."""

@@ -61,6 +61,28 @@ class RawEvent(ctypes.Structure):
     ]
 
 
+class CountKey(ctypes.Structure):
+    """struct count_key: the label set of an event counted in the kernel."""
+    _fields_ = [
+        ("cgroup_id", ctypes.c_uint64),
+        ("netns", ctypes.c_uint32),
+        ("type", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("reason", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("comm", ctypes.c_char * 16),
+    ]
+
+
+class CountVal(ctypes.Structure):
+    """struct count_val: how often, and the last process seen."""
+    _fields_ = [
+        ("count", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
 EVENT_SIZE = ctypes.sizeof(RawEvent)
 _CODES: dict[object, str] = {ctypes.c_uint64: "Q", ctypes.c_uint32: "I", ctypes.c_uint16: "H",
                              ctypes.c_uint8: "B"}
@@ -126,6 +148,14 @@ def decode(data: bytes | int, cgroup_name: Callable[[int, int], str] | None = No
         cgroup=cgroup_name(cgroup_id, pid) if cgroup_id and cgroup_name else "",
         daddr=_address(family, daddr),
     )
+
+
+def counted(key: CountKey, pid: int, cgroup_name: Callable[[int, int], str] | None = None) -> Event:
+    """The event an in-kernel count stands for (one of `count` identical ones)."""
+    return Event(type=_TYPES.get(key.type) or EventType(key.type), netns=key.netns, port=key.port,
+                 pid=pid, comm=key.comm.decode(errors="replace"), reason=key.reason,
+                 cgroup_id=key.cgroup_id,
+                 cgroup=cgroup_name(key.cgroup_id, pid) if key.cgroup_id and cgroup_name else "")
 
 
 def encode(ev: Event) -> bytes:

@@ -14,7 +14,7 @@ from tfowatch.aggregator import Aggregator
 from tfowatch.bpfprog import release_compiler_heap
 from tfowatch.btf import Btf, BtfError
 from tfowatch.cgroups import CgroupNames
-from tfowatch.events import Event, decode
+from tfowatch.events import Event, counted, decode
 from tfowatch.exporter import ExportState
 from tfowatch.kernel import KernelFacts, detect, perf_events_denied
 from tfowatch.plan import Plan, PlanError, fall_back, resolve
@@ -25,13 +25,15 @@ POLL_MS = 50
 EventFilter = Callable[[Event], bool]
 
 
-def load_plan(facts: KernelFacts, mode: str, plain_connects: bool = False) -> tuple[Plan, Any]:
+def load_plan(facts: KernelFacts, mode: str, plain_connects: bool = False,
+              in_kernel_counts: bool = False) -> tuple[Plan, Any]:
     """Resolve and attach, falling one tier down per failure in auto mode."""
     from tfowatch.bpfprog import LoadError, Probes
 
     plan = resolve(facts, mode)
     while plan.tier != "counters":
         plan.defines["PLAIN_CONNECTS"] = int(plain_connects)
+        plan.defines["IN_KERNEL_COUNTS"] = int(in_kernel_counts)
         try:
             btf = Btf.load()
             probes = Probes(plan, btf)
@@ -71,13 +73,20 @@ class Pipeline:
 
     def __init__(self, mode: str = "auto", series_cap: int = 1000, perf_pages: int = 256,
                  keep: EventFilter | None = None, facts: KernelFacts | None = None,
-                 plain_connects: bool = False) -> None:
+                 plain_connects: bool = False, in_kernel_counts: bool = False) -> None:
+        """in_kernel_counts: count events per label set in a BPF map, read at each state(),
+        instead of one perf sample per event (`run`; not with `keep`, which sees events)."""
+        if in_kernel_counts and keep is not None:
+            raise ValueError("a filter needs every event: no in-kernel counts with `keep`")
         self.facts = facts or detect()
-        self.plan, self.probes = load_plan(self.facts, mode, plain_connects)
+        self.plan, self.probes = load_plan(self.facts, mode, plain_connects, in_kernel_counts)
         self.agg = Aggregator(series_cap)
+        self._folded: dict[bytes, int] = {}  # in-kernel count already added, per key
+        self._folding = threading.Lock()
         self.counters = KernelCounters(max_namespaces=series_cap)
         if self.probes is not None:
-            self.probes.open_events(Ingest(self.agg, keep), self.agg.add_lost, perf_pages)
+            self.ingest = Ingest(self.agg, keep)
+            self.probes.open_events(self.ingest, self.agg.add_lost, perf_pages)
         self.counters.start()
         release_compiler_heap()
 
@@ -92,9 +101,18 @@ class Pipeline:
             self.poll_once()
 
     def drain(self) -> None:
-        """Read everything submitted before this call (in this thread, at once)."""
-        if self.probes is not None:
-            self.probes.consume()
+        """Read everything submitted before this call (in this thread, at once): the perf
+        buffers, and what the in-kernel counts gained since the last call."""
+        if self.probes is None:
+            return
+        self.probes.consume()
+        with self._folding:
+            for key, count, pid in self.probes.counts():
+                raw = bytes(key)
+                gained = count - self._folded.get(raw, 0)
+                if gained:
+                    self._folded[raw] = count
+                    self.agg.add(counted(key, pid, self.ingest.cgroups.name), gained)
 
     def attached(self) -> list[tuple[str, str, str, bool]]:
         out = []

@@ -209,6 +209,7 @@ def resolve(facts: KernelFacts, mode: str = "auto") -> Plan:
         "TW_KPROBE": int("on_twsk_unique" in kprobed),
         "BLACKHOLE_KPROBE": int("on_active_disable" in kprobed),
         "PLAIN_CONNECTS": 0,  # `doctor --watch` turns it on
+        "IN_KERNEL_COUNTS": 0,  # `run` turns it on
     }
     return Plan(mode=mode, tier=tier, points=points, defines=defines, events=events)
 
