@@ -11,18 +11,22 @@ from test_plan import facts
 
 from tfowatch.aggregator import Aggregator
 from tfowatch.events import EV_TYPE_MAX, Event, EventType, RefuseReason
-from tfowatch.exporter import ExportState, TfoCollector
+from tfowatch.exporter import ExportState, Scrape, TfoCollector
 from tfowatch.plan import Plan, resolve
 from tfowatch.reconcile import drift
 
 
-def exposition(plan: Plan, agg: Aggregator, kernel: dict[int, dict[str, int]]) -> str:
+def export_state(plan: Plan, agg: Aggregator, kernel: dict[int, dict[str, int]]) -> ExportState:
     snap = agg.snapshot()
     deltas = kernel  # baseline 0: namespaces created after start
-    state = ExportState(plan=plan, snap=snap, totals=[0] * EV_TYPE_MAX, kernel=kernel, unreadable=0,
-                        drift=drift(snap, deltas, plan.reconciled),
-                        attached=[("tcp_twsk_unique", "kprobe:tcp_twsk_unique", "kprobe", True)],
-                        version="0.1.0", kernel_release="6.1.0-56-amd64", series_cap=agg.series_cap)
+    return ExportState(plan=plan, snap=snap, totals=[0] * EV_TYPE_MAX, kernel=kernel, unreadable=0,
+                       drift=drift(snap, deltas, plan.reconciled),
+                       attached=[("tcp_twsk_unique", "kprobe:tcp_twsk_unique", "kprobe", True)],
+                       version="0.1.0", kernel_release="6.1.0-56-amd64", series_cap=agg.series_cap)
+
+
+def exposition(plan: Plan, agg: Aggregator, kernel: dict[int, dict[str, int]]) -> str:
+    state = export_state(plan, agg, kernel)
     reg = CollectorRegistry()
     reg.register(TfoCollector(lambda: state))
     return generate_latest(reg).decode()
@@ -71,3 +75,18 @@ def test_promtool_check_metrics(release: str) -> None:
     text = exposition(resolve(facts(release), "auto"), busy_aggregator(), {7: {"TWRecycled": 3}})
     res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_scrape_writes_what_prometheus_client_writes() -> None:
+    """/metrics renders the probe counters itself (ProbeText): line for line what
+    prometheus_client writes for the same state, odd label values included."""
+    agg = busy_aggregator()
+    for comm in ['quo"te', "back\\slash", "new\nline", "ünï"]:
+        agg.add(Event(EventType.SYN_DATA_SENT, netns=8, port=443, comm=comm, cgroup="/a b"))
+    state = export_state(resolve(facts("6.1."), "auto"), agg, {7: {"TCPFastOpenPassive": 1}})
+    slow = exposition(resolve(facts("6.1."), "auto"), agg, {7: {"TCPFastOpenPassive": 1}})
+    scrape = Scrape(lambda: state)
+    for _ in range(2):  # the second time from the kept label prefixes
+        fast = scrape.render().decode()
+        own = [line for line in fast.splitlines() if "tfowatch_process_" not in line]
+        assert sorted(own) == sorted(slow.splitlines())

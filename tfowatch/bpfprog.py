@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import importlib
 import logging
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tfowatch.btf import Btf, BtfError
-from tfowatch.events import EV_TYPE_MAX
+from tfowatch.events import EV_TYPE_MAX, CountKey, CountVal, struct_of
 from tfowatch.plan import Attachment, Plan
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ OPTIONAL_BITFIELDS = {"SYN_FASTOPEN_CHILD": "HAVE_SYN_FASTOPEN_CHILD",
 
 MAX_CONNS = 65536
 MAX_COUNTS = 16384  # label sets counted in the kernel; beyond, events go out as samples
+COUNT_VAL = struct_of(CountVal)
 # A CPU's perf buffer wakes the poller once per WAKEUP_EVENTS events instead of once per
 # event; poll() then consumes whatever is there, so no event waits longer than one poll.
 # With wakeup per event, the wakeups cost the traced (connecting) tasks more than the
@@ -138,6 +140,32 @@ def libbcc_stderr() -> Iterator[None]:
                     log.debug("libbcc: %s", line)
 
 
+def read_counts(fd: int, keys: Any, vals: Any) -> list[tuple[bytes, int, int]]:
+    """BPF_MAP_LOOKUP_BATCH over the whole `counts` hash into `keys` and `vals` (arrays of
+    CountKey and CountVal as long as the map), parsed with struct."""
+    lib = importlib.import_module("bcc.libbcc").lib
+    capacity = len(keys)
+    token, count, total = ctypes.c_uint32(0), ctypes.c_uint32(0), 0
+    ksize, vsize = ctypes.sizeof(CountKey), ctypes.sizeof(CountVal)
+    while total < capacity:
+        count.value = capacity - total
+        res = lib.bpf_lookup_batch(fd, ctypes.byref(token) if total else None, ctypes.byref(token),
+                                   ctypes.byref(keys, ksize * total), ctypes.byref(vals, vsize * total),
+                                   ctypes.byref(count))
+        err = ctypes.get_errno()
+        total += count.value
+        if res != 0:
+            if err != errno.ENOENT:  # ENOENT: the whole map has been read
+                raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+            break
+        if count.value == 0:
+            break
+    kraw = ctypes.string_at(keys, ksize * total)
+    vraw = ctypes.string_at(vals, vsize * total)
+    return [(kraw[i * ksize:(i + 1) * ksize], n, pid)
+            for i, (n, pid, _) in enumerate(COUNT_VAL.iter_unpack(vraw))]
+
+
 def release_compiler_heap() -> None:
     """Clang/LLVM leave ~40 MB of freed heap that glibc keeps mapped; hand it back once the
     programs are loaded, so the daemon's steady RSS is what it uses (docs/PERFORMANCE.md)."""
@@ -179,6 +207,7 @@ class Probes:
         self.plan = plan
         self.attached: dict[Attachment, bool] = {}
         self.reader: EventReader | None = None
+        self._count_bufs: tuple[Any, Any] | None = None
         try:
             with libbcc_stderr():
                 self.bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags(btf, plan))
@@ -216,11 +245,14 @@ class Probes:
         if self.reader is not None:
             self.reader.consume()
 
-    def counts(self) -> list[tuple[Any, int, int]]:
-        """(CountKey, count, last pid) of every label set counted in the kernel."""
+    def counts(self) -> list[tuple[bytes, int, int]]:
+        """(struct count_key bytes, count, last pid) of every label set counted in the kernel,
+        read in batches (one system call per ~MAX_COUNTS entries, not two per entry)."""
         if not self.plan.defines.get("IN_KERNEL_COUNTS"):
             return []
-        return [(k, v.count, v.pid) for k, v in self.bpf["counts"].items()]
+        if self._count_bufs is None:  # allocated once: ~1 MB, reused by every scrape
+            self._count_bufs = ((CountKey * MAX_COUNTS)(), (CountVal * MAX_COUNTS)())
+        return read_counts(self.bpf["counts"].map_fd, *self._count_bufs)
 
     def totals(self) -> list[int]:
         """Exact per-type event counts kept in the kernel (summed over CPUs)."""

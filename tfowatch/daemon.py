@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tfowatch.config import Settings
-from tfowatch.exporter import TfoCollector, registry
+from tfowatch.exporter import Scrape
 from tfowatch.pipeline import Pipeline
 from tfowatch.web import MetricsServer
 
@@ -16,7 +16,7 @@ class Daemon(Pipeline):
         self.server = server
 
     def serve(self) -> None:
-        self.server.start(registry(TfoCollector(self.state)))
+        self.server.start(Scrape(self.state))
 
     def close(self) -> None:
         # The server goes first: no scrape may read BPF maps that are being closed.

@@ -88,7 +88,7 @@ _CODES: dict[object, str] = {ctypes.c_uint64: "Q", ctypes.c_uint32: "I", ctypes.
                              ctypes.c_uint8: "B"}
 
 
-def _struct_of(layout: type[ctypes.Structure]) -> struct.Struct:
+def struct_of(layout: type[ctypes.Structure]) -> struct.Struct:
     """A struct.Struct for `layout`, with its padding: unpacking with it is several times
     faster than reading ctypes fields, and RawEvent stays the one mirror of the C struct."""
     fmt, at = "<", 0
@@ -100,7 +100,7 @@ def _struct_of(layout: type[ctypes.Structure]) -> struct.Struct:
     return struct.Struct(fmt + "x" * (ctypes.sizeof(layout) - at))
 
 
-_RAW = _struct_of(RawEvent)
+_RAW = struct_of(RawEvent)
 _TYPES = {t.value: t for t in EventType}
 _FAMILY_LEN: dict[int, int] = {socket.AF_INET: 4, socket.AF_INET6: 16}
 

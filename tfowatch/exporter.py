@@ -6,10 +6,11 @@ otherwise); `tfowatch probes` tells which tier provides what.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import disable_created_metrics
+from prometheus_client import disable_created_metrics, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -18,8 +19,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
-from tfowatch.aggregator import Snapshot
+from tfowatch.aggregator import Labels, Snapshot
 from tfowatch.events import EventType
 from tfowatch.metrics import TW_AGE_BUCKETS, TW_REUSE_AGE
 from tfowatch.plan import Plan
@@ -44,22 +46,28 @@ def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
 
 
 class TfoCollector(Collector):
+    """Every family, through prometheus_client; with `pinned` set (a Scrape in progress),
+    the state of that scrape and no probe counters, which the Scrape renders itself."""
+
     def __init__(self, state: Callable[[], ExportState]) -> None:
         self._state = state
+        self.pinned: ExportState | None = None
 
     def describe(self) -> list[Metric]:
         return []  # families depend on the tier: collect at scrape time only
 
     def collect(self) -> Iterator[Metric]:
-        st = self._state()
-        yield from self._probe_metrics(st)
+        st = self.pinned or self._state()
+        yield from self._probe_metrics(st, counters=self.pinned is None)
         yield from self._kernel_metrics(st)
         yield from self._self_metrics(st)
 
-    def _probe_metrics(self, st: ExportState) -> Iterator[Metric]:
+    def _probe_metrics(self, st: ExportState, counters: bool = True) -> Iterator[Metric]:
         for m in st.plan.metrics:
             if m is TW_REUSE_AGE:
                 yield self._age_histogram(st)
+                continue
+            if not counters:
                 continue
             fam = _counter(m.name, m.help, list(m.labels))
             for labels, value in sorted(st.snap.counters.get(m, {}).items()):
@@ -133,6 +141,59 @@ class TfoCollector(Collector):
                                  labels=["version", "kernel", "mode", "tier"])
         info.add_metric([st.version, st.kernel_release, st.plan.mode, st.plan.tier], 1)
         yield info
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+
+
+class ProbeText:
+    """The probe counter families in the text format (0.0.4), as prometheus_client would
+    write them (tests/test_exporter.py compares the two), but with each label set's
+    `name{...}` written once and kept: per scrape only the values are formatted, which is
+    what makes a 10k-series scrape take milliseconds (docs/PERFORMANCE.md)."""
+
+    def __init__(self) -> None:
+        self._prefix: dict[tuple[str, Labels], str] = {}
+
+    def _line_prefix(self, name: str, labelnames: tuple[str, ...], labels: Labels) -> str:
+        if len(self._prefix) > 100_000:  # label sets come and go (namespaces, processes)
+            self._prefix.clear()
+        pairs = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(zip(labelnames, labels, strict=True)))
+        prefix = self._prefix[(name, labels)] = f"{name}{{{pairs}}} "
+        return prefix
+
+    def render(self, st: ExportState) -> str:
+        out: list[str] = []
+        for m in st.plan.metrics:
+            if m is TW_REUSE_AGE:
+                continue
+            help_text = m.help.replace("\\", r"\\").replace("\n", r"\n")
+            out.append(f"# HELP {m.name} {help_text}\n# TYPE {m.name} counter\n")
+            for labels, value in st.snap.counters.get(m, {}).items():
+                prefix = self._prefix.get((m.name, labels)) or self._line_prefix(m.name, m.labels, labels)
+                out.append(prefix + floatToGoString(value) + "\n")  # type: ignore[no-untyped-call]
+        return "".join(out)
+
+
+class Scrape:
+    """One /metrics answer: the state is taken once; the probe counters are rendered by
+    ProbeText, everything else by prometheus_client from the same state."""
+
+    def __init__(self, state: Callable[[], ExportState]) -> None:
+        self.collector = TfoCollector(state)
+        self.registry = registry(self.collector)
+        self._state = state
+        self._text = ProbeText()
+        self._lock = threading.Lock()  # one scrape at a time: they share `pinned`
+
+    def render(self) -> bytes:
+        with self._lock:
+            st = self.collector.pinned = self._state()
+            try:
+                return self._text.render(st).encode() + generate_latest(self.registry)
+            finally:
+                self.collector.pinned = None
 
 
 def registry(collector: TfoCollector) -> CollectorRegistry:

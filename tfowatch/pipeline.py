@@ -14,7 +14,7 @@ from tfowatch.aggregator import Aggregator
 from tfowatch.bpfprog import release_compiler_heap
 from tfowatch.btf import Btf, BtfError
 from tfowatch.cgroups import CgroupNames
-from tfowatch.events import Event, counted, decode
+from tfowatch.events import CountKey, Event, counted, decode
 from tfowatch.exporter import ExportState
 from tfowatch.kernel import KernelFacts, detect, perf_events_denied
 from tfowatch.plan import Plan, PlanError, fall_back, resolve
@@ -107,11 +107,11 @@ class Pipeline:
             return
         self.probes.consume()
         with self._folding:
-            for key, count, pid in self.probes.counts():
-                raw = bytes(key)
+            for raw, count, pid in self.probes.counts():
                 gained = count - self._folded.get(raw, 0)
                 if gained:
                     self._folded[raw] = count
+                    key = CountKey.from_buffer_copy(raw)
                     self.agg.add(counted(key, pid, self.ingest.cgroups.name), gained)
 
     def attached(self) -> list[tuple[str, str, str, bool]]:

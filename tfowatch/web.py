@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gzip
 import hashlib
 import logging
 import secrets
@@ -23,8 +24,9 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import bcrypt
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram
 
+from tfowatch.exporter import Scrape
 from tfowatch.webconfig import WebConfig
 
 log = logging.getLogger(__name__)
@@ -161,8 +163,9 @@ class MetricsServer:
         elif self._conn_events is not None:
             self._conn_events.labels(what).inc()
 
-    def start(self, registry: CollectorRegistry) -> None:
-        """Serve `registry` (plus the server's own metrics) from a thread."""
+    def start(self, scrape: Scrape) -> None:
+        """Serve `scrape` (plus the server's own metrics, added to its registry) from a thread."""
+        registry = scrape.registry
         self._requests = Counter("tfowatch_http_requests", "HTTP requests answered, by status code.",
                                  ["code"], registry=registry)
         self._scrape = Histogram("tfowatch_scrape_duration_seconds",
@@ -171,12 +174,12 @@ class MetricsServer:
         self._conn_events = Counter("tfowatch_http_connections_refused",
                                     "Connections closed before HTTP: rejected (over max_connections) "
                                     "or tls_failed (handshake).", ["reason"], registry=registry)
-        self._server.set_app(self._app(make_wsgi_app(registry)))
+        self._server.set_app(self._app(scrape.render))
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                                          name="tfowatch-http-accept", daemon=True)
         self._thread.start()
 
-    def _app(self, metrics: Any) -> Callable[[Environ, StartResponse], Iterable[bytes]]:
+    def _app(self, render: Callable[[], bytes]) -> Callable[[Environ, StartResponse], Iterable[bytes]]:
         def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
             def respond(status: str, headers: list[tuple[str, str]], *rest: Any) -> Any:
                 assert self._requests is not None
@@ -192,7 +195,13 @@ class MetricsServer:
                 assert self._scrape is not None
                 try:
                     with self._scrape.time():
-                        return [b"".join(metrics(environ, respond))]
+                        body = render()
+                        headers = [("Content-Type", CONTENT_TYPE_LATEST)]
+                        if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
+                            body = gzip.compress(body, compresslevel=1)
+                            headers.append(("Content-Encoding", "gzip"))
+                        respond("200 OK", headers)
+                        return [body]
                 except Exception:  # e.g. a scrape racing shutdown: an answer, not a traceback
                     log.warning("scrape failed", exc_info=log.isEnabledFor(logging.DEBUG))
                     respond("503 Service Unavailable", [("Content-Type", "text/plain")])
