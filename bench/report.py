@@ -19,6 +19,19 @@ def med(s: dict[str, float], fmt: str = "{:.0f}", scale: float = 1.0) -> str:
     return f"{f(s['median'] * scale)} ({f(s['min'] * scale)}-{f(s['max'] * scale)})"
 
 
+def cpu_ratio(r: dict[str, Any], name: str) -> float:
+    """The saturation rate ratio implied by CPU accounting, which the neighbours on a shared
+    machine do not move (docs/PERFORMANCE.md, Method)."""
+    s = r["overhead"]["summary"]
+    rate = s["none"]["tfo_rate"]["median"]
+    base = r["environment"]["cpus"] * 1000 / rate * 1000  # CPU-ms per 1k conns, saturated
+    fixed_rate = float(r["settings"]["rate"])
+    # The observer's own CPU is a cost per second (scrapes, prints, polls), measured at the
+    # fixed rate; its programs' run time is a cost per connection.
+    added = s[name]["bpf_ms_per_1k"]["median"] + s[name]["cpu_ms_per_1k"]["median"] * fixed_rate / rate
+    return float(base / (base + added))
+
+
 def yes(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
@@ -33,11 +46,16 @@ def targets(r: dict[str, Any]) -> list[str]:
     scrape_ms = at_10k["scrape_s"]["median"] * 1000
     return [
         "| Target | Goal | Measured | Met |", "|---|---|---|---|",
-        f"| Connection rate with tfowatch ÷ without, TFO at saturation | ≥ {TARGETS['ratio']} | "
+        f"| Connection rate with tfowatch ÷ without, TFO at saturation (measured) | ≥ {TARGETS['ratio']} | "
         f"{med(tfw['tfo_ratio'], '{:.3f}')} | {yes(tfw['tfo_ratio']['median'] >= TARGETS['ratio'])} |",
-        f"| Lower overhead than the bpftrace equivalent | tfowatch ratio > bpftrace ratio | "
+        f"| The same, implied by CPU per connection (see Method) | ≥ {TARGETS['ratio']} | "
+        f"{cpu_ratio(r, 'tfowatch'):.3f} | {yes(cpu_ratio(r, 'tfowatch') >= TARGETS['ratio'])} |",
+        f"| Lower overhead than the bpftrace equivalent (measured rate ratio) | tfowatch > bpftrace | "
         f"{tfw['tfo_ratio']['median']:.3f} vs {bt['tfo_ratio']['median']:.3f} | "
         f"{yes(tfw['tfo_ratio']['median'] > bt['tfo_ratio']['median'])} |",
+        f"| The same, implied by CPU per connection | tfowatch > bpftrace | "
+        f"{cpu_ratio(r, 'tfowatch'):.3f} vs {cpu_ratio(r, 'bpftrace'):.3f} | "
+        f"{yes(cpu_ratio(r, 'tfowatch') > cpu_ratio(r, 'bpftrace'))} |",
         f"| Events/s aggregated with zero loss (synthetic, real perf buffer) | ≥ 100k | "
         f"{agg['max_zero_loss_rate'] / 1000:.0f}k | "
         f"{yes(agg['max_zero_loss_rate'] >= TARGETS['events_per_s'])} |",
@@ -53,15 +71,16 @@ def targets(r: dict[str, Any]) -> list[str]:
 
 def side_by_side(r: dict[str, Any]) -> list[str]:
     rows = ["| Beside the load | TFO conn/s | ÷ none | plain TCP conn/s | ÷ none | its CPU ms per 1k conns "
-            "| its BPF ms per 1k conns | machine CPU ms per 1k conns, over none |",
+            "| its BPF ms per 1k conns | rate ratio implied by CPU |",
             "|---|---|---|---|---|---|---|---|"]
     names = {"none": "nothing", "tfowatch": "tfowatch", "bpftrace": "bpftrace equivalent",
              "counters": "tfowatch, TcpExt counters only"}
-    for name, c in r["overhead"]["summary"].items():
+    for name in ("none", "tfowatch", "bpftrace", "counters"):
+        c = r["overhead"]["summary"][name]
         rows.append(f"| {names[name]} | {med(c['tfo_rate'])} | {med(c['tfo_ratio'], '{:.3f}')} | "
                     f"{med(c['plain_rate'])} | {med(c['plain_ratio'], '{:.3f}')} | "
                     f"{med(c['cpu_ms_per_1k'], '{:.1f}')} | {med(c['bpf_ms_per_1k'], '{:.2f}')} | "
-                    f"{med(c['machine_cpu_ms_per_1k_over_none'], '{:.1f}')} |")
+                    f"{cpu_ratio(r, name):.3f} |")
     return rows
 
 
@@ -102,9 +121,9 @@ def section(r: dict[str, Any]) -> list[str]:
         f"(min-max) over {s['none']['tfo_rate']['n']} interleaved repetitions; ratios are paired "
         "within a repetition.", "",
         *targets(r), "", *side_by_side(r), "",
-        f"Real traffic at saturation: {med(ex['events_per_s'])} events/s reached tfowatch, "
-        f"{ex['events_lost']:.0f} lost; accepted SYN data equal to TCPFastOpenPassive in every "
-        f"repetition: {yes(ex['accepted_equal'])}.", "",
+        f"Real traffic at saturation: tfowatch's programs counted {med(ex['events_per_s'])} "
+        f"events/s, {ex['events_lost']:.0f} lost; the accepted SYN data it exported equalled the "
+        f"server namespace's TCPFastOpenPassive in every repetition: {yes(ex['accepted_equal'])}.", "",
         "Scrape latency (client side, the whole HTTP scrape including every namespace's TcpExt read):",
         "", *scrape(r), "", "Aggregator capacity:", "", *capacity(r), "",
     ]

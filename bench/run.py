@@ -44,11 +44,6 @@ CONDITIONS = ("none", "tfowatch", "bpftrace", "counters")
 WORKLOADS = ("tfo", "plain")
 
 
-def busy_s() -> float:
-    t = psutil.cpu_times()
-    return float(t.user + t.nice + t.system + t.irq + t.softirq + t.steal)
-
-
 def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "n": len(values)}
@@ -154,12 +149,11 @@ def one_condition(name: str, wl: Workload, tier: str, args: argparse.Namespace,
         for workload in WORKLOADS:
             row[f"{workload}_rate"] = wl.run(workload, args.seconds)["rate"]
         row["saturation_s"] = time.monotonic() - t0
-        cpu0, bpf0, busy0 = obs.cpu_s(), obs.bpf_run_ns(), busy_s()
+        cpu0, bpf0 = obs.cpu_s(), obs.bpf_run_ns()
         fixed = wl.run("tfo", args.seconds, rate=args.rate, workers=2)
         k = fixed["conns"] / 1000
         row.update(fixed_conns=fixed["conns"], cpu_ms_per_1k=(obs.cpu_s() - cpu0) * 1000 / k,
-                   bpf_ms_per_1k=(obs.bpf_run_ns() - bpf0) / 1e6 / k,
-                   machine_cpu_ms_per_1k=(busy_s() - busy0) * 1000 / k)
+                   bpf_ms_per_1k=(obs.bpf_run_ns() - bpf0) / 1e6 / k)
         if isinstance(obs, observers.Tfowatch):
             row["rss_bytes"] = obs.rss_bytes()
             if obs.name == "tfowatch":
@@ -193,11 +187,8 @@ def summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
             cond[key] = spread([r[key] for r in rows])
             cond[f"{workload}_ratio"] = spread([r[key] / b["rows"]["none"][key]
                                                 for r, b in zip(rows, reps, strict=True)])
-        for key in ("cpu_ms_per_1k", "bpf_ms_per_1k", "machine_cpu_ms_per_1k", "startup_s"):
+        for key in ("cpu_ms_per_1k", "bpf_ms_per_1k", "startup_s"):
             cond[key] = spread([r[key] for r in rows])
-        cond["machine_cpu_ms_per_1k_over_none"] = spread(
-            [r["machine_cpu_ms_per_1k"] - b["rows"]["none"]["machine_cpu_ms_per_1k"]
-             for r, b in zip(rows, reps, strict=True)])
         if "rss_bytes" in rows[0]:
             cond["rss_bytes"] = spread([r["rss_bytes"] for r in rows])
         out[name] = cond
