@@ -121,7 +121,8 @@ def section(r: dict[str, Any]) -> list[str]:
         f"(min-max) over {s['none']['tfo_rate']['n']} interleaved repetitions; ratios are paired "
         "within a repetition.", "",
         *targets(r), "", *side_by_side(r), "",
-        f"Real traffic at saturation: tfowatch's programs counted {med(ex['events_per_s'])} "
+        "Real traffic, over the saturation runs (TFO, then plain TCP): tfowatch's programs "
+        f"counted {med(ex['events_per_s'])} "
         f"events/s, {ex['events_lost']:.0f} lost; the accepted SYN data it exported equalled the "
         f"server namespace's TCPFastOpenPassive in every repetition: {yes(ex['accepted_equal'])}.", "",
         "Scrape latency (client side, the whole HTTP scrape including every namespace's TcpExt read):",

@@ -56,18 +56,25 @@ def test_struct_layout_matches_compiled_c(tmp_path: Path, struct: str,
 
 @pytest.mark.usefixtures("root_bpf")
 def test_bcc_sees_the_same_struct() -> None:
-    """The BPF side: BCC's view of what perf_submit sends equals the Python mirror."""
+    """The BPF side: BCC's view of what perf_submit sends, and of the in-kernel counts map's
+    key and value, equals the Python mirrors."""
     from tfowatch.btf import Btf
     from tfowatch.kernel import detect
     from tfowatch.plan import resolve
 
     bcc = bpfprog.import_bcc()
-    b = bcc.BPF(src_file=str(bpfprog.SOURCE).encode(),
-                cflags=bpfprog.cflags(Btf.load(), resolve(detect(), "tracepoint")))
+    plan = resolve(detect(), "tracepoint")
+    plan.defines["IN_KERNEL_COUNTS"] = 1
+    b = bcc.BPF(src_file=str(bpfprog.SOURCE).encode(), cflags=bpfprog.cflags(Btf.load(), plan))
     try:
         lib, mod = bcc.libbcc.lib, b.module
         n = lib.bpf_perf_event_fields(mod, b"events")
         bcc_fields = [lib.bpf_perf_event_field(mod, b"events", i).decode().split("#") for i in range(n)]
+        counts = b["counts"]
+        for bcc_struct, mirror in ((counts.Key, CountKey), (counts.Leaf, CountVal)):
+            assert ctypes.sizeof(bcc_struct) == ctypes.sizeof(mirror)
+            assert [f[0] for f in bcc_struct._fields_ if not f[0].startswith("__pad")] == \
+                [f[0] for f in mirror._fields_]
     finally:
         b.cleanup()
     ctype = {"__u64": ctypes.c_uint64, "__u32": ctypes.c_uint32, "__u16": ctypes.c_uint16,
