@@ -73,17 +73,17 @@ class PerfSource:
     def step(self, rate: float, seconds: float) -> dict[str, float]:
         """One rate: offered, received and lost events, and the rate actually reached."""
         before = self.agg.snapshot()
-        sent0 = self.bpf["submitted"][ctypes.c_int(0)].value
+        sent0 = self.bpf[b"submitted"][ctypes.c_int(0)].value
         go = mp.Event()
         gen = mp.Process(target=_generate, args=(rate, seconds, go))
         gen.start()
-        self.bpf["target"][ctypes.c_int(0)] = ctypes.c_uint32(gen.pid or 0)
+        self.bpf[b"target"][ctypes.c_int(0)] = ctypes.c_uint32(gen.pid or 0)
         t0 = time.monotonic()
         go.set()
         gen.join()
         elapsed = time.monotonic() - t0
-        self.bpf["target"][ctypes.c_int(0)] = ctypes.c_uint32(0)
-        offered = self.bpf["submitted"][ctypes.c_int(0)].value - sent0
+        self.bpf[b"target"][ctypes.c_int(0)] = ctypes.c_uint32(0)
+        offered = self.bpf[b"submitted"][ctypes.c_int(0)].value - sent0
         deadline = time.monotonic() + 5  # until every offered event is read or counted lost
         while True:
             self.reader.consume()

@@ -70,7 +70,7 @@ def test_bcc_sees_the_same_struct() -> None:
         lib, mod = bcc.libbcc.lib, b.module
         n = lib.bpf_perf_event_fields(mod, b"events")
         bcc_fields = [lib.bpf_perf_event_field(mod, b"events", i).decode().split("#") for i in range(n)]
-        counts = b["counts"]
+        counts = b[b"counts"]
         for bcc_struct, mirror in ((counts.Key, CountKey), (counts.Leaf, CountVal)):
             assert ctypes.sizeof(bcc_struct) == ctypes.sizeof(mirror)
             assert [f[0] for f in bcc_struct._fields_ if not f[0].startswith("__pad")] == \

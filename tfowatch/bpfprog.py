@@ -179,7 +179,7 @@ class EventReader:
     def __init__(self, bpf: Any, on_event: Callable[[int, Any, int], None],
                  on_lost: Callable[[int], None], pages: int, wakeup_events: int = WAKEUP_EVENTS) -> None:
         self.bpf = bpf
-        bpf["events"].open_perf_buffer(on_event, page_cnt=pages, lost_cb=on_lost,
+        bpf[b"events"].open_perf_buffer(on_event, page_cnt=pages, lost_cb=on_lost,
                                        wakeup_events=wakeup_events)
         self._consuming = threading.Lock()  # BCC's readers must not be read concurrently
         self._readable = select.poll()
@@ -252,11 +252,11 @@ class Probes:
             return []
         if self._count_bufs is None:  # allocated once: ~1 MB, reused by every scrape
             self._count_bufs = ((CountKey * MAX_COUNTS)(), (CountVal * MAX_COUNTS)())
-        return read_counts(self.bpf["counts"].map_fd, *self._count_bufs)
+        return read_counts(self.bpf[b"counts"].map_fd, *self._count_bufs)
 
     def totals(self) -> list[int]:
         """Exact per-type event counts kept in the kernel (summed over CPUs)."""
-        table = self.bpf["totals"]
+        table = self.bpf[b"totals"]
         out = [0] * EV_TYPE_MAX
         for i in range(EV_TYPE_MAX):
             out[i] = sum(table[ctypes.c_int(i)])
