@@ -132,6 +132,14 @@ def _raw_address(addr: str) -> tuple[int, bytes]:
     return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET), ip.packed
 
 
+def _event_type(code: int) -> EventType:
+    return _TYPES.get(code) or EventType(code)  # an unknown code raises ValueError
+
+
+def _cgroup(cgroup_name: Callable[[int, int], str] | None, cgroup_id: int, pid: int) -> str:
+    return cgroup_name(cgroup_id, pid) if cgroup_id and cgroup_name else ""
+
+
 def decode(data: bytes | int, cgroup_name: Callable[[int, int], str] | None = None) -> Event:
     """Decode one perf-buffer sample (bytes, or a pointer as BCC passes it); `cgroup_name`
     (cgroup id, pid) -> path names the cgroup of client events."""
@@ -142,20 +150,20 @@ def decode(data: bytes | int, cgroup_name: Callable[[int, int], str] | None = No
     ts_ns, cgroup_id, netns, pid, etype, age_ms, port, reason, _res, comm, daddr, family = \
         _RAW.unpack_from(data)
     return Event(
-        type=_TYPES.get(etype) or EventType(etype), netns=netns, port=port, pid=pid,
+        type=_event_type(etype), netns=netns, port=port, pid=pid,
         comm=comm.split(b"\0", 1)[0].decode(errors="replace"), age_ms=age_ms, reason=reason,
         ts_ns=ts_ns, cgroup_id=cgroup_id,
-        cgroup=cgroup_name(cgroup_id, pid) if cgroup_id and cgroup_name else "",
+        cgroup=_cgroup(cgroup_name, cgroup_id, pid),
         daddr=_address(family, daddr),
     )
 
 
 def counted(key: CountKey, pid: int, cgroup_name: Callable[[int, int], str] | None = None) -> Event:
     """The event an in-kernel count stands for (one of `count` identical ones)."""
-    return Event(type=_TYPES.get(key.type) or EventType(key.type), netns=key.netns, port=key.port,
+    return Event(type=_event_type(key.type), netns=key.netns, port=key.port,
                  pid=pid, comm=key.comm.decode(errors="replace"), reason=key.reason,
                  cgroup_id=key.cgroup_id,
-                 cgroup=cgroup_name(key.cgroup_id, pid) if key.cgroup_id and cgroup_name else "")
+                 cgroup=_cgroup(cgroup_name, key.cgroup_id, pid))
 
 
 def encode(ev: Event) -> bytes:
