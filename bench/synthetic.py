@@ -2,7 +2,7 @@
 
 decode_rate(): events/s that tfowatch's Ingest (decode → cgroup → aggregate) takes in-process,
   fed with events.encode() bytes: the Python side alone, no kernel.
-perf_ladder(): the same Ingest behind a real perf buffer (bpf/synthetic.bpf.c turns each
+perf_ladder(): the same Ingest behind a real perf buffer (bench/synthetic.bpf.c turns each
   getppid() of a generator process into BATCH events), polled as the daemon polls; the offered
   rate steps up until events are lost, so the result is the highest rate with zero loss and
   the first one with loss.
@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from tfowatch.aggregator import Aggregator
@@ -22,8 +23,8 @@ from tfowatch.bpfprog import BPF_DIR, WAKEUP_EVENTS, EventReader, import_bcc, li
 from tfowatch.events import Event, EventType, encode
 from tfowatch.pipeline import POLL_MS, Ingest
 
-SOURCE = BPF_DIR / "synthetic.bpf.c"
-BATCH = 8  # events per getppid(), as in bpf/synthetic.bpf.c
+SOURCE = Path(__file__).with_name("synthetic.bpf.c")  # includes the daemon's tfowatch.h
+BATCH = 8  # events per getppid(), as in bench/synthetic.bpf.c
 TYPES = (EventType.SYN_DATA_SENT, EventType.SYN_DATA_ACKED, EventType.SYN_DATA_ACCEPTED,
          EventType.COOKIE_ISSUED)
 
@@ -54,7 +55,7 @@ def _generate(rate: float, seconds: float, go: Any) -> None:
 
 
 class PerfSource:
-    """bpf/synthetic.bpf.c loaded, its buffer feeding an Ingest, polled by one thread."""
+    """bench/synthetic.bpf.c loaded, its buffer feeding an Ingest, polled by one thread."""
 
     def __init__(self, pages: int, wakeup_events: int) -> None:
         bcc = import_bcc()

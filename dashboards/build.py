@@ -137,6 +137,18 @@ def panels() -> list[Panel]:
                          target("sum by (instance, netns, port, comm) (increase(tfowatch_syn_data_acked_total"
                                 f"{{{SEL},{PORT},{COMM}}}[$__range]))", "", "B", instant=True, fmt="table"),
                      ])
+    degraded = panel("stat", "Degraded tier (nodes running below their planned tier)",
+                     "Nodes whose planned tier could not be loaded (tfowatch_tier_degraded, by reason), "
+                     "and probes of the plan that are not attached. Anything above 0 means blind spots: "
+                     "see the TfowatchTierDegraded runbook.", [
+                         target('sum(tfowatch_tier_degraded{instance=~"$instance"}) or vector(0)',
+                                "degraded nodes", "A", instant=True),
+                         target('count(tfowatch_probe_attached{instance=~"$instance"} == 0) or vector(0)',
+                                "probes not attached", "B", instant=True),
+                     ], options={"colorMode": "background", "graphMode": "none",
+                                 "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}})
+    degraded["fieldConfig"]["defaults"]["thresholds"] = {
+        "mode": "absolute", "steps": [{"color": "green", "value": None}, {"color": "red", "value": 1}]}
     coverage = panel("table", "Probe coverage",
                      "Each probe point, what it is attached to, and whether it is attached (1).", [
                          target('tfowatch_probe_attached{instance=~"$instance"}', "", "A",
@@ -155,7 +167,7 @@ def panels() -> list[Panel]:
                   "Non-zero means the probes and the kernel's TcpExt disagree; see the runbook.", [
                       target(f"tfowatch_reconcile_drift{{{SEL}}}", "{{instance}} {{netns}} {{metric}}", "A"),
                   ])
-    return [server_ratio, client_ratio, cookies, fallbacks, blackhole, tw, heat, per_port, per_proc,
+    return [degraded, server_ratio, client_ratio, cookies, fallbacks, blackhole, tw, heat, per_port, per_proc,
             coverage, lost, drift]
 
 

@@ -72,7 +72,8 @@ def test_dashboard_covers_what_operators_ask_for() -> None:
     titles = " | ".join(p["title"] for p in dashboard()["panels"]).lower()
     for want in ("server tfo success", "client tfo success", "cookies requested vs issued",
                  "fallbacks by reason", "blackhole", "time-wait reuse granted vs refused", "age",
-                 "per listener port", "per process", "probe coverage", "lost events", "drift"):
+                 "per listener port", "per process", "probe coverage", "degraded tier", "lost events",
+                 "drift"):
         assert want in titles, want
     assert any(p["type"] == "heatmap" for p in dashboard()["panels"])
 

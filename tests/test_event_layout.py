@@ -1,4 +1,4 @@
-"""bpf/tfowatch.h is the one definition of the event; the Python mirror must not drift."""
+"""tfowatch/bpf/tfowatch.h is the one definition of the event; the Python mirror must not drift."""
 
 from __future__ import annotations
 

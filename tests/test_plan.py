@@ -99,11 +99,33 @@ def test_missing_tracepoints_leave_counters_only() -> None:
         resolve(f, "tracepoint")
 
 
-def test_fall_back_goes_one_tier_down() -> None:
+def test_fall_back_goes_one_tier_down_and_keeps_the_first_reason() -> None:
     f = facts("6.12.")
     plan = resolve(f, "auto")
-    assert fall_back(plan, f).tier == "tracepoint"
-    assert fall_back(fall_back(plan, f), f).tier == "counters"
+    once = fall_back(plan, f, "attach_failed", "cannot attach kprobe x", "fix it")
+    twice = fall_back(once, f, "compile_failed", "clang said no", "other fix")
+    assert (once.tier, twice.tier) == ("tracepoint", "counters")
+    assert plan.degraded is None and plan.planned_tier == "kprobe"  # the input is not changed
+    assert once.degraded and twice.degraded and once.degraded.reason == twice.degraded.reason == "attach_failed"
+    assert twice.planned_tier == "kprobe" and twice.mode == "auto"
+    assert "kprobe tier unavailable (cannot attach kprobe x): fix it; running the counters tier" \
+        == twice.degraded.describe(twice.tier)
+
+
+def test_a_degraded_plan_lists_the_planned_probes_it_lacks_as_not_attached() -> None:
+    f = facts("6.12.")
+    planned = resolve(f, "auto")
+    running = fall_back(planned, f, "attach_failed", "x", "y")
+    states = running.attachment_states(lambda a: True)
+    missing = {(p, t, tier) for p, t, tier, ok in states if not ok}
+    # every kprobe of the plan is reported 0, under its planned point and tier
+    want = {(r.point, f"{a.kind}:{a.target}", "kprobe") for r in planned.points
+            for a in r.attachments if a.kind != "tracepoint"}
+    assert want and want <= missing
+    # the tracepoints the running tier does attach are reported once, as attached
+    assert ("tcp_send_syn_data", "tracepoint:sock:inet_sock_set_state", "tracepoint", True) in states
+    assert len({(p, t) for p, t, _, _ in states}) == len(states)
+    assert all(ok for _, _, _, ok in planned.attachment_states(lambda a: True))
 
 
 def test_unknown_mode() -> None:

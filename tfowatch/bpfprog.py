@@ -1,4 +1,5 @@
-"""Compile bpf/tfowatch.bpf.c with BCC for this kernel and attach what the plan says."""
+"""Compile tfowatch/bpf/tfowatch.bpf.c (package data) with BCC for this kernel and attach
+what the plan says."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import ctypes
 import errno
 import importlib
+import importlib.resources
 import logging
 import os
 import select
@@ -22,10 +24,10 @@ from tfowatch.plan import Attachment, Plan
 
 log = logging.getLogger(__name__)
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
-if not (BPF_DIR / "tfowatch.bpf.c").exists():  # installed (non-editable) layout
-    BPF_DIR = Path(__file__).resolve().parent / "bpf"
+# The C sources are package data (pyproject.toml), found where the package is installed.
+BPF_DIR = Path(str(importlib.resources.files("tfowatch") / "bpf"))
 SOURCE = BPF_DIR / "tfowatch.bpf.c"
+SOURCES = (SOURCE, BPF_DIR / "tfowatch.h")
 
 BCC_MISSING = ("BCC's Python module is missing: install it with `apt install python3-bpfcc` and run "
                "tfowatch with /usr/bin/python3 or a venv made with --system-site-packages")
@@ -77,8 +79,39 @@ COUNT_VAL = struct_of(CountVal)
 WAKEUP_EVENTS = 32
 
 
+# Why a tier could not be loaded: the `reason` label of tfowatch_tier_degraded (a bounded set)
+# and the fix the ERROR log line, `doctor` and the runbook name.
+DEGRADED_FIX = {
+    "bpf_sources_missing": "reinstall tfowatch: BPF sources missing from the package",
+    "bcc_missing": "install python3-bpfcc and run tfowatch with a Python that sees it",
+    "kernel_btf": "this kernel's BTF (/sys/kernel/btf/vmlinux) lacks a field tfowatch reads: "
+                  "report the kernel release",
+    "compile_failed": "BCC could not compile or load the programs: check the kernel headers "
+                      "(/lib/modules/$(uname -r)/build) and run with -v for clang's messages",
+    "attach_failed": "the kernel refused a probe: see `tfowatch probes`, and run with -v for "
+                     "libbcc's messages",
+}
+
+
 class LoadError(Exception):
-    """BPF could not be compiled, loaded or attached; the message says why."""
+    """BPF could not be compiled, loaded or attached; the message says why, `reason` is a
+    key of DEGRADED_FIX."""
+
+    def __init__(self, message: str, reason: str = "compile_failed") -> None:
+        assert reason in DEGRADED_FIX, reason
+        super().__init__(message)
+        self.reason = reason
+
+    @property
+    def fix(self) -> str:
+        return DEGRADED_FIX[self.reason]
+
+
+def check_sources() -> None:
+    """The C sources ship in the package; an install without them cannot load any tier."""
+    missing = [str(p) for p in SOURCES if not p.is_file()]
+    if missing:
+        raise LoadError(f"BPF sources missing: {', '.join(missing)}", "bpf_sources_missing")
 
 
 def offset_defines(btf: Btf) -> dict[str, int]:
@@ -88,7 +121,7 @@ def offset_defines(btf: Btf) -> dict[str, int]:
         for macro, (struct, path) in OFFSETS.items():
             out[macro] = btf.field(struct, path).offset
     except BtfError as exc:
-        raise LoadError(f"kernel BTF lacks a field tfowatch needs: {exc}") from exc
+        raise LoadError(f"kernel BTF lacks a field tfowatch needs: {exc}", "kernel_btf") from exc
     for macro, (struct, path, have_flag) in OPTIONAL_OFFSETS.items():
         present = btf.has_field(struct, path)
         out[macro] = btf.field(struct, path).offset if present else 0
@@ -97,7 +130,7 @@ def offset_defines(btf: Btf) -> dict[str, int]:
         flag = OPTIONAL_BITFIELDS.get(name)
         have = btf.has_field("tcp_sock", member)
         if not have and flag is None:
-            raise LoadError(f"kernel BTF: tcp_sock has no {member}")
+            raise LoadError(f"kernel BTF: tcp_sock has no {member}", "kernel_btf")
         f = btf.field("tcp_sock", member) if have else None
         out[f"BIT_TP_{name}"] = f.bit_offset if f else 0
         out[f"NBITS_TP_{name}"] = (f.bit_size or f.size * 8) if f else 1
@@ -117,7 +150,7 @@ def import_bcc() -> Any:
     try:
         return importlib.import_module("bcc")
     except ImportError as exc:
-        raise LoadError(BCC_MISSING) from exc
+        raise LoadError(BCC_MISSING, "bcc_missing") from exc
 
 
 @contextlib.contextmanager
@@ -203,6 +236,7 @@ class Probes:
     """The compiled programs, attached per plan, with their maps."""
 
     def __init__(self, plan: Plan, btf: Btf) -> None:
+        check_sources()
         bcc = import_bcc()
         self.plan = plan
         self.attached: dict[Attachment, bool] = {}
@@ -229,7 +263,7 @@ class Probes:
             except Exception as exc:
                 self.attached[a] = False
                 self.close()
-                raise LoadError(f"cannot attach {a.kind} {a.target}: {exc}") from exc
+                raise LoadError(f"cannot attach {a.kind} {a.target}: {exc}", "attach_failed") from exc
             self.attached[a] = True
 
     def open_events(self, on_event: Callable[[int, Any, int], None],

@@ -66,6 +66,9 @@ def add_run_parser(sub: Any) -> None:
                                      "(flags win over the file).")
     defaults = Settings()
     for opt in OPTIONS:
+        if opt.type is bool:  # a switch: given means true; the file can say either
+            run.add_argument(opt.flag, action="store_true", default=None, help=opt.help)
+            continue
         run.add_argument(opt.flag, type=opt.type, metavar=opt.key.upper(),
                          help=f"{opt.help} (default {getattr(defaults, opt.key)})")
     run.add_argument("--config", help="TOML file with any of the options above, as snake_case keys")
@@ -170,6 +173,8 @@ def describe(settings: Settings, web: WebConfig | None) -> str:
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     parts = [f"{scheme}://{where}/metrics", f"mode {settings.mode}", f"series_cap {settings.series_cap}",
              f"perf_pages {settings.perf_pages}", f"max_connections {settings.max_connections}"]
+    if settings.strict:
+        parts.append("strict")
     if web is not None and web.tls is not None:
         parts.append(f"client certificates: {web.client_auth}")
     if web is not None and web.users:
@@ -226,7 +231,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if web is not None and web.users and web.tls is None:
         log.warning("basic auth without TLS: passwords cross the network in clear")
     daemon.serve()
-    log.info("tier %s, serving %s", daemon.plan.tier, describe(settings, web))
+    log.info("tier %s%s, serving %s", daemon.plan.tier,
+             f" (DEGRADED: planned {daemon.plan.planned_tier})" if daemon.plan.degraded else "",
+             describe(settings, web))
     try:
         daemon.run(stop)
     finally:

@@ -81,6 +81,7 @@ class Settings:
     log_level: str = "INFO"
     web_config_file: str | None = None
     max_connections: int = 16
+    strict: bool = False
 
     @property
     def address(self) -> tuple[str, int]:
@@ -99,14 +100,16 @@ OPTIONS = (
            "YAML in node_exporter's --web.config.file format: TLS, client CA, basic auth users"),
     Option("max_connections", int, "concurrent HTTP connections; more are closed at once",
            _at_least(1)),
+    Option("strict", bool, "exit (status 1) instead of running a lower tier than planned, "
+           "e.g. when the BPF sources are missing or a probe cannot attach"),
 )
 assert [o.key for o in OPTIONS] == [f.name for f in fields(Settings)]
 
 
 def _checked(opt: Option, value: Any, name: str) -> Any:
     """`value` if it is right for `opt`; `name` is how the error refers to it."""
-    if not isinstance(value, opt.type) or isinstance(value, bool):
-        kind = "whole number" if opt.type is int else "string"
+    if not isinstance(value, opt.type) or (isinstance(value, bool) and opt.type is not bool):
+        kind = {int: "whole number", bool: "boolean (true or false)"}.get(opt.type, "string")
         raise ConfigError(f"{name} must be a {kind}, not {value!r}")
     if opt.check is not None:
         try:

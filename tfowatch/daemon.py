@@ -12,7 +12,8 @@ class Daemon(Pipeline):
     """The pipeline plus an HTTP server that was bound (not yet serving) before BPF loaded."""
 
     def __init__(self, settings: Settings, server: MetricsServer) -> None:
-        super().__init__(settings.mode, settings.series_cap, settings.perf_pages, in_kernel_counts=True)
+        super().__init__(settings.mode, settings.series_cap, settings.perf_pages,
+                         in_kernel_counts=True, strict=settings.strict)
         self.server = server
 
     def serve(self) -> None:

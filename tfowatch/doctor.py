@@ -57,7 +57,7 @@ def watch(seconds: float, only: set[int] | None, mode: str, stop: threading.Even
         pipe.drain()
         obs.seconds = round(time.monotonic() - started, 1)
         obs.tier = pipe.plan.tier
-        obs.fell_back = pipe.plan.fell_back
+        obs.degraded = pipe.plan.degraded.describe(obs.tier) if pipe.plan.degraded else ""
         obs.lost = pipe.agg.snapshot().lost
         return before, survey(only), obs
     finally:
@@ -75,8 +75,8 @@ def diagnose(only: set[int] | None = None, seconds: float | None = None, mode: s
     for ino, ns in sorted(now.items()):
         findings += evaluate(View(now=ns, before=before.get(ino), obs=obs, own=ino == own))
     report = Report(namespaces=now, findings=findings, watch=obs, probe_tier=obs.tier if obs else "")
-    if obs and obs.fell_back:
-        report.notes.append(obs.fell_back)
+    if obs and obs.degraded:
+        report.notes.append(f"DEGRADED: {obs.degraded}")
     if obs and obs.tier != "kprobe":
         report.notes.append(f"watched in the {obs.tier} tier: no per-port server events and no "
                             "TIME-WAIT decisions (those need kprobes)")

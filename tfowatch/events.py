@@ -1,4 +1,4 @@
-"""Python view of the events defined in bpf/tfowatch.h.
+"""Python view of the events defined in tfowatch/bpf/tfowatch.h.
 
 The C header is the source of truth; tests/test_event_layout.py checks that this
 mirror has the same enum values and the same struct layout as the compiled C.

@@ -137,10 +137,20 @@ class TfoCollector(Collector):
         yield series
         yield GaugeMetricFamily("tfowatch_series_cap", "Label sets a metric may hold (series_cap).",
                                 value=st.series_cap)
-        info = GaugeMetricFamily("tfowatch_build_info", "tfowatch version, kernel and probe mode.",
-                                 labels=["version", "kernel", "mode", "tier"])
-        info.add_metric([st.version, st.kernel_release, st.plan.mode, st.plan.tier], 1)
+        info = GaugeMetricFamily("tfowatch_build_info", "tfowatch version, kernel, probe mode, the "
+                                 "tier running and the tier planned for this kernel and mode.",
+                                 labels=["version", "kernel", "mode", "tier", "planned_tier"])
+        info.add_metric([st.version, st.kernel_release, st.plan.mode, st.plan.tier,
+                         st.plan.planned_tier], 1)
         yield info
+        degraded = GaugeMetricFamily("tfowatch_tier_degraded",
+                                     "1 when a lower tier runs than planned (the planned one could "
+                                     "not be loaded or attached), with why; 0 otherwise.",
+                                     labels=["planned_tier", "tier", "reason"])
+        why = st.plan.degraded
+        degraded.add_metric([st.plan.planned_tier, st.plan.tier, why.reason if why else ""],
+                            1 if why else 0)
+        yield degraded
 
 
 def _escape(value: str) -> str:

@@ -29,7 +29,7 @@ class ClientKey:
 class Observation:
     seconds: float = 0.0
     tier: str = ""
-    fell_back: str = ""  # why the plan's tier could not be attached, if it could not
+    degraded: str = ""  # why the planned tier could not be loaded, and its fix, if it could not
     client: dict[ClientKey, Counter[EventType]] = field(default_factory=lambda: defaultdict(Counter))
     pids: dict[ClientKey, set[int]] = field(default_factory=lambda: defaultdict(set))
     server: dict[tuple[int, int], Counter[EventType]] = field(default_factory=lambda: defaultdict(Counter))

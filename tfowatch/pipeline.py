@@ -26,9 +26,10 @@ EventFilter = Callable[[Event], bool]
 
 
 def load_plan(facts: KernelFacts, mode: str, plain_connects: bool = False,
-              in_kernel_counts: bool = False) -> tuple[Plan, Any]:
-    """Resolve and attach, falling one tier down per failure in auto mode."""
-    from tfowatch.bpfprog import LoadError, Probes
+              in_kernel_counts: bool = False, strict: bool = False) -> tuple[Plan, Any]:
+    """Resolve and attach. In auto mode a failure falls one tier down, loudly (an ERROR that
+    names the fix, and plan.degraded for the metrics); with `strict` it is an error instead."""
+    from tfowatch.bpfprog import DEGRADED_FIX, LoadError, Probes
 
     plan = resolve(facts, mode)
     while plan.tier != "counters":
@@ -44,11 +45,13 @@ def load_plan(facts: KernelFacts, mode: str, plain_connects: bool = False,
                 raise PlanError(f"cannot attach probes: {denied}") from exc
             if mode != "auto":
                 raise PlanError(str(exc)) from exc
-            log.warning("%s tier unavailable (%s); falling back", plan.tier, exc)
-            why = f"{plan.tier} tier unavailable: {exc}"
-            plan = fall_back(plan, facts)
-            plan.mode = mode
-            plan.fell_back = plan.fell_back or why
+            reason = exc.reason if isinstance(exc, LoadError) else "kernel_btf"
+            if strict:
+                raise PlanError(f"strict: {plan.tier} tier unavailable ({exc}): "
+                                f"{DEGRADED_FIX[reason]}") from exc
+            plan = fall_back(plan, facts, reason, str(exc), DEGRADED_FIX[reason])
+            assert plan.degraded is not None
+            log.error("%s", plan.degraded.describe(plan.tier))
     return plan, None
 
 
@@ -73,13 +76,14 @@ class Pipeline:
 
     def __init__(self, mode: str = "auto", series_cap: int = 1000, perf_pages: int = 256,
                  keep: EventFilter | None = None, facts: KernelFacts | None = None,
-                 plain_connects: bool = False, in_kernel_counts: bool = False) -> None:
+                 plain_connects: bool = False, in_kernel_counts: bool = False,
+                 strict: bool = False) -> None:
         """in_kernel_counts: count events per label set in a BPF map, read at each state(),
         instead of one perf sample per event (`run`; not with `keep`, which sees events)."""
         if in_kernel_counts and keep is not None:
             raise ValueError("a filter needs every event: no in-kernel counts with `keep`")
         self.facts = facts or detect()
-        self.plan, self.probes = load_plan(self.facts, mode, plain_connects, in_kernel_counts)
+        self.plan, self.probes = load_plan(self.facts, mode, plain_connects, in_kernel_counts, strict)
         self.agg = Aggregator(series_cap)
         self._folded: dict[bytes, int] = {}  # in-kernel count already added, per key
         self._folding = threading.Lock()
@@ -115,12 +119,9 @@ class Pipeline:
                     self.agg.add(counted(key, pid, self.ingest.cgroups.name), gained)
 
     def attached(self) -> list[tuple[str, str, str, bool]]:
-        out = []
-        for r in self.plan.points:
-            for a in r.attachments:
-                ok = self.probes is not None and self.probes.attached.get(a, False)
-                out.append((r.point, f"{a.kind}:{a.target}", r.tier, ok))
-        return out
+        probes = self.probes
+        return self.plan.attachment_states(
+            lambda a: probes is not None and probes.attached.get(a, False))
 
     def state(self) -> ExportState:
         self.drain()

@@ -6,6 +6,7 @@ plan says; `tfowatch probes` prints it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from tfowatch.events import EventType as E
@@ -48,14 +49,31 @@ class Resolution:
     counter: str = ""  # TcpExt counter that still carries the totals
 
 
+@dataclass(frozen=True)
+class Degraded:
+    """The planned tier could not be loaded (auto mode), so a lower one runs."""
+    planned: Plan  # what `tfowatch probes` plans for this mode
+    reason: str  # bounded code (bpfprog.DEGRADED_FIX): the metric's `reason` label
+    detail: str  # the error, for logs and doctor
+    fix: str
+
+    def describe(self, tier: str) -> str:
+        return (f"{self.planned.tier} tier unavailable ({self.detail}): {self.fix}; "
+                f"running the {tier} tier")
+
+
 @dataclass
 class Plan:
     mode: str
     tier: str
     points: list[Resolution]
     defines: dict[str, int] = field(default_factory=dict)
-    fell_back: str = ""  # why a higher tier could not be attached (auto mode), if one could not
+    degraded: Degraded | None = None  # set when this plan runs instead of the planned one
     events: set[E] = field(default_factory=set)
+
+    @property
+    def planned_tier(self) -> str:
+        return self.degraded.planned.tier if self.degraded else self.tier
 
     @property
     def attachments(self) -> list[Attachment]:
@@ -89,6 +107,19 @@ class Plan:
             "metrics": [m.name for m in self.metrics],
             "reconciled": self.reconciled,
         }
+
+    def attachment_states(self, attached: Callable[[Attachment], bool]) -> list[tuple[str, str, str, bool]]:
+        """(point, kind:target, tier, attached) for every attachment of this plan, then each
+        one the planned plan had that this one lacks, as not attached: a degraded daemon
+        exports the probes it is missing as 0, not as absent series."""
+        out = [(r.point, f"{a.kind}:{a.target}", r.tier, attached(a))
+               for r in self.points for a in r.attachments]
+        have = {(point, target) for point, target, _, _ in out}
+        if self.degraded is not None:
+            out += [(r.point, f"{a.kind}:{a.target}", r.tier, False)
+                    for r in self.degraded.planned.points for a in r.attachments
+                    if (r.point, f"{a.kind}:{a.target}") not in have]
+        return out
 
 
 def _probe_pair(symbol: str, fn: str) -> list[Attachment]:
@@ -214,9 +245,13 @@ def resolve(facts: KernelFacts, mode: str = "auto") -> Plan:
     return Plan(mode=mode, tier=tier, points=points, defines=defines, events=events)
 
 
-def fall_back(plan: Plan, facts: KernelFacts) -> Plan:
-    """The plan one tier down (auto mode, after an attach failure)."""
+def fall_back(plan: Plan, facts: KernelFacts, reason: str, detail: str, fix: str) -> Plan:
+    """The plan one tier down (auto mode, after a load or attach failure). The first
+    failure is kept: it is why the planned tier does not run."""
     lower = {"kprobe": "tracepoint", "tracepoint": "counters"}[plan.tier]
     if lower == "tracepoint" and _tracepoint_ok(facts):
         lower = "counters"
-    return resolve(facts, lower)
+    new = resolve(facts, lower)
+    new.mode = plan.mode
+    new.degraded = plan.degraded or Degraded(plan, reason, detail, fix)
+    return new

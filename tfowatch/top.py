@@ -54,6 +54,7 @@ class Frame:
     drift: dict[int, dict[str, int]] = field(default_factory=dict)
     # netns -> seconds since the kernel last disabled active TFO, while within its timeout
     active_tfo_off: dict[int, float] = field(default_factory=dict)
+    degraded: str = ""  # why the planned tier does not run, and the fix; "" when it does
 
 
 class TopSession:
@@ -128,6 +129,7 @@ class TopSession:
             tcpext_since_start={i: deltas[i] for i in shown if i in deltas},
             drift={i: drift[i] for i in shown if i in drift},
             active_tfo_off=self._active_tfo_off(st.kernel, spaces),
+            degraded=st.plan.degraded.describe(st.plan.tier) if st.plan.degraded else "",
         )
 
     def close(self) -> None:
@@ -194,6 +196,8 @@ def header_lines(frame: Frame, opts: Options) -> list[str]:
     what = "totals" if opts.totals else f"per {opts.interval:g}s"
     lines = [f"tfowatch top  kernel {frame.kernel}  tier {frame.tier} (mode {frame.mode})  "
              f"{what}  lost {frame.lost}  {clock}"]
+    if frame.degraded:
+        lines.append(f"DEGRADED: {frame.degraded}")
     lines += [namespace_line(ns, frame) for ns in frame.namespaces.values()]
     return lines
 
@@ -240,7 +244,8 @@ def json_frame(frame: Frame, opts: Options) -> str:
         })
     return json.dumps({"time": round(frame.time, 3), "interval_s": round(frame.interval_s, 3),
                        "kernel": frame.kernel, "mode": frame.mode, "tier": frame.tier,
-                       "lost": frame.lost, "namespaces": spaces, "rows": rows})
+                       "degraded": frame.degraded or None, "lost": frame.lost,
+                       "namespaces": spaces, "rows": rows})
 
 
 def frames(session: TopSession, opts: Options, stop: threading.Event) -> Iterator[Frame]:

@@ -1,5 +1,5 @@
 /* A synthetic event source for bench/synthetic.py: every getppid() of the target process
- * sends BATCH struct tfo_event (bpf/tfowatch.h, the daemon's own layout) through a perf buffer
+ * sends BATCH struct tfo_event (tfowatch/bpf/tfowatch.h, the daemon's own layout) through a perf buffer
  * like the daemon's, so the benchmark drives tfowatch's decode → aggregate path at a chosen
  * rate through the real kernel buffer, without needing that much TCP traffic. BATCH events per system call keep the
  * generator, a Python loop, from being the bottleneck. */
