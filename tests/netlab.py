@@ -8,16 +8,20 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tfowatch import netns
 from tfowatch.cgroups import cgroup2_mount
@@ -168,6 +172,52 @@ def with_caps(caps: list[str]) -> list[str]:
     return ["setpriv", "--bounding-set=-all," + ",".join(f"+{c}" for c in caps), "--inh-caps=-all"]
 
 
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(url: str) -> Samples:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    out: Samples = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str | int) -> float:
+    return samples.get((name, frozenset((k, str(v)) for k, v in labels.items())), 0.0)
+
+
+def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    return {lab: v for (n, lab), v in samples.items() if n == name}
+
+
+def start_daemon(listen: str, caps: list[str], *flags: str, binary: Path = TFOWATCH,
+                 cwd: Path | None = None) -> subprocess.Popen[str]:
+    """`tfowatch run` with only `caps`, as systemd would start it; `binary` may be an installed
+    one, started from `cwd`."""
+    proc = subprocess.Popen([*with_caps(caps), str(binary), "run", "--listen", listen, *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    deadline = time.monotonic() + 120  # BCC compiles take ~1 min under emulation (VM lab)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"tfowatch exited {proc.returncode}: {err}")
+        try:
+            urllib.request.urlopen(f"http://{listen}/metrics", timeout=2)
+            return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("tfowatch did not serve /metrics in time")
+
+
 def planned_plan() -> dict[str, Any]:
     """`tfowatch probes --json`: the plan this kernel resolves to (its tier, and the metrics
     of every tier). A daemon running below that tier fell back, which tests must not accept."""
@@ -190,3 +240,40 @@ def has_root_bpf() -> str:
     if not Path("/sys/kernel/btf/vmlinux").exists():
         return "kernel has no BTF"
     return ""
+
+
+@dataclass
+class Exchange:
+    """One TFO exchange between two namespaces, and the kernel's own count of it."""
+    client: Host
+    server: Host
+    connections: int
+    deltas: dict[str, int]  # TcpExt increase, client's Active + server's Passive/CookieReqd
+
+    def assert_counted_exactly(self, samples: Samples) -> None:
+        """The daemon's probe counts equal the kernel's (every tier with probes sees these)."""
+        def total(name: str, ns: Host) -> float:
+            return sum(v for lab, v in series(samples, name).items() if ("netns", str(ns.inode)) in lab)
+
+        accepted = total("tfowatch_syn_data_accepted_total", self.server)
+        acked = total("tfowatch_syn_data_acked_total", self.client)
+        assert accepted == self.deltas["TCPFastOpenPassive"] == self.connections - 1, (accepted, self.deltas)
+        assert acked == self.deltas["TCPFastOpenActive"] == self.connections - 1, (acked, self.deltas)
+        kernel = value(samples, "tfowatch_kernel_tcpext_total", netns=self.server.inode,
+                       counter="TCPFastOpenPassive")
+        assert kernel == self.server.tcpext()["TCPFastOpenPassive"]
+
+
+def tfo_exchange(lab: Lab, connections: int = 4, port: int = 7101) -> Exchange:
+    """`connections` TFO connects from the lab's client to a new server namespace: the first
+    asks for a cookie, the others carry SYN data that the server accepts."""
+    srv, addr = lab.server("x", "3")
+    lab.start_server(srv, str(port))
+    before = {"client": lab.client.tcpext(), "server": srv.tcpext()}
+    rows = lab.client.peer("client", addr, str(port), str(connections), "--comm", "tfo-x")
+    assert len(rows) == connections
+    time.sleep(0.5)  # the last FIN/ACKs
+    after = {"client": lab.client.tcpext(), "server": srv.tcpext()}
+    sides = {"TCPFastOpenActive": "client", "TCPFastOpenPassive": "server", "TCPFastOpenCookieReqd": "server"}
+    deltas = {c: after[side][c] - before[side][c] for c, side in sides.items()}
+    return Exchange(lab.client, srv, connections, deltas)

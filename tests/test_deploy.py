@@ -4,6 +4,7 @@ accepts; the multi-node scrape config passes promtool."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -58,6 +59,10 @@ def test_installed_unit_verifies_and_runs_the_installed_binary(installed: Path) 
     check = subprocess.run([str(binary), "run", "--config", str(installed / "etc/tfowatch/tfowatch.toml"),
                             "--check-config"], capture_output=True, text=True)
     assert check.returncode == 0 and "config OK" in check.stdout, check.stderr
+    # The installed package has its BPF sources, inside the install (not the checkout).
+    plan = json.loads(subprocess.run([str(binary), "probes", "--json"], capture_output=True, text=True,
+                                     cwd="/", check=True).stdout)
+    assert plan["bpf_sources"]["missing"] == [] and plan["bpf_sources"]["dir"].startswith(str(installed))
 
 
 def test_exposure_in_the_docs_is_the_measured_one(installed: Path) -> None:
@@ -107,7 +112,8 @@ def test_example_config_names_every_key_with_its_default() -> None:
     text = (ROOT / "systemd" / "tfowatch.toml").read_text()
     for opt in OPTIONS:
         default = getattr(Settings(), opt.key)
-        line = f"{opt.key} = " + (f'"{default}"' if isinstance(default, str) else str(default))
+        shown = str(default).lower() if isinstance(default, bool) else str(default)
+        line = f"{opt.key} = " + (f'"{default}"' if isinstance(default, str) else shown)
         assert line in text or (default is None and f"# {opt.key} = " in text), opt.key
 
 

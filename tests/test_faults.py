@@ -15,8 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netlab import Lab, skip_unless_root_bpf, unit_caps
-from test_integration import free_port, start_daemon
+from netlab import Lab, free_port, skip_unless_root_bpf, start_daemon, unit_caps
 
 PORT = 7701
 SCRAPE_TIMEOUT_S = 10.0

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,40 +18,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netlab import TFOWATCH, Host, Lab, planned_plan, skip_unless_root_bpf, unit_caps, with_caps
-from prometheus_client.parser import text_string_to_metric_families
+from netlab import (
+    Host,
+    Lab,
+    Samples,
+    free_port,
+    planned_plan,
+    scrape,
+    series,
+    skip_unless_root_bpf,
+    start_daemon,
+    unit_caps,
+    value,
+)
 
 from tfowatch.cgroups import proc_cgroup
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 PORT_A, PORT_B, PORT_D, PORT_TW, PORT_Q = 7001, 7002, 7003, 7004, 7005
 Q_COMM = "tfo-q"
 COUNTERS = ("TCPFastOpenActive", "TCPFastOpenActiveFail", "TCPFastOpenPassive",
             "TCPFastOpenPassiveFail", "TCPFastOpenCookieReqd", "TCPFastOpenListenOverflow",
             "TWRecycled")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def scrape(url: str) -> Samples:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    out: Samples = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def value(samples: Samples, name: str, **labels: str | int) -> float:
-    return samples.get((name, frozenset((k, str(v)) for k, v in labels.items())), 0.0)
-
-
-def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
-    return {lab: v for (n, lab), v in samples.items() if n == name}
 
 
 Seen = dict[tuple[int, str, str], list[dict[str, Any]]]  # (port, comm, cgroup) -> tcp_info rows
@@ -77,26 +61,6 @@ class Run:
     ephemeral: dict[str, Any] = field(default_factory=dict)
     stderr: str = ""
     exit_code: int | None = None
-
-
-def start_daemon(listen: str, caps: list[str], *flags: str) -> subprocess.Popen[str]:
-    """`tfowatch run` with only `caps`, as systemd would start it."""
-    proc = subprocess.Popen([*with_caps(caps), str(TFOWATCH), "run", "--listen", listen, *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120  # BCC compiles take ~1 min under emulation (VM lab)
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = proc.stderr.read() if proc.stderr else ""
-            raise RuntimeError(f"tfowatch exited {proc.returncode}: {err}")
-        try:
-            urllib.request.urlopen(f"http://{listen}/metrics", timeout=2)
-            return proc
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("tfowatch did not serve /metrics in time")
-
-
 
 
 Rows = list[dict[str, Any]]

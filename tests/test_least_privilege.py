@@ -12,9 +12,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from netlab import Lab, planned_plan, skip_unless_root_bpf, unit_caps, with_caps
+from netlab import (
+    Lab,
+    Samples,
+    free_port,
+    planned_plan,
+    scrape,
+    series,
+    skip_unless_root_bpf,
+    start_daemon,
+    unit_caps,
+    value,
+    with_caps,
+)
 from test_cli import one_line_error, tfowatch
-from test_integration import Samples, free_port, scrape, series, start_daemon, value
 
 PORT = 7601
 PARANOID = Path("/proc/sys/kernel/perf_event_paranoid")

@@ -106,10 +106,11 @@ def test_fall_back_goes_one_tier_down_and_keeps_the_first_reason() -> None:
     twice = fall_back(once, f, "compile_failed", "clang said no", "other fix")
     assert (once.tier, twice.tier) == ("tracepoint", "counters")
     assert plan.degraded is None and plan.planned_tier == "kprobe"  # the input is not changed
-    assert once.degraded and twice.degraded and once.degraded.reason == twice.degraded.reason == "attach_failed"
+    assert once.degraded and twice.degraded
+    assert once.degraded.reason == twice.degraded.reason == "attach_failed"
     assert twice.planned_tier == "kprobe" and twice.mode == "auto"
-    assert "kprobe tier unavailable (cannot attach kprobe x): fix it; running the counters tier" \
-        == twice.degraded.describe(twice.tier)
+    assert twice.degraded.describe(twice.tier) \
+        == "kprobe tier unavailable (cannot attach kprobe x): fix it; running the counters tier"
 
 
 def test_a_degraded_plan_lists_the_planned_probes_it_lacks_as_not_attached() -> None:

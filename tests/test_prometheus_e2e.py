@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netlab import Host, Lab, planned_plan, skip_unless_root_bpf, unit_caps
-from test_integration import free_port, start_daemon
+from netlab import Host, Lab, free_port, planned_plan, skip_unless_root_bpf, start_daemon, unit_caps
 
 from tfowatch.metrics import PROBE_METRICS
 

@@ -15,8 +15,17 @@ import time
 from pathlib import Path
 
 import pytest
-from netlab import Lab, skip_unless_root_bpf, unit_caps
-from test_integration import Samples, free_port, scrape, series, start_daemon, value
+from netlab import (
+    Lab,
+    Samples,
+    free_port,
+    scrape,
+    series,
+    skip_unless_root_bpf,
+    start_daemon,
+    unit_caps,
+    value,
+)
 
 SOAK_S = float(os.environ.get("TFOWATCH_SOAK_S", "600"))
 WARMUP_S = min(60.0, SOAK_S / 5)

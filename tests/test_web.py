@@ -16,9 +16,8 @@ from pathlib import Path
 
 import certs
 import pytest
-from netlab import TFOWATCH, skip_unless_root_bpf
+from netlab import TFOWATCH, free_port, skip_unless_root_bpf
 from test_cli import one_line_error, tfowatch
-from test_integration import free_port
 
 PASSWORD = "correct horse"
 

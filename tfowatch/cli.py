@@ -142,12 +142,19 @@ def tier_metrics(facts: KernelFacts) -> dict[str, list[str] | str]:
 
 
 def cmd_probes(args: argparse.Namespace) -> int:
+    from tfowatch.bpfprog import BPF_DIR, DEGRADED_FIX, SOURCES
+
     facts = detect()
     plan = resolve(facts, args.mode)
     tiers = tier_metrics(facts)
+    missing = [str(p) for p in SOURCES if not p.is_file()]
     if args.json:
-        print(json.dumps(plan.as_dict() | {"tiers": tiers}, indent=2))
+        sources = {"dir": str(BPF_DIR), "missing": missing}
+        print(json.dumps(plan.as_dict() | {"tiers": tiers, "bpf_sources": sources}, indent=2))
         return 0
+    if missing and plan.tier != "counters":
+        print(f"BPF SOURCES MISSING ({', '.join(missing)}): {DEGRADED_FIX['bpf_sources_missing']}; "
+              f"`run` would fall back to the counters tier")
     print_plan(plan)
     print("probe metrics per tier on this kernel (kernel_tcpext and self metrics in all):")
     for tier, metrics in tiers.items():

@@ -27,32 +27,38 @@ EventFilter = Callable[[Event], bool]
 
 def load_plan(facts: KernelFacts, mode: str, plain_connects: bool = False,
               in_kernel_counts: bool = False, strict: bool = False) -> tuple[Plan, Any]:
-    """Resolve and attach. In auto mode a failure falls one tier down, loudly (an ERROR that
+    """Resolve and attach. In auto mode a failure falls one tier down, loudly (one ERROR that
     names the fix, and plan.degraded for the metrics); with `strict` it is an error instead."""
-    from tfowatch.bpfprog import DEGRADED_FIX, LoadError, Probes
-
     plan = resolve(facts, mode)
-    while plan.tier != "counters":
+    probes = None
+    while plan.tier != "counters" and probes is None:
         plan.defines["PLAIN_CONNECTS"] = int(plain_connects)
         plan.defines["IN_KERNEL_COUNTS"] = int(in_kernel_counts)
-        try:
-            btf = Btf.load()
-            probes = Probes(plan, btf)
-            probes.attach()
-            return plan, probes
-        except (LoadError, BtfError) as exc:
-            if denied := perf_events_denied():  # every tier with probes would fail the same way
-                raise PlanError(f"cannot attach probes: {denied}") from exc
-            if mode != "auto":
-                raise PlanError(str(exc)) from exc
-            reason = exc.reason if isinstance(exc, LoadError) else "kernel_btf"
-            if strict:
-                raise PlanError(f"strict: {plan.tier} tier unavailable ({exc}): "
-                                f"{DEGRADED_FIX[reason]}") from exc
-            plan = fall_back(plan, facts, reason, str(exc), DEGRADED_FIX[reason])
-            assert plan.degraded is not None
-            log.error("%s", plan.degraded.describe(plan.tier))
-    return plan, None
+        plan, probes = _attach_or_fall_back(plan, facts, strict)
+    if plan.degraded is not None:
+        log.error("%s", plan.degraded.describe(plan.tier))
+    return plan, probes
+
+
+def _attach_or_fall_back(plan: Plan, facts: KernelFacts, strict: bool) -> tuple[Plan, Any]:
+    """(plan, its attached probes), or (the plan one tier down, None)."""
+    from tfowatch.bpfprog import DEGRADED_FIX, LoadError, Probes
+
+    try:
+        probes = Probes(plan, Btf.load())
+        probes.attach()
+        return plan, probes
+    except (LoadError, BtfError) as exc:
+        if denied := perf_events_denied():  # every tier with probes would fail the same way
+            raise PlanError(f"cannot attach probes: {denied}") from exc
+        if plan.mode != "auto":
+            raise PlanError(str(exc)) from exc
+        reason = exc.reason if isinstance(exc, LoadError) else "kernel_btf"
+        if strict:
+            raise PlanError(f"strict: {plan.tier} tier unavailable ({exc}): {DEGRADED_FIX[reason]}") from exc
+        if plan.degraded is not None:  # the first failure is the one reported
+            log.warning("%s tier unavailable too (%s)", plan.tier, exc)
+        return fall_back(plan, facts, reason, str(exc), DEGRADED_FIX[reason]), None
 
 
 class Ingest:
