@@ -4,7 +4,8 @@
 set -euo pipefail
 
 APT_PACKAGES=(python3-bpfcc bpfcc-tools bpftool linux-headers-amd64 python3-venv
-              iproute2 nftables prometheus tmux procps bpftrace)
+              iproute2 nftables prometheus tmux procps bpftrace
+              podman runc mmdebstrap)  # the container image test (tests/test_container.py)
 
 "$(dirname "$0")/apt-ensure.sh" "${APT_PACKAGES[@]}"
 

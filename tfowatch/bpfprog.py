@@ -86,6 +86,9 @@ DEGRADED_FIX = {
     "bcc_missing": "install python3-bpfcc and run tfowatch with a Python that sees it",
     "kernel_btf": "this kernel's BTF (/sys/kernel/btf/vmlinux) lacks a field tfowatch reads: "
                   "report the kernel release",
+    "bpf_denied": "bpf() was denied: in a container the runtime's default seccomp profile may allow "
+                  "it only with CAP_SYS_ADMIN (use seccompProfile Unconfined, docs/DEPLOYMENT.md); "
+                  "else check the capabilities (CAP_BPF, CAP_PERFMON) and an LSM policy",
     "compile_failed": "BCC could not compile or load the programs: check the kernel headers "
                       "(/lib/modules/$(uname -r)/build) and run with -v for clang's messages",
     "attach_failed": "the kernel refused a probe: see `tfowatch probes`, and run with -v for "
@@ -154,23 +157,24 @@ def import_bcc() -> Any:
 
 
 @contextlib.contextmanager
-def libbcc_stderr() -> Iterator[None]:
+def libbcc_stderr() -> Iterator[list[str]]:
     """libbcc and clang write compiler warnings and perf_event_open() failures straight to
     fd 2; keep them out of the daemon's stderr (one line per error, and a quiet journal) and
-    log them at debug level instead."""
+    log them at debug level instead. Yields the list the lines are collected into."""
+    lines: list[str] = []
     with tempfile.TemporaryFile() as sink:
         saved = os.dup(2)
         sys.stderr.flush()
         os.dup2(sink.fileno(), 2)
         try:
-            yield
+            yield lines
         finally:
             os.dup2(saved, 2)
             os.close(saved)
             sink.seek(0)
-            for line in sink.read().decode(errors="replace").splitlines():
-                if line.strip():
-                    log.debug("libbcc: %s", line)
+            lines += [line for line in sink.read().decode(errors="replace").splitlines() if line.strip()]
+            for line in lines:
+                log.debug("libbcc: %s", line)
 
 
 def read_counts(fd: int, keys: Any, vals: Any) -> list[tuple[bytes, int, int]]:
@@ -243,9 +247,13 @@ class Probes:
         self.reader: EventReader | None = None
         self._count_bufs: tuple[Any, Any] | None = None
         try:
-            with libbcc_stderr():
+            with libbcc_stderr() as said:
                 self.bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags(btf, plan))
         except Exception as exc:  # BCC raises bare Exception on compile/load failure
+            # BCC reports a denied bpf() as a failed compile; libbcc's own line says EPERM.
+            denied = next((line.strip() for line in said if "Operation not permitted" in line), "")
+            if denied:
+                raise LoadError(f"BPF load failed: {denied}", "bpf_denied") from exc
             raise LoadError(f"BPF compile/load failed: {exc}") from exc
 
     def attach(self) -> None:
