@@ -57,7 +57,7 @@ bench: setup
 
 install:
 	@[ "$$(id -u)" = 0 ] || { echo "make: install as root" >&2; exit 1; }
-	@scripts/setup-host.sh
+	@scripts/setup-host.sh --runtime
 	/usr/bin/python3 -m venv --system-site-packages $(LIBDIR)
 	$(LIBDIR)/bin/pip install -q .
 	install -d $(PREFIX)/bin $(PREFIX)/share/doc/tfowatch $(SYSCONFDIR)/tfowatch $(SYSCONFDIR)/default \

@@ -1,13 +1,23 @@
 #!/bin/bash
 # Host set-up for tfowatch on Debian 12: packages, kernel headers BCC can compile
-# against, tracefs. Idempotent; run as root. Used by `make run` and `make test`.
+# against, tracefs. Idempotent; run as root.
+#     scripts/setup-host.sh             development and tests (`make run`, `make test`)
+#     scripts/setup-host.sh --runtime   what the daemon needs to run (`make install`)
 set -euo pipefail
 
-APT_PACKAGES=(python3-bpfcc bpfcc-tools bpftool linux-headers-amd64 python3-venv
-              iproute2 nftables prometheus tmux procps bpftrace
-              podman runc mmdebstrap)  # the container image test (tests/test_container.py)
+RUNTIME_PACKAGES=(python3-bpfcc python3-venv)
+DEV_PACKAGES=(bpfcc-tools bpftool linux-headers-amd64 iproute2 nftables prometheus tmux procps
+              bpftrace podman runc mmdebstrap)  # the last three: tests/test_container.py
+here=$(dirname "$0")
 
-"$(dirname "$0")/apt-ensure.sh" "${APT_PACKAGES[@]}"
+if [ "${1:-}" = --runtime ]; then
+  # Headers for BCC: Debian's, unless some are installed already.
+  hdrs=()
+  ls -d /usr/src/linux-headers-*-amd64 >/dev/null 2>&1 || hdrs=(linux-headers-amd64)
+  "$here/apt-ensure.sh" "${RUNTIME_PACKAGES[@]}" "${hdrs[@]}"
+else
+  "$here/apt-ensure.sh" "${RUNTIME_PACKAGES[@]}" "${DEV_PACKAGES[@]}"
+fi
 
 # BCC compiles against /lib/modules/$(uname -r)/build. When the running kernel ships no
 # headers (our machines), link Debian's: tfowatch reads every struct field at offsets
@@ -23,5 +33,6 @@ if [ ! -e "/lib/modules/$rel/build/Makefile" ]; then
   echo "setup: linked $hdr as kernel headers for $rel"
 fi
 
-mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing
+# A systemd host mounts tracefs itself (sys-kernel-tracing.mount); the tests' hosts may not.
+[ "${1:-}" = --runtime ] || mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing
 exit 0

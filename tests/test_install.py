@@ -100,15 +100,6 @@ def test_installed_package_is_not_the_checkout(installed: Installed) -> None:
     print(f"installed venv: {installed.size_mb} MB (BCC and LLVM come from the distribution)")
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    lab = Lab()
-    try:
-        yield lab
-    finally:
-        lab.close()
-
-
 def run_installed(installed: Installed, *flags: str) -> tuple[str, subprocess.Popen[str]]:
     listen = f"127.0.0.1:{free_port()}"
     return listen, start_daemon(listen, unit_caps("sys-admin.conf"), *flags, binary=installed.binary,

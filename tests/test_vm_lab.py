@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import warnings
 import xml.etree.ElementTree as ET
@@ -26,6 +27,16 @@ pytestmark = pytest.mark.vm
 
 def tail(path: Path, n: int = 60) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else "(none)"
+
+
+def guest_report(out: Path, res: subprocess.CompletedProcess[str]) -> tuple[dict[str, int], str]:
+    """The guest's JUnit counts, and the context a failure shows (its pytest and console tails)."""
+    context = (f"\n--- guest pytest ---\n{tail(out / 'pytest.txt')}"
+               f"\n--- console ---\n{tail(out / 'console.txt')}")
+    assert (out / "junit.xml").exists(), f"vng exit {res.returncode}, no report{context}"
+    suite = ET.parse(out / "junit.xml").getroot().find("testsuite")
+    assert suite is not None
+    return {k: int(suite.get(k, "0")) for k in ("tests", "failures", "errors", "skipped")}, context
 
 
 @pytest.mark.parametrize("release", lab.releases())
@@ -46,12 +57,7 @@ def test_kprobe_tier_on_lab_kernel(release: str) -> None:
                       f"booting once more. First console tail:\n{first[-2000:]}", stacklevel=1)
         res = lab.boot(release, out)
         (out / "console-first-boot.txt").write_text(first)
-    context = (f"\n--- guest pytest ---\n{tail(out / 'pytest.txt')}"
-               f"\n--- console ---\n{tail(out / 'console.txt')}")
-    assert (out / "junit.xml").exists(), f"vng exit {res.returncode}, no report{context}"
-    suite = ET.parse(out / "junit.xml").getroot().find("testsuite")
-    assert suite is not None
-    counts = {k: int(suite.get(k, "0")) for k in ("tests", "failures", "errors", "skipped")}
+    counts, context = guest_report(out, res)
     clean = counts["failures"] == counts["errors"] == counts["skipped"] == 0
     assert counts["tests"] >= lab.GUEST_TEST_COUNT and clean, f"{counts}{context}"
     plan = json.loads((out / "probes.json").read_text())
@@ -62,3 +68,23 @@ def test_kprobe_tier_on_lab_kernel(release: str) -> None:
     # The facts recorded from the image (tests/facts/) agree with the booted kernel's own.
     recorded = json.loads((Path(__file__).parent / "facts" / f"{release}.json").read_text())
     assert recorded["present"] == facts["present"] and recorded["fields"] == facts["fields"]
+
+
+SYSTEMD_GUEST_TESTS = 4  # tests/test_systemd_unit.py
+
+
+def test_systemd_unit_under_real_systemd() -> None:
+    """`make install` into a Debian root built from Debian's packages, booted with systemd as
+    PID 1 on a kprobe kernel; tests/test_systemd_unit.py runs inside (start, SIGKILL restart,
+    stop, exposure)."""
+    if os.geteuid() != 0:
+        pytest.skip("VM lab needs root (make test runs as root)")
+    assert shutil.which("mmdebstrap"), "mmdebstrap missing: run scripts/setup-host.sh (make test does)"
+    assert lab.SYSTEMD_RELEASE in lab.releases()
+    out = OUT / "systemd"
+    res = lab.systemd_boot(lab.SYSTEMD_RELEASE, out)
+    counts, context = guest_report(out, res)
+    assert counts == {"tests": SYSTEMD_GUEST_TESTS, "failures": 0, "errors": 0, "skipped": 0}, \
+        f"{counts}{context}"
+    boot_s = int((out / "multi-user-usec.txt").read_text()) / 1e6
+    print(f"systemd guest: multi-user.target after {boot_s:.1f} s (TCG)")

@@ -2,6 +2,7 @@
 
     python tests/vm/lab.py RELEASE OUTDIR            the kprobe-tier tests
     python tests/vm/lab.py --bench RELEASE OUTDIR    bench/run.py in the guest (`make bench`)
+    python tests/vm/lab.py --systemd RELEASE OUTDIR  the installed unit under a real systemd
 
 One boot per kernel: inside, as root, it records `tfowatch facts` and `tfowatch probes
 --json`, then runs GUEST_TESTS with JUnit XML. The host test (tests/test_vm_lab.py)
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,9 +93,110 @@ def bench(release: str, out: Path) -> int:
     return 0
 
 
+# --- the installed unit under a real systemd ------------------------------------------------
+
+SYSTEMD_RELEASE = "6.12.117+deb12-amd64"  # a lab kernel with kprobes, as in kernels.txt
+LAB_ROOT = ROOT / "tests" / "vm" / "root"
+GUEST_SRC = "/root/tfowatch-src"  # the checkout, as `make install` is run from it
+GUEST_OUT = "/root/lab-out"
+# The guest's one job: the in-guest test, its boot timing, then power off whatever happened.
+LAB_UNIT = f"""[Unit]
+Description=tfowatch VM lab: the installed unit under systemd
+After=multi-user.target
+SuccessAction=poweroff-force
+FailureAction=poweroff-force
+
+[Service]
+Type=oneshot
+Environment=TFOWATCH_SYSTEMD_LAB=1 PYTHONDONTWRITEBYTECODE=1
+WorkingDirectory={GUEST_SRC}
+ExecStart=/bin/sh -c 'systemctl show -P ActiveEnterTimestampMonotonic multi-user.target \
+  > {GUEST_OUT}/multi-user-usec.txt; \
+  python3 -m pytest -p no:cacheprovider -v -rs -s --junitxml={GUEST_OUT}/junit.xml \
+  tests/test_systemd_unit.py > {GUEST_OUT}/pytest.txt 2>&1; echo $? > {GUEST_OUT}/pytest.rc; \
+  journalctl -b --no-pager > {GUEST_OUT}/journal.txt'
+TimeoutStartSec=40min
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def sh(*cmd: str, timeout: float = 1200) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        tail = res.stdout[-2000:] + res.stderr[-3000:]
+        raise RuntimeError(f"{' '.join(cmd)}: exit {res.returncode}\n{tail}")
+    return res
+
+
+def copy_checkout(dest: Path) -> None:
+    """The tracked files, as a user's clone has them."""
+    names = sh("git", "-C", str(ROOT), "ls-files", "-z").stdout.split("\0")
+    for name in filter(None, names):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def make_install_in(root: Path) -> str:
+    """`make install` in the guest root, as documented, from a chroot (the guest has no
+    network for pip). A private mount namespace holds /proc and /dev, gone when it ends."""
+    env = ""
+    if cert := os.environ.get("PIP_CERT"):  # this machine's trust for PyPI, if it has its own
+        shutil.copy(cert, root / "etc" / "ssl" / "lab-pip-ca.crt")
+        env = "PIP_CERT=/etc/ssl/lab-pip-ca.crt "
+    r = shlex.quote(str(root))
+    script = (f"mount -t proc proc {r}/proc && mount --rbind /dev {r}/dev && "
+              f"chroot {r} /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root {env}"
+              f"make -C {GUEST_SRC} install")
+    return sh("unshare", "--mount", "--propagation", "private", "--fork", "sh", "-c", script).stdout
+
+
+def prepare_systemd_root(release: str) -> Path:
+    """A fresh copy of the cached Debian root, with tfowatch installed and the lab unit."""
+    base, run = LAB_ROOT / "base", LAB_ROOT / "run"
+    sh(str(ROOT / "scripts" / "build-lab-root.sh"), str(base), release, timeout=1800)
+    if run.exists():
+        shutil.rmtree(run)
+    sh("cp", "-a", "--reflink=auto", str(base), str(run))
+    copy_checkout(run / GUEST_SRC.lstrip("/"))
+    (run / GUEST_OUT.lstrip("/")).mkdir(parents=True)
+    # Debian kernels default to kernel.perf_event_paranoid=3; docs/DEPLOYMENT.md's fix.
+    (run / "etc" / "sysctl.d" / "60-perf-event-paranoid.conf").write_text("kernel.perf_event_paranoid = 2\n")
+    (run / GUEST_OUT.lstrip("/") / "install.txt").write_text(make_install_in(run))
+    units = run / "etc" / "systemd" / "system"
+    (units / "tfowatch-lab.service").write_text(LAB_UNIT)
+    (units / "multi-user.target.wants").mkdir(exist_ok=True)
+    (units / "multi-user.target.wants" / "tfowatch-lab.service").symlink_to("../tfowatch-lab.service")
+    return run
+
+
+def systemd_boot(release: str, out: Path) -> subprocess.CompletedProcess[str]:
+    """Boot `release` with systemd as PID 1 on the prepared root; its results land in `out`."""
+    run = prepare_systemd_root(release)
+    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
+    cmd = [str(VENV_BIN / "vng"), "--run", str(run / "boot" / f"vmlinuz-{release}"), "--root", str(run),
+           "--rw", "--systemd", "--disable-kvm", "--force-9p", "--cpus", "2", "--memory", "2G", "--verbose"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=BOOT_TIMEOUT_S,
+                         stdin=subprocess.DEVNULL)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(run / GUEST_OUT.lstrip("/"), out)
+    (out / "console.txt").write_text(res.stdout + res.stderr)
+    return res
+
+
 def main() -> int:
     if sys.argv[1] == "--bench":
         return bench(sys.argv[2], Path(sys.argv[3]))
+    if sys.argv[1] == "--systemd":
+        res = systemd_boot(sys.argv[2], Path(sys.argv[3]))
+        rc_file = Path(sys.argv[3]) / "pytest.rc"
+        rc = rc_file.read_text().strip() if rc_file.exists() else "none"
+        print(f"vng exit {res.returncode}, guest pytest exit {rc}")
+        return 0 if rc == "0" else 1
     release, out = sys.argv[1], Path(sys.argv[2])
     res = boot(release, out)
     rc = (out / "pytest.rc").read_text().strip() if (out / "pytest.rc").exists() else "none"
