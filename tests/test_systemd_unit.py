@@ -9,6 +9,7 @@ inactive, no kprobe_events entry and none of its BPF programs left; the exposure
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -43,10 +44,36 @@ def journal() -> str:
                           capture_output=True, text=True).stdout
 
 
-def progs() -> dict[int, str]:
-    """Loaded BPF programs: id -> type."""
-    out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True, check=True)
-    return {p["id"]: p["type"] for p in json.loads(out.stdout or "[]")}
+BPF_PROG_GET_NEXT_ID, BPF_PROG_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD = 11, 13, 15
+BPF_PROG_TYPE_KPROBE = 2
+SYS_BPF = 321  # x86_64
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_uint64]) -> int:
+    return int(_libc.syscall(SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
+
+
+def progs() -> dict[int, int]:
+    """Every loaded BPF program, id -> program type, from the kernel itself (bpf(2))."""
+    out: dict[int, int] = {}
+    attr = (ctypes.c_uint64 * 4)()
+    ids = ctypes.cast(attr, ctypes.POINTER(ctypes.c_uint32))  # start_id, next_id
+    while _bpf(BPF_PROG_GET_NEXT_ID, attr) == 0:
+        prog_id = ids[1]
+        attr[0], attr[1] = prog_id, 0  # start_id = this one; next_id, open_flags = 0
+        fd_attr = (ctypes.c_uint64 * 2)(prog_id)
+        fd = _bpf(BPF_PROG_GET_FD_BY_ID, fd_attr)
+        if fd < 0:
+            continue  # freed meanwhile
+        info = (ctypes.c_uint32 * 64)()  # struct bpf_prog_info starts with type
+        info_attr = (ctypes.c_uint64 * 2)()
+        info_attr[0] = fd | (ctypes.sizeof(info) << 32)  # bpf_fd, info_len
+        info_attr[1] = ctypes.addressof(info)
+        if _bpf(BPF_OBJ_GET_INFO_BY_FD, info_attr) == 0:
+            out[prog_id] = info[0]
+        os.close(fd)
+    return out
 
 
 def prog_ids() -> set[int]:
@@ -75,6 +102,28 @@ def before_start() -> set[int]:
     return prog_ids()  # systemd's own cgroup programs, and nothing of ours
 
 
+def test_the_unit_sees_the_kernel_facts_that_root_sees() -> None:
+    """`tfowatch facts` inside the unit's sandbox (a copy of the installed unit that runs it)
+    equals `tfowatch facts` as plain root: no hardening line hides what the plan needs."""
+    unit = Path("/run/systemd/system/tfowatch-facts.service")
+    out = Path("/run/tfowatch-facts.json")
+    text = re.sub(r"^ExecStart=.*$", f"ExecStart={TFOWATCH} facts", Path(f"/etc/systemd/system/{UNIT}")
+                  .read_text(), flags=re.M).replace("Type=simple", "Type=oneshot")
+    unit.write_text(text + f"\n[Service]\nRestart=no\nStandardOutput=file:{out}\n")
+    try:
+        systemctl("daemon-reload")
+        res = systemctl("start", unit.name)
+        assert res.returncode == 0, res.stderr
+        in_unit = json.loads(out.read_text())
+    finally:
+        unit.unlink()
+        systemctl("daemon-reload")
+    as_root = json.loads(subprocess.run([str(TFOWATCH), "facts"], capture_output=True, text=True,
+                                        check=True).stdout)
+    differ = {k: (in_unit.get(k), v) for k, v in as_root.items() if in_unit.get(k) != v}
+    assert not differ, differ
+
+
 def test_start_serves_the_planned_tier_and_counts_exactly(before_start: set[int], lab: Lab) -> None:
     started = time.monotonic()
     res = systemctl("start", UNIT)
@@ -88,7 +137,8 @@ def test_start_serves_the_planned_tier_and_counts_exactly(before_start: set[int]
     (info,) = [dict(k) for k in series(samples, "tfowatch_build_info")]
     assert info["tier"] == info["planned_tier"] == planned["tier"] == "kprobe", info
     attached = series(samples, "tfowatch_probe_attached")
-    assert attached and set(attached.values()) == {1.0}, attached
+    want = {f"{a['kind']}:{a['target']}" for p in planned["points"] for a in p["attachments"]}
+    assert {dict(k)["target"] for k in attached} == want and set(attached.values()) == {1.0}, attached
     exchange.assert_counted_exactly(samples)
     assert "tfowatch: ERROR" not in journal(), journal()
 
@@ -102,6 +152,11 @@ def test_sigkill_is_restarted_by_systemd() -> None:
         time.sleep(0.5)
     serving()
     assert show("MainPID") != pid and int(show("NRestarts")) == restarts + 1
+    samples = scrape(URL)
+    (info,) = [dict(k) for k in series(samples, "tfowatch_build_info")]
+    attached = series(samples, "tfowatch_probe_attached")
+    assert info["tier"] == "kprobe" and len(attached) > 3, (info, attached)  # the tracepoint tier has 3
+    assert set(attached.values()) == {1.0}, attached
 
 
 def test_stop_leaves_no_probe_behind(before_start: set[int]) -> None:
@@ -111,8 +166,7 @@ def test_stop_leaves_no_probe_behind(before_start: set[int]) -> None:
     # so they do not show in kprobe_events): tcp_try_fastopen, tcp_connect, tcp_twsk_unique
     # entry and return, and tcp_fastopen_active_disable.
     kinds = progs()
-    raw = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True).stdout
-    assert sum(kinds[i] == "kprobe" for i in ours) >= 7, raw
+    assert sum(kinds.get(i) == BPF_PROG_TYPE_KPROBE for i in ours) >= 7, {i: kinds.get(i) for i in ours}
     assert systemctl("stop", UNIT).returncode == 0
     assert show("ActiveState") == "inactive", show("ActiveState")
     deadline = time.monotonic() + 10  # programs are freed after an RCU grace period

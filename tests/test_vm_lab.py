@@ -70,7 +70,7 @@ def test_kprobe_tier_on_lab_kernel(release: str) -> None:
     assert recorded["present"] == facts["present"] and recorded["fields"] == facts["fields"]
 
 
-SYSTEMD_GUEST_TESTS = 4  # tests/test_systemd_unit.py
+SYSTEMD_GUEST_TESTS = 5  # tests/test_systemd_unit.py
 
 
 def test_systemd_unit_under_real_systemd() -> None:

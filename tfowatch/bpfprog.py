@@ -89,6 +89,8 @@ DEGRADED_FIX = {
     "bpf_denied": "bpf() was denied: in a container the runtime's default seccomp profile may allow "
                   "it only with CAP_SYS_ADMIN (use seccompProfile Unconfined, docs/DEPLOYMENT.md); "
                   "else check the capabilities (CAP_BPF, CAP_PERFMON) and an LSM policy",
+    "kallsyms_unreadable": "let tfowatch read /proc/kallsyms: systemd's ProtectKernelTunables=yes "
+                           "hides it (the unit shipped with tfowatch does not set it)",
     "compile_failed": "BCC could not compile or load the programs: check the kernel headers "
                       "(/lib/modules/$(uname -r)/build) and run with -v for clang's messages",
     "attach_failed": "the kernel refused a probe: see `tfowatch probes`, and run with -v for "

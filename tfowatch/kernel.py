@@ -62,6 +62,7 @@ class KernelFacts:
     tracepoints: list[str] = field(default_factory=list)
     fields: dict[str, bool] = field(default_factory=dict)
     sysctls: dict[str, str] = field(default_factory=dict)
+    kallsyms_error: str = ""  # why /proc/kallsyms could not be read (then `present` is unknown)
 
     @property
     def version(self) -> tuple[int, int]:
@@ -92,8 +93,9 @@ def tracefs() -> Path | None:
     return TRACEFS_DIRS[0] if (TRACEFS_DIRS[0] / "events").is_dir() else None
 
 
-def _kallsyms(names: tuple[str, ...]) -> dict[str, bool]:
-    """Which of `names` are text symbols in /proc/kallsyms (module suffixes ignored)."""
+def _kallsyms(names: tuple[str, ...]) -> tuple[dict[str, bool], str]:
+    """Which of `names` are text symbols in /proc/kallsyms (module suffixes ignored), and
+    why it could not be read, if it could not (e.g. systemd's ProtectKernelTunables)."""
     wanted = set(names)
     found: set[str] = set()
     try:
@@ -102,9 +104,9 @@ def _kallsyms(names: tuple[str, ...]) -> dict[str, bool]:
                 parts = line.split()
                 if len(parts) >= 3 and parts[1] in "tT" and parts[2] in wanted:
                     found.add(parts[2])
-    except OSError:
-        pass
-    return {n: n in found for n in names}
+    except OSError as exc:
+        return {n: False for n in names}, f"cannot read /proc/kallsyms: {exc.strerror}"
+    return {n: n in found for n in names}, ""
 
 
 def _filter_functions(tfs: Path | None) -> set[str] | None:
@@ -137,7 +139,7 @@ def detect() -> KernelFacts:
         why = "tracefs is not mounted and could not be mounted"
     elif not kprobe_events:
         why = f"{tfs}/kprobe_events is absent (kernel built without CONFIG_KPROBES)"
-    present = _kallsyms(SYMBOLS)
+    present, kallsyms_error = _kallsyms(SYMBOLS)
     ftrace = _filter_functions(tfs)
     # Without the function tracer, kprobes still attach to any non-blacklisted text symbol.
     traceable = {n: present[n] and kprobe_events and (ftrace is None or n in ftrace)
@@ -154,6 +156,7 @@ def detect() -> KernelFacts:
     return KernelFacts(
         release=release, kprobes=kprobe_events, kprobes_why=why, btf=btf_ok,
         headers=_headers_usable(release), symbols=traceable, present=present,
+        kallsyms_error=kallsyms_error,
         tracepoints=tps, fields=fields, sysctls=netns.read_ipv4_sysctls(SYSCTLS),
     )
 

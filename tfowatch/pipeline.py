@@ -45,6 +45,8 @@ def _attach_or_fall_back(plan: Plan, facts: KernelFacts, strict: bool) -> tuple[
     from tfowatch.bpfprog import DEGRADED_FIX, LoadError, Probes
 
     try:
+        if plan.tier == "kprobe" and facts.kallsyms_error:  # no symbol is known to exist
+            raise LoadError(f"kprobe targets unknown: {facts.kallsyms_error}", "kallsyms_unreadable")
         probes = Probes(plan, Btf.load())
         probes.attach()
         return plan, probes
