@@ -157,5 +157,5 @@ def test_unreadable_kallsyms_on_a_kprobe_kernel_degrades_loudly(caplog: pytest.L
         probes.close()
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "ProtectKernelTunables" in errors[0], errors
-    with pytest.raises(PlanError, match="strict: kprobe tier unavailable .*kallsyms"):
+    with pytest.raises(PlanError, match=r"strict: kprobe tier unavailable .*kallsyms"):
         load_plan(blind, "auto", strict=True)
