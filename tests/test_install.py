@@ -6,11 +6,11 @@ The same install with its BPF sources removed degrades loudly (an ERROR naming t
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import zipfile
 from collections.abc import Iterator
@@ -18,8 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from netlab import Lab, free_port, scrape, series, skip_unless_root_bpf, start_daemon, tfo_exchange, unit_caps
+from netlab import (
+    Lab,
+    free_port,
+    planned_plan,
+    scrape,
+    series,
+    skip_unless_root_bpf,
+    start_daemon,
+    tfo_exchange,
+    unit_caps,
+)
 from test_cli import one_line_error
+
+sys.path.insert(0, str(Path(__file__).parent / "vm"))
+from lab import copy_checkout
 
 ROOT = Path(__file__).parents[1]
 SOURCES = ("tfowatch/bpf/tfowatch.bpf.c", "tfowatch/bpf/tfowatch.h")
@@ -27,12 +40,7 @@ SOURCES = ("tfowatch/bpf/tfowatch.bpf.c", "tfowatch/bpf/tfowatch.h")
 
 def checkout_copy(dest: Path) -> Path:
     """The tracked files only, as a clean clone would have them (no venv, no build litter)."""
-    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True,
-                           check=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        if (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
+    copy_checkout(dest)
     return dest
 
 
@@ -87,14 +95,8 @@ def installed(dist: Dist, tmp_path_factory: pytest.TempPathFactory) -> Installed
     return Installed(venv, venv / "bin" / "tfowatch", package, round(size, 1))
 
 
-def probes(binary: Path, cwd: str) -> dict[str, object]:
-    out = subprocess.run([str(binary), "probes", "--json"], capture_output=True, text=True, cwd=cwd,
-                         check=True)
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
-
-
 def test_installed_package_is_not_the_checkout(installed: Installed) -> None:
-    plan = probes(installed.binary, "/tmp")
+    plan = planned_plan(installed.binary, "/tmp")
     assert plan["bpf_sources"] == {"dir": str(installed.package / "bpf"), "missing": []}
     assert not str(installed.package).startswith(str(ROOT))
     print(f"installed venv: {installed.size_mb} MB (BCC and LLVM come from the distribution)")
@@ -113,7 +115,7 @@ def stop(proc: subprocess.Popen[str]) -> str:
 
 
 def test_installed_wheel_runs_the_planned_tier_and_counts_exactly(installed: Installed, lab: Lab) -> None:
-    planned = probes(installed.binary, "/")["tier"]
+    planned = planned_plan(installed.binary, "/")["tier"]
     listen, proc = run_installed(installed)
     try:
         exchange = tfo_exchange(lab)
@@ -144,7 +146,7 @@ def sources_removed(installed: Installed) -> Iterator[None]:
 
 @pytest.mark.usefixtures("sources_removed")
 def test_missing_sources_degrade_loudly(installed: Installed) -> None:
-    plan = probes(installed.binary, "/")
+    plan = planned_plan(installed.binary, "/")
     assert plan["bpf_sources"]["missing"]  # type: ignore[index]
     text = subprocess.run([str(installed.binary), "probes"], capture_output=True, text=True).stdout
     assert text.startswith("BPF SOURCES MISSING") and "reinstall tfowatch" in text
@@ -190,6 +192,6 @@ def test_pip_install_of_the_source_tree_carries_the_sources(tmp_path: Path) -> N
     subprocess.run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(venv)], check=True)
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "."], cwd=src, check=True, timeout=600)
     shutil.rmtree(src)  # nothing may point back into the tree it was built from
-    plan = probes(venv / "bin" / "tfowatch", "/")
+    plan = planned_plan(venv / "bin" / "tfowatch", "/")
     assert plan["bpf_sources"]["missing"] == [], plan  # type: ignore[index]
     assert str(plan["bpf_sources"]["dir"]).startswith(str(venv))  # type: ignore[index]
