@@ -37,7 +37,7 @@ lint: setup
 # The whole suite: lint, unit, BPF verifier, host integration (tracepoint tier), and the
 # VM kernel lab (kprobe tier on Debian 6.1 and 6.12 under qemu, ~3 min per kernel).
 test: setup lint
-	$(VENV)/bin/pytest -v -rs tests
+	$(VENV)/bin/pytest -v -rs --durations=25 tests
 
 # Everything but the VM lab and the soak, for iteration.
 test-quick: setup

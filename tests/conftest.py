@@ -4,6 +4,7 @@ cannot run them; `make test` runs as root, so CI runs them."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,3 +30,21 @@ def lab() -> Iterator[Lab]:
         yield lab
     finally:
         lab.close()
+
+
+# Each verbose result line carries the wall time since the previous test ended (its fixtures'
+# set-up included) and the run's elapsed time: CI's budget is read off its own output.
+_RUN_START = _LAST_END = time.monotonic()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_report_teststatus(report: pytest.TestReport) -> Iterator[None]:
+    global _LAST_END
+    outcome = yield
+    category, letter, word = outcome.get_result()
+    ends_test = report.when == "call" or (report.when == "setup" and not report.passed)
+    if ends_test and isinstance(word, str) and word:
+        now = time.monotonic()
+        took, at = now - _LAST_END, now - _RUN_START
+        _LAST_END = now
+        outcome.force_result((category, letter, f"{word} [{took:.0f}s, at {at / 60:.1f} min]"))
