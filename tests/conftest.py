@@ -3,6 +3,7 @@ cannot run them; `make test` runs as root, so CI runs them."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -11,10 +12,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "vm"))
 
+import lab as vmlab
 from netlab import Lab, skip_unless_root_bpf
 
 FACTS_DIR = Path(__file__).parent / "facts"
+collect_ignore = ["vm"]  # the lab's runner and its guest root filesystem hold no tests of ours
 
 
 @pytest.fixture
@@ -30,6 +34,19 @@ def lab() -> Iterator[Lab]:
         yield lab
     finally:
         lab.close()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the selected VM lab boots now, beside the host tests (tests/vm/lab.py says why)."""
+    if os.geteuid() != 0 or os.environ.get("TFOWATCH_SYSTEMD_LAB") or session.config.option.collectonly:
+        return
+    jobs = [item.callspec.params.get("release", vmlab.SYSTEMD_JOB) if hasattr(item, "callspec")
+            else vmlab.SYSTEMD_JOB for item in session.items if item.get_closest_marker("vm")]
+    vmlab.start(jobs)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    vmlab.stop()
 
 
 # Each verbose result line carries the wall time since the previous test ended (its fixtures'

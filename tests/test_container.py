@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from lab import pip_cert
 from netlab import Lab, planned_plan, scrape, series, skip_unless_root_bpf, tfo_exchange
 
 from tfowatch import __version__
@@ -103,7 +104,7 @@ def image() -> str:
     build_base()
     tag = manifest()["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]["image"]
     # The machine's own trust for PyPI (a TLS-intercepting proxy here), handed to the build.
-    cert = os.environ.get("PIP_CERT", "")
+    cert = pip_cert()
     trust = ["-v", f"{cert}:/run/pip-ca.crt:ro", "--build-arg", "PIP_CERT=/run/pip-ca.crt"] if cert else []
     started = time.monotonic()
     res = podman("build", "-q", "--network", "host", *LIMITS, *trust, "--build-arg", f"BASE={BASE}",

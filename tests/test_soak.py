@@ -48,6 +48,7 @@ def exposed_series(samples: Samples, family: str) -> int:
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(SOAK_S + 600)
 def test_soak_under_syn_flood() -> None:
     skip_unless_root_bpf("soak test")
     lab = Lab()

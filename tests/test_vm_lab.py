@@ -2,7 +2,9 @@
 
 One boot per kernel (tests/vm/lab.py) runs the integration scenarios inside as root; this
 host-side test asserts on the JUnit report, the probe plan and the facts it brings back.
-A boot or guest failure fails here with the guest's console output attached.
+A boot or guest failure fails here with the guest's console output attached. The boots start
+when collection ends and run beside the host tests (tests/conftest.py); each test here waits
+for its own.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "vm"))
 import lab
 
-OUT = Path(__file__).parent / "vm" / "out"
-pytestmark = pytest.mark.vm
+OUT = lab.OUT
+# Each boot is bounded in tests/vm/lab.py; a test here may wait for the boots queued before it.
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(0)]
 
 
 def tail(path: Path, n: int = 60) -> str:
@@ -47,16 +50,9 @@ def test_kprobe_tier_on_lab_kernel(release: str) -> None:
         assert Path(need).exists(), f"{need} missing: run scripts/setup-vm-lab.sh (make test does)"
     assert shutil.which("qemu-system-x86_64"), "qemu missing: run scripts/setup-vm-lab.sh"
     out = OUT / release
-    res = lab.boot(release, out)
-    if not (out / "pytest.rc").exists():
-        # The guest ended mid-run (one CI run: vng exit 255 during a fault test, no console
-        # kept then). Boot once more, keeping the first console (kernel messages, --verbose),
-        # and say so: a second crash fails below.
-        first = (out / "console.txt").read_text(errors="replace")
-        warnings.warn(f"{release}: guest ended without finishing (vng exit {res.returncode}); "
-                      f"booting once more. First console tail:\n{first[-2000:]}", stacklevel=1)
-        res = lab.boot(release, out)
-        (out / "console-first-boot.txt").write_text(first)
+    res, retried = lab.result(release)
+    if retried:  # the guest ended mid-run and was booted once more: said, and a second crash fails
+        warnings.warn(f"{release}: guest ended without finishing; booted once more. {retried}", stacklevel=1)
     counts, context = guest_report(out, res)
     clean = counts["failures"] == counts["errors"] == counts["skipped"] == 0
     assert counts["tests"] >= lab.GUEST_TEST_COUNT and clean, f"{counts}{context}"
@@ -81,8 +77,8 @@ def test_systemd_unit_under_real_systemd() -> None:
         pytest.skip("VM lab needs root (make test runs as root)")
     assert shutil.which("mmdebstrap"), "mmdebstrap missing: run scripts/setup-host.sh (make test does)"
     assert lab.SYSTEMD_RELEASE in lab.releases()
-    out = OUT / "systemd"
-    res = lab.systemd_boot(lab.SYSTEMD_RELEASE, out)
+    out = OUT / lab.SYSTEMD_JOB
+    res = lab.result(lab.SYSTEMD_JOB)
     counts, context = guest_report(out, res)
     assert counts == {"tests": SYSTEMD_GUEST_TESTS, "failures": 0, "errors": 0, "skipped": 0}, \
         f"{counts}{context}"
