@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import platform
+import select
 import signal
 import statistics
 import subprocess
@@ -61,6 +62,9 @@ def bpf_stats() -> Iterator[None]:
         path.write_text(old)
 
 
+SERVER_START_S = 30.0
+
+
 class Workload:
     """The load server in its namespace, and client runs against it."""
 
@@ -68,14 +72,30 @@ class Workload:
         self.lab = lab
         self.workers = workers
         self.srv, self.addr = lab.server("s", "3")
+        self.server = self._start_server()
+
+    def _start_server(self) -> subprocess.Popen[bytes]:
+        """The server's workers, each ready; one that is not within SERVER_START_S is ended
+        with its whole session (its forks hold our pipe) and named in the error."""
         proc = subprocess.Popen(["ip", "netns", "exec", self.srv.name, sys.executable, str(LOAD),
-                                 "server", str(PORT), str(workers)],
-                                stdout=subprocess.PIPE, text=True, start_new_session=True)
-        self.server = proc
+                                 "server", str(PORT), str(self.workers)],
+                                stdout=subprocess.PIPE, bufsize=0, start_new_session=True)
         assert proc.stdout is not None
-        for _ in range(workers):
-            if proc.stdout.readline().strip() != "ready":
-                raise RuntimeError("load server did not start")
+        said = b""
+        deadline = time.monotonic() + SERVER_START_S
+        while said.count(b"\n") < self.workers and time.monotonic() < deadline:
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                said += chunk
+        if said.split() == [b"ready"] * self.workers:
+            return proc
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        raise RuntimeError(f"load server did not start in {SERVER_START_S:.0f} s "
+                           f"(exit {proc.returncode}, said {said!r}; its errors are above)")
 
     def close(self) -> None:
         """The server's workers are forks in its own session: end them all."""
@@ -216,7 +236,8 @@ def scrape_latency(wl: Workload, series_points: list[int], scrapes: int) -> list
             wl.spray(20000 + sprayed, n - sprayed)
             sprayed = n
             obs.scrape()  # the first scrape after the spray drains the buffer
-            times, samples = [], {}
+            times: list[float] = []
+            samples: observers.Samples = {}
             for _ in range(scrapes):
                 dt, samples = obs.scrape()
                 times.append(dt)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,7 +56,7 @@ _RUN_START = _LAST_END = time.monotonic()
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_report_teststatus(report: pytest.TestReport) -> Iterator[None]:
+def pytest_report_teststatus(report: pytest.TestReport) -> Generator[None, Any, None]:
     global _LAST_END
     outcome = yield
     category, letter, word = outcome.get_result()

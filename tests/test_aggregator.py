@@ -12,6 +12,7 @@ from tfowatch.metrics import (
     SYN_DATA_ACCEPTED,
     SYN_DATA_SENT,
     TW_REUSE,
+    TW_REUSE_AGE,
 )
 
 
@@ -40,11 +41,11 @@ def test_tw_reuse_result_reason_and_age_histogram() -> None:
     assert s.counters[TW_REUSE] == {("1", "80", "c", "", "refused", "too_recent"): 1,
                                     ("1", "80", "c", "", "granted", ""): 1,
                                     ("1", "80", "c", "", "refused", "unknown"): 1}
-    granted = s.histograms[("1", "granted")]
+    granted = s.histograms[TW_REUSE_AGE][("1", "granted")]
     assert granted.count == 1 and granted.total == 1.5
     # 1.5 s lands in the (1, 2] bucket: buckets are 0.01 0.1 0.25 0.5 1 2 ...
     assert granted.buckets.index(1) == 5
-    refused = s.histograms[("1", "refused")]
+    refused = s.histograms[TW_REUSE_AGE][("1", "refused")]
     assert refused.count == 2 and refused.buckets[0] == 1 and refused.buckets[3] == 1
 
 

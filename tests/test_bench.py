@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from netlab import skip_unless_root_bpf
@@ -31,7 +32,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     return json.loads(out.read_text())  # type: ignore[no-any-return]
 
 
-def test_every_condition_has_every_figure(result: dict) -> None:
+def test_every_condition_has_every_figure(result: dict[str, Any]) -> None:
     summary = result["overhead"]["summary"]
     assert set(summary) == set(CONDITIONS)
     for name in CONDITIONS:
@@ -46,21 +47,21 @@ def test_every_condition_has_every_figure(result: dict) -> None:
     assert rows["none"]["bpf_programs"] == rows["counters"]["bpf_programs"] == 0
 
 
-def test_exactness_is_measured_against_the_kernel(result: dict) -> None:
+def test_exactness_is_measured_against_the_kernel(result: dict[str, Any]) -> None:
     rows = result["overhead"]["reps"][0]["rows"]["tfowatch"]["exactness"]
     assert rows["syn_data_accepted_kernel"] > 0 and rows["events_emitted"] > 0
     ex = result["overhead"]["summary"]["tfowatch"]["exactness"]
     assert {"max_abs_drift", "events_lost", "events_per_s", "accepted_equal"} <= set(ex)
 
 
-def test_scrape_latency_at_each_series_count(result: dict) -> None:
+def test_scrape_latency_at_each_series_count(result: dict[str, Any]) -> None:
     points = result["scrape"]
     assert [p["target_series"] for p in points] == [200, 1000]
     for p in points:
         assert p["series"] >= p["target_series"] and p["scrape_s"]["median"] > 0
 
 
-def test_aggregator_capacity(result: dict) -> None:
+def test_aggregator_capacity(result: dict[str, Any]) -> None:
     agg = result["aggregator"]
     assert agg["decode_rate"] > 0
     for ladder in (agg["perf"], agg["perf_wakeup_per_event"]):
@@ -68,7 +69,7 @@ def test_aggregator_capacity(result: dict) -> None:
         assert "max_zero_loss_rate" in ladder and "first_loss_rate" in ladder
 
 
-def test_report_renders_every_section(result: dict) -> None:
+def test_report_renders_every_section(result: dict[str, Any]) -> None:
     text = "\n".join(report.section(result))
     for heading in ("| Target |", "| Beside the load |", "| Series |", "| Offered events/s |"):
         assert heading in text

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,21 @@ def test_probes_json_names_every_design_card_point() -> None:
     assert plan["metrics"] == tiers[plan["tier"]]
     if not detect().kprobes:
         assert tiers["kprobe"].startswith("unavailable: --mode kprobe: kprobes unavailable")
+
+
+HEAVY = {"bcc", "pyroute2", "prometheus_client", "rich", "bcrypt"}
+IMPORTED = """import contextlib, sys
+from tfowatch import cli
+with contextlib.suppress(SystemExit):
+    cli.main(sys.argv[1:])
+print(" ".join(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["hash-password", "--help"], ["top", "--help"],
+                                  ["run", "--check-config", "--listen", "127.0.0.1:1"]])
+def test_light_commands_import_nothing_heavy(argv: list[str]) -> None:
+    """The parser and the config check load no BPF loader, netlink, exporter or screen library."""
+    res = subprocess.run([sys.executable, "-c", IMPORTED, *argv], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-1000:]
+    assert not HEAVY & set(res.stdout.splitlines()[-1].split()), res.stdout.splitlines()[-1]

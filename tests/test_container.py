@@ -112,7 +112,7 @@ def image() -> str:
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     size = podman("image", "inspect", "--format", "{{.Size}}", tag).stdout.strip()
     print(f"image {tag}: built in {time.monotonic() - started:.0f} s, {int(size) / 1e6:.0f} MB")
-    return tag
+    return str(tag)
 
 
 def test_the_daemonset_names_this_image() -> None:

@@ -6,6 +6,7 @@ import ctypes
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,12 +61,12 @@ def test_bcc_sees_the_same_struct() -> None:
     key and value, equals the Python mirrors."""
     from tfowatch.btf import Btf
     from tfowatch.kernel import detect
-    from tfowatch.plan import resolve
+    from tfowatch.plan import Variant, resolve
 
     bcc = bpfprog.import_bcc()
     plan = resolve(detect(), "tracepoint")
-    plan.defines["IN_KERNEL_COUNTS"] = 1
-    b = bcc.BPF(src_file=str(bpfprog.SOURCE).encode(), cflags=bpfprog.cflags(Btf.load(), plan))
+    flags = bpfprog.cflags(Btf.load(), plan, Variant(in_kernel_counts=True))
+    b = bcc.BPF(src_file=str(bpfprog.SOURCE).encode(), cflags=flags)
     try:
         lib, mod = bcc.libbcc.lib, b.module
         n = lib.bpf_perf_event_fields(mod, b"events")
@@ -77,8 +78,8 @@ def test_bcc_sees_the_same_struct() -> None:
                 [f[0] for f in mirror._fields_]
     finally:
         b.cleanup()
-    ctype = {"__u64": ctypes.c_uint64, "__u32": ctypes.c_uint32, "__u16": ctypes.c_uint16,
+    ctype: dict[str, Any] = {"__u64": ctypes.c_uint64, "__u32": ctypes.c_uint32, "__u16": ctypes.c_uint16,
              "__u8": ctypes.c_uint8, "char[16]": ctypes.c_char * 16,
              "__u8[16]": ctypes.c_uint8 * 16}
     assert [(name, ctypes.sizeof(ctype[t.replace(" ", "")])) for name, t in bcc_fields] == \
-        [(name, ctypes.sizeof(t)) for name, t in RawEvent._fields_]
+        [(f[0], ctypes.sizeof(f[1])) for f in RawEvent._fields_]

@@ -11,9 +11,10 @@ from test_plan import facts
 
 from tfowatch.aggregator import Aggregator
 from tfowatch.events import EV_TYPE_MAX, Event, EventType, RefuseReason
-from tfowatch.exporter import ExportState, Scrape, TfoCollector
+from tfowatch.exporter import Scrape, TfoCollector
 from tfowatch.plan import Plan, resolve
 from tfowatch.reconcile import drift
+from tfowatch.state import ExportState
 
 
 def export_state(plan: Plan, agg: Aggregator, kernel: dict[int, dict[str, int]]) -> ExportState:

@@ -11,6 +11,7 @@ from netlab import Lab, skip_unless_root_bpf
 from tfowatch import bpfprog
 from tfowatch.metrics import SYN_DATA_ACCEPTED, SYN_DATA_SENT
 from tfowatch.pipeline import Pipeline
+from tfowatch.plan import Variant
 
 PORTS = {"7801": 3, "7802": 2}
 
@@ -23,8 +24,8 @@ def test_full_map_falls_back_to_samples_and_stays_exact(monkeypatch: pytest.Monk
     try:
         srv, addr = lab.server("s", "3")
         log = lab.start_server(srv, *PORTS)
-        pipe = Pipeline(in_kernel_counts=True)
-        assert pipe.plan.defines["IN_KERNEL_COUNTS"] == 1
+        pipe = Pipeline(variant=Variant(in_kernel_counts=True))
+        assert pipe.probes is not None and pipe.probes.variant.in_kernel_counts
         for port, n in PORTS.items():
             lab.client.peer("client", addr, port, str(n + 1), "--comm", f"ikc{port}")
         accepted = lab.accepted(log)

@@ -147,7 +147,7 @@ def sources_removed(installed: Installed) -> Iterator[None]:
 @pytest.mark.usefixtures("sources_removed")
 def test_missing_sources_degrade_loudly(installed: Installed) -> None:
     plan = planned_plan(installed.binary, "/")
-    assert plan["bpf_sources"]["missing"]  # type: ignore[index]
+    assert plan["bpf_sources"]["missing"]
     text = subprocess.run([str(installed.binary), "probes"], capture_output=True, text=True).stdout
     assert text.startswith("BPF SOURCES MISSING") and "reinstall tfowatch" in text
     listen, proc = run_installed(installed)
@@ -162,7 +162,7 @@ def test_missing_sources_degrade_loudly(installed: Installed) -> None:
                                    ("reason", "bpf_sources_missing")}): 1.0}, degraded
     # Every probe of the plan is there, at 0: the TfowatchProbeDetached alert can see it.
     attached = series(samples, "tfowatch_probe_attached")
-    planned_targets = {f"{a['kind']}:{a['target']}" for p in plan["points"]  # type: ignore[attr-defined]
+    planned_targets = {f"{a['kind']}:{a['target']}" for p in plan["points"]
                        for a in p["attachments"]}
     assert planned_targets and {dict(k)["target"] for k in attached} == planned_targets
     assert set(attached.values()) == {0.0}
@@ -193,5 +193,5 @@ def test_pip_install_of_the_source_tree_carries_the_sources(tmp_path: Path) -> N
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "."], cwd=src, check=True, timeout=600)
     shutil.rmtree(src)  # nothing may point back into the tree it was built from
     plan = planned_plan(venv / "bin" / "tfowatch", "/")
-    assert plan["bpf_sources"]["missing"] == [], plan  # type: ignore[index]
-    assert str(plan["bpf_sources"]["dir"]).startswith(str(venv))  # type: ignore[index]
+    assert plan["bpf_sources"]["missing"] == [], plan
+    assert str(plan["bpf_sources"]["dir"]).startswith(str(venv))

@@ -165,7 +165,7 @@ def test_client_side_per_port_and_comm(run: Run) -> None:
     for (port, comm, cgroup), rows in run.client_seen.items():
         acked = sum(r["acked"] for r in rows)
         fails = Counter(r["client_fail"] for r in rows)
-        labels = {"netns": ns, "port": port, "comm": comm, "cgroup": cgroup}
+        labels: dict[str, str | int] = {"netns": ns, "port": port, "comm": comm, "cgroup": cgroup}
         assert value(run.samples, "tfowatch_syn_data_acked_total", **labels) == acked, (port, comm)
         assert value(run.samples, "tfowatch_syn_data_sent_total", **labels) == acked + fails[2] + fails[3]
         for reason, code in (("cookie_unavailable", 1), ("data_not_acked", 2), ("syn_retransmitted", 3)):
@@ -180,8 +180,8 @@ def test_client_side_per_port_and_comm(run: Run) -> None:
 
 def test_unanswered_syn_data_is_sent_but_never_resolved(run: Run) -> None:
     """SYNs whose SYN-ACKs never arrived: data sent, neither acked nor a fallback."""
-    labels = {"netns": run.client.inode, "port": PORT_Q, "comm": Q_COMM,
-              "cgroup": proc_cgroup(os.getpid())}
+    labels: dict[str, str | int] = {"netns": run.client.inode, "port": PORT_Q, "comm": Q_COMM,
+                                    "cgroup": proc_cgroup(os.getpid())}
     assert value(run.samples, "tfowatch_syn_data_sent_total", **labels) == len(run.held)
     for name in ("tfowatch_syn_data_acked_total", "tfowatch_active_fallbacks_total"):
         assert not [lab for lab in series(run.samples, name) if dict(lab)["port"] == str(PORT_Q)]

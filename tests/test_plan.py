@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import FACTS_DIR
 
+from tfowatch.events import EVENTS
 from tfowatch.events import EventType as E
 from tfowatch.kernel import KernelFacts
-from tfowatch.metrics import EVENT_METRIC
 from tfowatch.plan import PlanError, fall_back, resolve
 
 
@@ -34,11 +34,10 @@ def test_debian_kernels_get_the_kprobe_tier(release: str) -> None:
     assert {"kprobe:tcp_connect", "kretprobe:tcp_connect",
             "tracepoint:sock:inet_sock_set_state"} <= targets(plan, "tcp_send_syn_data")
     assert targets(plan, "tcp_twsk_unique") == {"kprobe:tcp_twsk_unique", "kretprobe:tcp_twsk_unique"}
-    assert plan.events == set(EVENT_METRIC)  # every metric's events (plain connects are doctor's)
+    assert plan.events == {s.type for s in EVENTS if s.metrics}  # plain connects are doctor's
     assert "tfowatch_tw_reuse_age_seconds" in {m.name for m in plan.metrics}
     assert plan.defines == {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 1, "TW_KPROBE": 1,
-                            "BLACKHOLE_KPROBE": 1, "PLAIN_CONNECTS": 0,
-                            "IN_KERNEL_COUNTS": 0}
+                            "BLACKHOLE_KPROBE": 1}
     # Substitutes say what they replace and why; tcp_twsk_unique is used as designed.
     subs = {r.point: r.substitute for r in plan.points}
     assert subs["tcp_fastopen_cookie_gen"] and subs["tcp_send_syn_data"]

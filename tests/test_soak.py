@@ -66,7 +66,7 @@ def test_soak_under_syn_flood() -> None:
         acked = 0
         for cmd in (("flood", addr, str(PORT), FLOOD_PPS), ("spray", addr, SPRAY_PER_S)):
             lab.procs.append(subprocess.Popen(["ip", "netns", "exec", lab.client.name, sys.executable,
-                                               str(LOAD), *cmd], stdout=subprocess.DEVNULL))
+                                               str(LOAD), *cmd], stdout=subprocess.DEVNULL, text=True))
         t0 = time.monotonic()
         rss_warm, rss_max, scrapes, worst_series = 0, 0, 0, 0
         while (elapsed := time.monotonic() - t0) < SOAK_S:

@@ -20,7 +20,7 @@ from typing import Any
 
 from tfowatch.btf import Btf, BtfError
 from tfowatch.events import EV_TYPE_MAX, CountKey, CountVal, struct_of
-from tfowatch.plan import Attachment, Plan
+from tfowatch.plan import PLAIN_BUILD, Attachment, Plan, Variant
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,9 @@ def offset_defines(btf: Btf) -> dict[str, int]:
     return out
 
 
-def cflags(btf: Btf, plan: Plan) -> list[str]:
-    defines = offset_defines(btf) | plan.defines | {"MAX_CONNS": MAX_CONNS, "MAX_COUNTS": MAX_COUNTS}
+def cflags(btf: Btf, plan: Plan, variant: Variant = PLAIN_BUILD) -> list[str]:
+    defines = (offset_defines(btf) | plan.defines | variant.defines()
+               | {"MAX_CONNS": MAX_CONNS, "MAX_COUNTS": MAX_COUNTS})
     return [f"-I{BPF_DIR}", "-Wno-pointer-arith", "-Wno-unused-function",
             "-Wno-unused-variable", "-Wno-unused-parameter"] + \
         [f"-D{k}={v}" for k, v in sorted(defines.items())]
@@ -241,16 +242,17 @@ class EventReader:
 class Probes:
     """The compiled programs, attached per plan, with their maps."""
 
-    def __init__(self, plan: Plan, btf: Btf) -> None:
+    def __init__(self, plan: Plan, btf: Btf, variant: Variant = PLAIN_BUILD) -> None:
         check_sources()
         bcc = import_bcc()
         self.plan = plan
+        self.variant = variant
         self.attached: dict[Attachment, bool] = {}
         self.reader: EventReader | None = None
         self._count_bufs: tuple[Any, Any] | None = None
         try:
             with libbcc_stderr() as said:
-                self.bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags(btf, plan))
+                self.bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags(btf, plan, variant))
         except Exception as exc:  # BCC raises bare Exception on compile/load failure
             # BCC reports a denied bpf() as a failed compile; libbcc's own line says EPERM.
             denied = next((line.strip() for line in said if "Operation not permitted" in line), "")
@@ -292,7 +294,7 @@ class Probes:
     def counts(self) -> list[tuple[bytes, int, int]]:
         """(struct count_key bytes, count, last pid) of every label set counted in the kernel,
         read in batches (one system call per ~MAX_COUNTS entries, not two per entry)."""
-        if not self.plan.defines.get("IN_KERNEL_COUNTS"):
+        if not self.variant.in_kernel_counts:
             return []
         if self._count_bufs is None:  # allocated once: ~1 MB, reused by every scrape
             self._count_bufs = ((CountKey * MAX_COUNTS)(), (CountVal * MAX_COUNTS)())

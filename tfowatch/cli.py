@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from tfowatch import __version__, config
 from tfowatch.config import OPTIONS, Settings
 from tfowatch.kernel import KernelFacts, detect, is_privileged, namespace_blind_spots
-from tfowatch.plan import MODES, TIERS, Plan, PlanError, resolve
+from tfowatch.metrics import TIERS
+from tfowatch.plan import MODES, Plan, PlanError, resolve
 
 if TYPE_CHECKING:
     from tfowatch.webconfig import WebConfig
@@ -96,7 +97,7 @@ def positive_int(text: str) -> int:
 
 
 def add_top_parser(sub: Any) -> None:
-    from tfowatch.top import SORT_KEYS
+    from tfowatch.toprows import SORT_KEYS
 
     top = sub.add_parser("top", help="live view of TFO and TIME-WAIT activity (no daemon needed)")
     top.add_argument("-i", "--interval", type=positive_float, default=1.0,
@@ -238,8 +239,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if web is not None and web.users and web.tls is None:
         log.warning("basic auth without TLS: passwords cross the network in clear")
     daemon.serve()
-    log.info("tier %s%s, serving %s", daemon.plan.tier,
-             f" (DEGRADED: planned {daemon.plan.planned_tier})" if daemon.plan.degraded else "",
+    plan = daemon.pipeline.plan
+    log.info("tier %s%s, serving %s", plan.tier,
+             f" (DEGRADED: planned {plan.planned_tier})" if plan.degraded else "",
              describe(settings, web))
     try:
         daemon.run(stop)

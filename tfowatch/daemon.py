@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import threading
+
 from tfowatch.config import Settings
 from tfowatch.exporter import Scrape
 from tfowatch.pipeline import Pipeline
+from tfowatch.plan import Variant
 from tfowatch.web import MetricsServer
 
 
-class Daemon(Pipeline):
-    """The pipeline plus an HTTP server that was bound (not yet serving) before BPF loaded."""
+class Daemon:
+    """A pipeline (counting in the kernel) and an HTTP server that was bound, not yet
+    serving, before BPF loaded."""
 
     def __init__(self, settings: Settings, server: MetricsServer) -> None:
-        super().__init__(settings.mode, settings.series_cap, settings.perf_pages,
-                         in_kernel_counts=True, strict=settings.strict)
+        self.pipeline = Pipeline(settings.mode, settings.series_cap, settings.perf_pages,
+                                 variant=Variant(in_kernel_counts=True), strict=settings.strict)
         self.server = server
 
     def serve(self) -> None:
-        self.server.start(Scrape(self.state))
+        self.server.start(Scrape(self.pipeline.state))
+
+    def run(self, stop: threading.Event) -> None:
+        self.pipeline.run(stop)
 
     def close(self) -> None:
         # The server goes first: no scrape may read BPF maps that are being closed.
         self.server.close()
-        super().close()
+        self.pipeline.close()

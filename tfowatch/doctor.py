@@ -41,13 +41,14 @@ def watch(seconds: float, only: set[int] | None, mode: str, stop: threading.Even
     """Survey, observe for `seconds` with the probes, survey again."""
     from tfowatch.events import Event
     from tfowatch.pipeline import Pipeline
+    from tfowatch.plan import Variant
 
     obs = Observation()
 
     def keep(ev: Event) -> bool:
-        return (only is None or ev.netns in only) and obs.add(ev)
+        return only is None or ev.netns in only
 
-    pipe = Pipeline(mode=mode, keep=keep, plain_connects=True)
+    pipe = Pipeline(mode=mode, keep=keep, sink=obs.add, variant=Variant(plain_connects=True))
     try:
         before = survey(only)
         announce(f"watching for {seconds:g} s ({pipe.plan.tier} tier)")

@@ -1,7 +1,10 @@
-"""Python view of the events defined in tfowatch/bpf/tfowatch.h.
+"""The events of tfowatch/bpf/tfowatch.h: their Python view, and the one table of what each is.
 
-The C header is the source of truth; tests/test_event_layout.py checks that this
-mirror has the same enum values and the same struct layout as the compiled C.
+The C header is the source of truth for codes and layout; tests/test_event_layout.py checks
+that this mirror has the same enum values and the same struct layout as the compiled C.
+EVENTS says, per event type, everything the rest derives: the design-card point that reports
+it, its side, the metric families it feeds and with which label values, its `tfowatch top`
+column, and the TcpExt counter it reconciles with.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from tfowatch import metrics as m
 
 
 class EventType(enum.IntEnum):
@@ -42,6 +47,132 @@ class RefuseReason(enum.IntEnum):
     REUSE_DISABLED = 2
     TOO_RECENT = 3
     NOT_LOOPBACK = 4
+
+
+def refuse_reason(code: int) -> str:
+    """The `reason` label of a refused TIME-WAIT reuse (the enum tw_refuse_reason code)."""
+    try:
+        return RefuseReason(code).name.lower()
+    except ValueError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str  # JSON key and --sort name
+    header: str
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    """tfowatch_reconcile_drift{metric=label}: probe events of `events` minus `counter`'s delta."""
+    label: str
+    counter: str
+    events: tuple[EventType, ...]
+
+
+REFUSED = "refused"  # a `reason` taken from the event's refusal code (refuse_reason)
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    type: EventType
+    point: str  # the design-card point that reports it ("" : a doctor-only build option)
+    side: str  # server (softirq, no process) | client (the connecting process)
+    metrics: tuple[m.Metric, ...] = ()  # the families it feeds (none: doctor's only)
+    reason: str = ""  # the `reason` label value, or REFUSED
+    result: str = ""  # the `result` label value
+    column: Column | None = None  # its `tfowatch top` column
+    reconcile: tuple[str, str] = ("", "")  # (drift label, TcpExt counter) it is checked against
+    tfo_attempt: bool = False  # exactly one such event per client connection that tried TFO
+
+    def label_values(self, ev: Event) -> dict[str, str]:
+        """Every label an event of this type can give a family; each family takes its own."""
+        return {"netns": str(ev.netns), "port": str(ev.port), "comm": ev.comm, "cgroup": ev.cgroup,
+                "result": self.result,
+                "reason": refuse_reason(ev.reason) if self.reason == REFUSED else self.reason}
+
+    @staticmethod
+    def observed(ev: Event) -> float:
+        """What its histogram family observes (the only one: the TIME-WAIT socket's age)."""
+        return ev.age_ms / 1000.0
+
+
+E, COOKIE_GEN, CHECK, SEND, TW, BLACKHOLE = (EventType, "tcp_fastopen_cookie_gen", "tcp_fastopen_check",
+                                             "tcp_send_syn_data", "tcp_twsk_unique",
+                                             "tcp_fastopen_active_disable")
+EVENTS = (
+    EventSpec(E.COOKIE_REQUEST, COOKIE_GEN, "server", (m.COOKIE_REQUESTS,),
+              column=Column("cookie_requests", "REQ"),
+              reconcile=("cookie_requests", "TCPFastOpenCookieReqd")),
+    EventSpec(E.COOKIE_ISSUED, COOKIE_GEN, "server", (m.COOKIES_ISSUED,),
+              column=Column("cookies_issued", "ISSUED")),
+    EventSpec(E.SYN_DATA_ACCEPTED, CHECK, "server", (m.SYN_DATA_ACCEPTED,),
+              column=Column("syn_data_accepted", "ACCEPT"),
+              reconcile=("syn_data_accepted", "TCPFastOpenPassive")),
+    EventSpec(E.INVALID_COOKIE, COOKIE_GEN, "server", (m.PASSIVE_FALLBACKS,), "invalid_cookie",
+              column=Column("invalid_cookie", "BADCOOKIE"),
+              reconcile=("invalid_cookie", "TCPFastOpenPassiveFail")),
+    EventSpec(E.QUEUE_OVERFLOW, COOKIE_GEN, "server", (m.PASSIVE_FALLBACKS,), "queue_overflow",
+              column=Column("queue_overflow", "QFULL"),
+              reconcile=("queue_overflow", "TCPFastOpenListenOverflow")),
+    EventSpec(E.SERVER_DISABLED, COOKIE_GEN, "server", (m.PASSIVE_FALLBACKS,), "server_disabled",
+              column=Column("server_disabled", "SRVOFF")),
+    EventSpec(E.SYN_DATA_SENT, SEND, "client", (m.SYN_DATA_SENT,), column=Column("syn_data_sent", "SENT"),
+              tfo_attempt=True),
+    EventSpec(E.SYN_DATA_ACKED, SEND, "client", (m.SYN_DATA_ACKED,), column=Column("syn_data_acked", "ACKED"),
+              reconcile=("syn_data_acked", "TCPFastOpenActive")),
+    EventSpec(E.COOKIE_UNAVAILABLE, SEND, "client", (m.ACTIVE_FALLBACKS,), "cookie_unavailable",
+              column=Column("cookie_unavailable", "NOCOOKIE"), tfo_attempt=True),
+    EventSpec(E.DATA_NOT_ACKED, SEND, "client", (m.ACTIVE_FALLBACKS,), "data_not_acked",
+              column=Column("data_not_acked", "NOTACKED"),
+              reconcile=("syn_data_not_acked", "TCPFastOpenActiveFail")),
+    EventSpec(E.SYN_RETRANSMITTED, SEND, "client", (m.ACTIVE_FALLBACKS,), "syn_retransmitted",
+              column=Column("syn_retransmitted", "SYNRTX"),
+              reconcile=("syn_data_not_acked", "TCPFastOpenActiveFail")),
+    EventSpec(E.TFO_DISABLED, SEND, "client", (m.ACTIVE_FALLBACKS,), "tfo_disabled",
+              column=Column("tfo_disabled", "TFOOFF"), tfo_attempt=True),
+    EventSpec(E.BLACKHOLE_DISABLE, BLACKHOLE, "client", (m.BLACKHOLE_DISABLES,),
+              column=Column("blackhole_disables", "BLACKHOLE"),
+              reconcile=("blackhole_disables", "TCPFastOpenBlackhole")),
+    EventSpec(E.TW_REUSE_GRANTED, TW, "client", (m.TW_REUSE, m.TW_REUSE_AGE), result="granted",
+              column=Column("tw_granted", "TW_OK"), reconcile=("tw_reuse_granted", "TWRecycled")),
+    EventSpec(E.TW_REUSE_REFUSED, TW, "client", (m.TW_REUSE, m.TW_REUSE_AGE), REFUSED, "refused",
+              column=Column("tw_refused", "TW_REFUSED")),
+    # A connect without TFO: only `doctor --watch` builds the programs that report it.
+    EventSpec(E.PLAIN_CONNECT, "", "client"),
+)
+SPEC = {s.type: s for s in EVENTS}
+
+
+def events_of(point: str) -> list[EventType]:
+    return [s.type for s in EVENTS if s.point == point]
+
+
+def _reconciliations() -> tuple[Reconciliation, ...]:
+    labels: dict[str, list[EventSpec]] = {}
+    for s in EVENTS:
+        if s.reconcile[0]:
+            labels.setdefault(s.reconcile[0], []).append(s)
+    return tuple(Reconciliation(label, specs[0].reconcile[1], tuple(s.type for s in specs))
+                 for label, specs in labels.items())
+
+
+RECONCILIATIONS = _reconciliations()
+TFO_ATTEMPTS = tuple(s.type for s in EVENTS if s.tfo_attempt)
+
+
+def label_values(metric: m.Metric) -> dict[str, list[str]]:
+    """The values the bounded labels (reason, result) of a probe family take."""
+    out: dict[str, list[str]] = {}
+    for s in EVENTS:
+        if metric not in s.metrics:
+            continue
+        reasons = [r.name.lower() for r in RefuseReason] if s.reason == REFUSED else [s.reason]
+        for label, values in (("result", [s.result]), ("reason", reasons)):
+            if label in metric.labels:
+                out.setdefault(label, []).extend(v for v in values if v and v not in out[label])
+    return out
 
 
 class RawEvent(ctypes.Structure):

@@ -11,10 +11,10 @@ import ipaddress
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
-from tfowatch.events import EventType
+from tfowatch.events import TFO_ATTEMPTS, EventType
 from tfowatch.listeners import Listener
 from tfowatch.nsconfig import TFO_ALL_LISTENERS, TFO_SERVER, tfo_flags
-from tfowatch.observe import CLIENT_TFO, Observation
+from tfowatch.observe import Observation
 from tfowatch.survey import NamespaceSurvey
 
 SEVERITIES = ("info", "warning", "critical")
@@ -188,7 +188,7 @@ def plain_connects(v: View) -> Iterator[Finding]:
         return
     for key, seen in v.obs.client.items():
         plain = seen[EventType.PLAIN_CONNECT]
-        if key.netns != v.now.netns or not plain or any(seen[t] for t in CLIENT_TFO):
+        if key.netns != v.now.netns or not plain or any(seen[t] for t in TFO_ATTEMPTS):
             continue
         others = v.obs.tfo_attempts_to(key.netns, key.daddr, key.port)
         peer = v.now.peers.get(key.daddr)

@@ -1,106 +1,136 @@
-"""The metric contract: names, help, labels, and which event feeds which metric.
+"""The metric contract: every family tfowatch serves, in one table.
 
-Dashboards, alerts and `tfowatch top` build on these names.
+The exporter, the web server's own metrics, the dashboards and alerts, and the README's metric
+table (scripts/metrics-table.py, checked by tests/test_contract.py) are built from or checked
+against FAMILIES. Which event feeds which probe family is the event table's (events.EVENTS).
+Imports nothing heavy: every command may read it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tfowatch.events import EventType, RefuseReason
+TIERS = ("kprobe", "tracepoint", "counters")
+ALL = TIERS
+PROBED = ("kprobe", "tracepoint")
+KPROBE = ("kprobe",)
+
+# The parts of a scrape, each collected on its own (`source` of a family).
+PROBES, KERNEL, SELF, HTTP = "probes", "kernel", "self", "http"
 
 
 @dataclass(frozen=True)
 class Metric:
-    name: str
+    name: str  # as exposed: a counter's name ends in _total
+    kind: str  # counter | gauge | histogram
     help: str
-    labels: tuple[str, ...]
+    labels: tuple[str, ...] = ()
+    tiers: tuple[str, ...] = ALL  # the tiers that serve it (probe families: as the plan resolves)
+    source: str = SELF
+    buckets: tuple[float, ...] = ()  # histograms
+    note: str = ""  # for the README's table: what a label holds
+
+    @property
+    def family(self) -> str:
+        """The name prometheus_client takes (it appends _total to counters itself)."""
+        return self.name.removesuffix("_total") if self.kind == "counter" else self.name
 
 
 SERVER = ("netns", "port")
 CLIENT = ("netns", "port", "comm", "cgroup")
-
-COOKIE_REQUESTS = Metric("tfowatch_cookie_requests_total",
-                         "SYNs with an empty TFO option (cookie requests), per listener port.", SERVER)
-COOKIES_ISSUED = Metric("tfowatch_cookies_issued_total",
-                        "SYN-ACKs carrying a TFO cookie, per listener port.", SERVER)
-SYN_DATA_ACCEPTED = Metric("tfowatch_syn_data_accepted_total",
-                           "TFO children created from a SYN (kernel TCPFastOpenPassive), per listener port.",
-                           SERVER)
-PASSIVE_FALLBACKS = Metric("tfowatch_passive_fallbacks_total",
-                           "Server-side TFO fallbacks to a normal handshake, by reason.", (*SERVER, "reason"))
-SYN_DATA_SENT = Metric("tfowatch_syn_data_sent_total",
-                       "Client SYNs that carried data, per remote port and process.", CLIENT)
-SYN_DATA_ACKED = Metric("tfowatch_syn_data_acked_total",
-                        "Client SYN data acknowledged by the server (kernel TCPFastOpenActive).", CLIENT)
-ACTIVE_FALLBACKS = Metric("tfowatch_active_fallbacks_total",
-                          "Client-side TFO fallbacks, by reason.", (*CLIENT, "reason"))
-BLACKHOLE_DISABLES = Metric("tfowatch_blackhole_disables_total",
-                            "Times the kernel disabled active TFO after suspected middlebox blackholing.",
-                            ("netns", "port"))
-TW_REUSE = Metric("tfowatch_tw_reuse_total",
-                  "TIME-WAIT reuse decisions at connect(), by result and refusal reason.",
-                  ("netns", "port", "comm", "cgroup", "result", "reason"))
-TW_REUSE_AGE = Metric("tfowatch_tw_reuse_age_seconds",
-                      "Age of the TIME-WAIT socket when its reuse was decided.", ("netns", "result"))
-
-PROBE_METRICS = (COOKIE_REQUESTS, COOKIES_ISSUED, SYN_DATA_ACCEPTED, PASSIVE_FALLBACKS,
-                 SYN_DATA_SENT, SYN_DATA_ACKED, ACTIVE_FALLBACKS, BLACKHOLE_DISABLES,
-                 TW_REUSE, TW_REUSE_AGE)
-
-# event type -> (metric, value of the `reason` label or None)
-EVENT_METRIC: dict[EventType, tuple[Metric, str | None]] = {
-    EventType.COOKIE_REQUEST: (COOKIE_REQUESTS, None),
-    EventType.COOKIE_ISSUED: (COOKIES_ISSUED, None),
-    EventType.SYN_DATA_ACCEPTED: (SYN_DATA_ACCEPTED, None),
-    EventType.INVALID_COOKIE: (PASSIVE_FALLBACKS, "invalid_cookie"),
-    EventType.QUEUE_OVERFLOW: (PASSIVE_FALLBACKS, "queue_overflow"),
-    EventType.SERVER_DISABLED: (PASSIVE_FALLBACKS, "server_disabled"),
-    EventType.SYN_DATA_SENT: (SYN_DATA_SENT, None),
-    EventType.SYN_DATA_ACKED: (SYN_DATA_ACKED, None),
-    EventType.COOKIE_UNAVAILABLE: (ACTIVE_FALLBACKS, "cookie_unavailable"),
-    EventType.DATA_NOT_ACKED: (ACTIVE_FALLBACKS, "data_not_acked"),
-    EventType.SYN_RETRANSMITTED: (ACTIVE_FALLBACKS, "syn_retransmitted"),
-    EventType.TFO_DISABLED: (ACTIVE_FALLBACKS, "tfo_disabled"),
-    EventType.BLACKHOLE_DISABLE: (BLACKHOLE_DISABLES, None),
-    EventType.TW_REUSE_GRANTED: (TW_REUSE, None),
-    EventType.TW_REUSE_REFUSED: (TW_REUSE, None),
-}
-
-REFUSE_REASONS = {
-    RefuseReason.NO_TIMESTAMPS: "no_timestamps",
-    RefuseReason.REUSE_DISABLED: "reuse_disabled",
-    RefuseReason.TOO_RECENT: "too_recent",
-    RefuseReason.NOT_LOOPBACK: "not_loopback",
-}
-
 TW_AGE_BUCKETS = (0.01, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
-# TcpExt counters exported per namespace, and what the probes reconcile against them.
+# --- probe-derived: fed by events (events.EVENTS), each a series per label set ---
+COOKIE_REQUESTS = Metric("tfowatch_cookie_requests_total", "counter",
+                         "SYNs with an empty TFO option (cookie requests), per listener port.", SERVER,
+                         KPROBE, PROBES, note="port: the listener's")
+COOKIES_ISSUED = Metric("tfowatch_cookies_issued_total", "counter",
+                        "SYN-ACKs carrying a TFO cookie, per listener port.", SERVER, KPROBE, PROBES)
+SYN_DATA_ACCEPTED = Metric("tfowatch_syn_data_accepted_total", "counter",
+                           "TFO children created from a SYN (kernel TCPFastOpenPassive), per listener port.",
+                           SERVER, PROBED, PROBES)
+PASSIVE_FALLBACKS = Metric("tfowatch_passive_fallbacks_total", "counter",
+                           "Server-side TFO fallbacks to a normal handshake, by reason.", (*SERVER, "reason"),
+                           KPROBE, PROBES)
+SYN_DATA_SENT = Metric("tfowatch_syn_data_sent_total", "counter",
+                       "Client SYNs that carried data, per remote port and process.", CLIENT, PROBED, PROBES,
+                       note="port: the remote one")
+SYN_DATA_ACKED = Metric("tfowatch_syn_data_acked_total", "counter",
+                        "Client SYN data acknowledged by the server (kernel TCPFastOpenActive).", CLIENT,
+                        PROBED, PROBES)
+ACTIVE_FALLBACKS = Metric("tfowatch_active_fallbacks_total", "counter",
+                          "Client-side TFO fallbacks, by reason.", (*CLIENT, "reason"), PROBED, PROBES)
+BLACKHOLE_DISABLES = Metric("tfowatch_blackhole_disables_total", "counter",
+                            "Times the kernel disabled active TFO after suspected middlebox blackholing.",
+                            ("netns", "port"), KPROBE, PROBES)
+TW_REUSE = Metric("tfowatch_tw_reuse_total", "counter",
+                  "TIME-WAIT reuse decisions at connect(), by result and refusal reason.",
+                  ("netns", "port", "comm", "cgroup", "result", "reason"), KPROBE, PROBES,
+                  note="reason: empty when granted")
+TW_REUSE_AGE = Metric("tfowatch_tw_reuse_age_seconds", "histogram",
+                      "Age of the TIME-WAIT socket when its reuse was decided.", ("netns", "result"),
+                      KPROBE, PROBES, TW_AGE_BUCKETS)
+
+# --- the kernel's own counters, and the probes against them ---
+KERNEL_TCPEXT = Metric("tfowatch_kernel_tcpext_total", "counter",
+                       "The kernel's own TcpExt TFO and TIME-WAIT counters, per network namespace.",
+                       ("netns", "counter"), ALL, KERNEL,
+                       note="counter: TCPFastOpen*, TWRecycled, TCPTimeWaitOverflow")
+NETNS_UNREADABLE = Metric("tfowatch_netns_unreadable", "gauge",
+                          "Network namespaces found whose counters tfowatch may not read "
+                          "(process-less ones need CAP_SYS_ADMIN).", (), ALL, KERNEL)
+RECONCILE_DRIFT = Metric("tfowatch_reconcile_drift", "gauge",
+                         "Probe-derived count minus the kernel counter's increase since start (0 = exact).",
+                         ("netns", "metric"), PROBED, KERNEL,
+                         note="every reconciled metric of the tier, in each namespace with TFO or "
+                              "TIME-WAIT activity since start")
+
+# --- the daemon itself ---
+PROBE_ATTACHED = Metric("tfowatch_probe_attached", "gauge",
+                        "1 when the probe is attached, per design-card point and target.",
+                        ("point", "target", "tier"), ALL,
+                        note="0 for each planned probe a degraded tier lacks")
+EVENTS = Metric("tfowatch_events_total", "counter", "Events reported by the kernel programs, by type.",
+                ("type",), PROBED, note="type: each event type the running programs can report")
+EVENTS_LOST = Metric("tfowatch_events_lost_total", "counter",
+                     "Events the perf buffer dropped before tfowatch read them.", (), PROBED)
+SERIES_DROPPED = Metric("tfowatch_series_dropped_total", "counter",
+                        "Events folded into the 'other' series because a metric hit its series cap.",
+                        ("metric",), PROBED, note="metric: each probe family the tier serves, 0 until a drop")
+SERIES = Metric("tfowatch_series", "gauge",
+                "Label sets each probe metric holds now (at most tfowatch_series_cap, plus one 'other').",
+                ("metric",), PROBED)
+SERIES_CAP = Metric("tfowatch_series_cap", "gauge", "Label sets a metric may hold (series_cap).")
+BUILD_INFO = Metric("tfowatch_build_info", "gauge",
+                    "tfowatch version, kernel, probe mode, the tier running and the tier planned for this "
+                    "kernel and mode.", ("version", "kernel", "mode", "tier", "planned_tier"))
+TIER_DEGRADED = Metric("tfowatch_tier_degraded", "gauge",
+                       "1 when a lower tier runs than planned (the planned one could not be loaded or "
+                       "attached), with why; 0 otherwise.", ("planned_tier", "tier", "reason"),
+                       note='reason: "" when 0')
+
+# --- the HTTP server ---
+HTTP_REQUESTS = Metric("tfowatch_http_requests_total", "counter", "HTTP requests answered, by status code.",
+                       ("code",), source=HTTP)
+SCRAPE_DURATION = Metric("tfowatch_scrape_duration_seconds", "histogram",
+                         "Time to build a /metrics response.", (), source=HTTP,
+                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+HTTP_CONNECTIONS_REFUSED = Metric("tfowatch_http_connections_refused_total", "counter",
+                                  "Connections closed before HTTP: rejected (over max_connections) "
+                                  "or tls_failed (handshake).", ("reason",), source=HTTP)
+
+FAMILIES = (COOKIE_REQUESTS, COOKIES_ISSUED, SYN_DATA_ACCEPTED, PASSIVE_FALLBACKS, SYN_DATA_SENT,
+            SYN_DATA_ACKED, ACTIVE_FALLBACKS, BLACKHOLE_DISABLES, TW_REUSE, TW_REUSE_AGE,
+            KERNEL_TCPEXT, NETNS_UNREADABLE, RECONCILE_DRIFT,
+            PROBE_ATTACHED, EVENTS, EVENTS_LOST, SERIES_DROPPED, SERIES, SERIES_CAP, BUILD_INFO,
+            TIER_DEGRADED, HTTP_REQUESTS, SCRAPE_DURATION, HTTP_CONNECTIONS_REFUSED)
+PROBE_METRICS = tuple(m for m in FAMILIES if m.source == PROBES)
+# prometheus_client's process collector, under the tfowatch namespace (process_cpu_seconds_total, ...)
+PROCESS_PREFIX = "tfowatch_process_"
+
+# TcpExt counters exported per namespace (what the probes reconcile against is events.EVENTS').
 KERNEL_COUNTERS = (
     "TCPFastOpenActive", "TCPFastOpenActiveFail", "TCPFastOpenPassive", "TCPFastOpenPassiveFail",
     "TCPFastOpenListenOverflow", "TCPFastOpenCookieReqd", "TCPFastOpenBlackhole",
     "TCPFastOpenPassiveAltKey", "TWRecycled", "TCPTimeWaitOverflow",
-)
-
-
-@dataclass(frozen=True)
-class Reconciliation:
-    """tfowatch_reconcile_drift{metric=label}: probe events of `events` minus counter delta."""
-
-    label: str
-    counter: str
-    events: tuple[EventType, ...]
-
-
-RECONCILIATIONS = (
-    Reconciliation("cookie_requests", "TCPFastOpenCookieReqd", (EventType.COOKIE_REQUEST,)),
-    Reconciliation("syn_data_accepted", "TCPFastOpenPassive", (EventType.SYN_DATA_ACCEPTED,)),
-    Reconciliation("invalid_cookie", "TCPFastOpenPassiveFail", (EventType.INVALID_COOKIE,)),
-    Reconciliation("queue_overflow", "TCPFastOpenListenOverflow", (EventType.QUEUE_OVERFLOW,)),
-    Reconciliation("syn_data_acked", "TCPFastOpenActive", (EventType.SYN_DATA_ACKED,)),
-    Reconciliation("syn_data_not_acked", "TCPFastOpenActiveFail",
-                   (EventType.DATA_NOT_ACKED, EventType.SYN_RETRANSMITTED)),
-    Reconciliation("tw_reuse_granted", "TWRecycled", (EventType.TW_REUSE_GRANTED,)),
-    Reconciliation("blackhole_disables", "TCPFastOpenBlackhole", (EventType.BLACKHOLE_DISABLE,)),
 )

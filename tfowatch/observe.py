@@ -11,10 +11,9 @@ import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from tfowatch.events import Event, EventType, RefuseReason
+from tfowatch.events import SPEC, TFO_ATTEMPTS, Event, EventType, events_of
 
-CLIENT_TFO = (EventType.SYN_DATA_SENT, EventType.COOKIE_UNAVAILABLE, EventType.TFO_DISABLED)
-TW_EVENTS = (EventType.TW_REUSE_GRANTED, EventType.TW_REUSE_REFUSED)
+TW_EVENTS = frozenset(events_of("tcp_twsk_unique"))
 
 
 @dataclass(frozen=True)
@@ -40,12 +39,12 @@ class Observation:
     lost: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, ev: Event) -> bool:
-        """Pipeline filter: tally the event; let the aggregator have all but plain connects."""
+    def add(self, ev: Event) -> None:
+        """Pipeline sink: tally the event."""
         with self._lock:
             if ev.type in TW_EVENTS:
-                outcome = ("granted" if ev.type == EventType.TW_REUSE_GRANTED
-                           else _reason(ev.reason))
+                labels = SPEC[ev.type].label_values(ev)  # granted, or why refused
+                outcome = labels["reason"] or labels["result"]
                 self.time_wait[(ev.netns, ev.daddr, ev.port)][outcome] += 1
             elif ev.type == EventType.BLACKHOLE_DISABLE:
                 self.blackholes[(ev.netns, ev.daddr, ev.port)] += 1
@@ -55,16 +54,8 @@ class Observation:
                 self.pids[key].add(ev.pid)
             else:
                 self.server[(ev.netns, ev.port)][ev.type] += 1
-        return ev.type != EventType.PLAIN_CONNECT
 
     def tfo_attempts_to(self, netns: int, daddr: str, port: int) -> int:
         """Connections to daddr:port from this namespace that tried TFO, any process."""
         return sum(n[t] for k, n in self.client.items()
-                   if (k.netns, k.daddr, k.port) == (netns, daddr, port) for t in CLIENT_TFO)
-
-
-def _reason(code: int) -> str:
-    try:
-        return RefuseReason(code).name.lower()
-    except ValueError:
-        return "unknown"
+                   if (k.netns, k.daddr, k.port) == (netns, daddr, port) for t in TFO_ATTEMPTS)

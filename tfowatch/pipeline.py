@@ -15,39 +15,39 @@ from tfowatch.bpfprog import release_compiler_heap
 from tfowatch.btf import Btf, BtfError
 from tfowatch.cgroups import CgroupNames
 from tfowatch.events import CountKey, Event, counted, decode
-from tfowatch.exporter import ExportState
 from tfowatch.kernel import KernelFacts, detect, perf_events_denied
-from tfowatch.plan import Plan, PlanError, fall_back, resolve
+from tfowatch.plan import PLAIN_BUILD, Plan, PlanError, Variant, fall_back, resolve
 from tfowatch.reconcile import KernelCounters, drift
+from tfowatch.state import ExportState
 
 log = logging.getLogger(__name__)
 POLL_MS = 50
 EventFilter = Callable[[Event], bool]
+EventSink = Callable[[Event], None]
 
 
-def load_plan(facts: KernelFacts, mode: str, plain_connects: bool = False,
-              in_kernel_counts: bool = False, strict: bool = False) -> tuple[Plan, Any]:
+def load_plan(facts: KernelFacts, mode: str, variant: Variant = PLAIN_BUILD,
+              strict: bool = False) -> tuple[Plan, Any]:
     """Resolve and attach. In auto mode a failure falls one tier down, loudly (one ERROR that
     names the fix, and plan.degraded for the metrics); with `strict` it is an error instead."""
     plan = resolve(facts, mode)
     probes = None
     while plan.tier != "counters" and probes is None:
-        plan.defines["PLAIN_CONNECTS"] = int(plain_connects)
-        plan.defines["IN_KERNEL_COUNTS"] = int(in_kernel_counts)
-        plan, probes = _attach_or_fall_back(plan, facts, strict)
+        plan, probes = _attach_or_fall_back(plan, facts, variant, strict)
     if plan.degraded is not None:
         log.error("%s", plan.degraded.describe(plan.tier))
     return plan, probes
 
 
-def _attach_or_fall_back(plan: Plan, facts: KernelFacts, strict: bool) -> tuple[Plan, Any]:
+def _attach_or_fall_back(plan: Plan, facts: KernelFacts, variant: Variant, strict: bool
+                         ) -> tuple[Plan, Any]:
     """(plan, its attached probes), or (the plan one tier down, None)."""
     from tfowatch.bpfprog import DEGRADED_FIX, LoadError, Probes
 
     try:
         if plan.tier == "kprobe" and facts.kallsyms_error:  # no symbol is known to exist
             raise LoadError(f"kprobe targets unknown: {facts.kallsyms_error}", "kallsyms_unreadable")
-        probes = Probes(plan, Btf.load())
+        probes = Probes(plan, Btf.load(), variant)
         probes.attach()
         return plan, probes
     except (LoadError, BtfError) as exc:
@@ -64,18 +64,22 @@ def _attach_or_fall_back(plan: Plan, facts: KernelFacts, strict: bool) -> tuple[
 
 
 class Ingest:
-    """One perf-buffer sample → decode → cgroup name → (filter) → aggregator. The poller
-    calls it per event; benchmarks call it with synthetic events (bench/synthetic.py)."""
+    """One perf-buffer sample → decode → cgroup name → (filter) → aggregator and sink. The
+    poller calls it per event; benchmarks call it with synthetic events (bench/synthetic.py)."""
 
-    def __init__(self, agg: Aggregator, keep: EventFilter | None = None) -> None:
+    def __init__(self, agg: Aggregator, keep: EventFilter | None = None,
+                 sink: EventSink | None = None) -> None:
         self.agg = agg
         self.keep = keep
+        self.sink = sink
         self.cgroups = CgroupNames()
 
     def __call__(self, _cpu: int, data: Any, _size: int) -> None:
         ev = decode(data, self.cgroups.name)
         if self.keep is None or self.keep(ev):
             self.agg.add(ev)
+            if self.sink is not None:
+                self.sink(ev)
 
 
 class Pipeline:
@@ -84,20 +88,23 @@ class Pipeline:
 
     def __init__(self, mode: str = "auto", series_cap: int = 1000, perf_pages: int = 256,
                  keep: EventFilter | None = None, facts: KernelFacts | None = None,
-                 plain_connects: bool = False, in_kernel_counts: bool = False,
-                 strict: bool = False) -> None:
-        """in_kernel_counts: count events per label set in a BPF map, read at each state(),
-        instead of one perf sample per event (`run`; not with `keep`, which sees events)."""
-        if in_kernel_counts and keep is not None:
-            raise ValueError("a filter needs every event: no in-kernel counts with `keep`")
+                 variant: Variant = PLAIN_BUILD, strict: bool = False,
+                 sink: EventSink | None = None) -> None:
+        """keep: events to aggregate (top's filters); sink: sees each kept event too (doctor's
+        observation). variant.in_kernel_counts counts events per label set in a BPF map, read
+        at each state(), instead of one perf sample per event (`run`; neither keep nor sink
+        can see such events)."""
+        if variant.in_kernel_counts and (keep or sink):
+            raise ValueError("a filter or sink needs every event: no in-kernel counts with them")
         self.facts = facts or detect()
-        self.plan, self.probes = load_plan(self.facts, mode, plain_connects, in_kernel_counts, strict)
+        self.variant = variant
+        self.plan, self.probes = load_plan(self.facts, mode, variant, strict)
         self.agg = Aggregator(series_cap)
         self._folded: dict[bytes, int] = {}  # in-kernel count already added, per key
         self._folding = threading.Lock()
         self.counters = KernelCounters(max_namespaces=series_cap)
         if self.probes is not None:
-            self.ingest = Ingest(self.agg, keep)
+            self.ingest = Ingest(self.agg, keep, sink)
             self.probes.open_events(self.ingest, self.agg.add_lost, perf_pages)
         self.counters.start()
         release_compiler_heap()

@@ -9,22 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from tfowatch.events import EVENTS, RECONCILIATIONS, events_of
 from tfowatch.events import EventType as E
 from tfowatch.kernel import KernelFacts
-from tfowatch.metrics import EVENT_METRIC, RECONCILIATIONS, TW_REUSE, TW_REUSE_AGE, Metric
+from tfowatch.metrics import TIERS, Metric
 
-MODES = ("auto", "kprobe", "tracepoint", "counters")
-TIERS = ("kprobe", "tracepoint", "counters")
+MODES = ("auto", *TIERS)
 
 SET_STATE = "sock:inet_sock_set_state"
 DESTROY = "tcp:tcp_destroy_sock"
 REQUIRED_TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_destroy_sock")
-
-PASSIVE_KPROBE_EVENTS = (E.COOKIE_REQUEST, E.COOKIE_ISSUED, E.SYN_DATA_ACCEPTED,
-                         E.INVALID_COOKIE, E.QUEUE_OVERFLOW, E.SERVER_DISABLED)
-ACTIVE_EVENTS = (E.SYN_DATA_SENT, E.SYN_DATA_ACKED, E.COOKIE_UNAVAILABLE, E.DATA_NOT_ACKED,
-                 E.SYN_RETRANSMITTED, E.TFO_DISABLED)
-TW_EVENTS = (E.TW_REUSE_GRANTED, E.TW_REUSE_REFUSED)
 
 
 class PlanError(Exception):
@@ -62,6 +56,20 @@ class Degraded:
                 f"running the {tier} tier")
 
 
+@dataclass(frozen=True)
+class Variant:
+    """How the programs are built, beside what the plan resolved for the kernel (a command's
+    choice, passed to the loader, never written into a Plan)."""
+    plain_connects: bool = False  # `doctor --watch`: report connects without TFO too
+    in_kernel_counts: bool = False  # `run`: count per label set in a map, not a sample per event
+
+    def defines(self) -> dict[str, int]:
+        return {"PLAIN_CONNECTS": int(self.plain_connects), "IN_KERNEL_COUNTS": int(self.in_kernel_counts)}
+
+
+PLAIN_BUILD = Variant()  # `top`'s: one perf sample per event, TFO connects only
+
+
 @dataclass
 class Plan:
     mode: str
@@ -84,21 +92,16 @@ class Plan:
 
     @property
     def metrics(self) -> list[Metric]:
+        """The probe families this plan's events feed, in the event table's order."""
         out: list[Metric] = []
-        for ev in sorted(self.events):
-            m = EVENT_METRIC[ev][0]
-            if m not in out:
-                out.append(m)
-        if TW_REUSE in out:  # the age histogram is observed with every reuse decision
-            out.append(TW_REUSE_AGE)
+        for spec in EVENTS:
+            if spec.type in self.events:
+                out.extend(m for m in spec.metrics if m not in out)
         return out
 
     @property
     def reconciled(self) -> list[str]:
         return [r.label for r in RECONCILIATIONS if set(r.events) <= self.events]
-
-    def reasons(self, metric: Metric) -> list[str]:
-        return [r for ev, (m, r) in EVENT_METRIC.items() if m == metric and r and ev in self.events]
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -168,10 +171,9 @@ def _passive(facts: KernelFacts, tier: str) -> tuple[Resolution, Resolution]:
         att = _probe_pair("tcp_try_fastopen", "on_try_fastopen")
         why = "; tcp_try_fastopen entry (foc->len: request/cookie) + return (child, cookie sent) sees it all"
         return (Resolution("tcp_fastopen_cookie_gen", "kprobe", att, True, gen_absent + why,
-                           [E.COOKIE_REQUEST, E.COOKIE_ISSUED, E.INVALID_COOKIE, E.QUEUE_OVERFLOW,
-                            E.SERVER_DISABLED]),
+                           events_of("tcp_fastopen_cookie_gen")),
                 Resolution("tcp_fastopen_check", "kprobe", att, True, check_absent + why,
-                           [E.SYN_DATA_ACCEPTED]))
+                           events_of("tcp_fastopen_check")))
     lost = "kprobes unavailable" if tier != "kprobe" else "tcp_try_fastopen not traceable"
     gen = Resolution("tcp_fastopen_cookie_gen", "counters", [], True,
                      f"{lost}; no tracepoint sees the SYN's TFO option: per-namespace totals only",
@@ -183,7 +185,7 @@ def _passive(facts: KernelFacts, tier: str) -> tuple[Resolution, Resolution]:
               else "syn_data_acked (data-less TFO children are not seen before 6.16)")
     return gen, Resolution("tcp_fastopen_check", "tracepoint", [Attachment("tracepoint", SET_STATE)],
                            True, f"{lost}; child leaving SYN_RECV with {marker}",
-                           [E.SYN_DATA_ACCEPTED])
+                           events_of("tcp_fastopen_check"))
 
 
 def _active(facts: KernelFacts, tier: str) -> Resolution:
@@ -195,23 +197,23 @@ def _active(facts: KernelFacts, tier: str) -> Resolution:
         if facts.traceable(point):
             return Resolution(point, "kprobe", _probe_pair(point, "on_connect") + completion, False,
                               "traceable; SYN-ACK outcome read from sock:inet_sock_set_state",
-                              list(ACTIVE_EVENTS))
+                              events_of(point))
         if facts.traceable("tcp_connect"):
             return Resolution(point, "kprobe", _probe_pair("tcp_connect", "on_connect") + completion,
                               True, "not in kallsyms (inlined into tcp_connect); tcp_connect "
                               "return reads syn_data/syn_fastopen/fastopen_client_fail, SYN-ACK "
-                              "outcome from sock:inet_sock_set_state", list(ACTIVE_EVENTS))
+                              "outcome from sock:inet_sock_set_state", events_of(point))
     return Resolution(point, "tracepoint", completion, True,
                       "SYN contents read when the socket leaves SYN_SENT, SYN-ACK outcome at its "
                       "next transition or destruction (counted when the connection ends)",
-                      list(ACTIVE_EVENTS))
+                      events_of(point))
 
 
 def _tw(facts: KernelFacts, tier: str) -> Resolution:
     point = "tcp_twsk_unique"
     if tier == "kprobe" and facts.traceable(point):
         return Resolution(point, "kprobe", _probe_pair(point, "on_twsk_unique"), False,
-                          "traceable", list(TW_EVENTS))
+                          "traceable", events_of(point))
     why = ("kprobes unavailable" if tier != "kprobe" else "not traceable") + \
         "; no tracepoint sees TIME-WAIT sockets: per-namespace totals only"
     return Resolution(point, "counters", [], True, why, [], counter="TWRecycled")
@@ -222,7 +224,7 @@ def _blackhole(facts: KernelFacts, tier: str) -> Resolution:
     if tier == "kprobe" and facts.traceable(point):
         return Resolution(point, "kprobe", [Attachment("kprobe", point, "on_active_disable")],
                           False, "traceable (extra point: blackhole disables)",
-                          [E.BLACKHOLE_DISABLE])
+                          events_of(point))
     return Resolution(point, "counters", [], True,
                       "kprobes unavailable" if tier != "kprobe" else "not traceable",
                       [], counter="TCPFastOpenBlackhole")
@@ -239,8 +241,6 @@ def resolve(facts: KernelFacts, mode: str = "auto") -> Plan:
         "ACTIVE_KPROBE": int("on_connect" in kprobed),
         "TW_KPROBE": int("on_twsk_unique" in kprobed),
         "BLACKHOLE_KPROBE": int("on_active_disable" in kprobed),
-        "PLAIN_CONNECTS": 0,  # `doctor --watch` turns it on
-        "IN_KERNEL_COUNTS": 0,  # `run` turns it on
     }
     return Plan(mode=mode, tier=tier, points=points, defines=defines, events=events)
 

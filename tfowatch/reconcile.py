@@ -13,7 +13,8 @@ import threading
 
 from tfowatch import netns
 from tfowatch.aggregator import Snapshot
-from tfowatch.metrics import KERNEL_COUNTERS, RECONCILIATIONS
+from tfowatch.events import RECONCILIATIONS
+from tfowatch.metrics import KERNEL_COUNTERS
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +71,14 @@ class KernelCounters:
 
 def drift(snap: Snapshot, deltas: dict[int, dict[str, int]], labels: list[str]
           ) -> dict[tuple[int, str], int]:
-    """(netns, metric label) -> probe count minus kernel delta, where either moved, for the
-    namespaces whose counters were read: one never read has no kernel side to compare."""
+    """(netns, metric label) -> probe count minus kernel delta, for every reconciled label of
+    each namespace whose counters were read (one never read has no kernel side to compare)
+    and where anything reconciled moved: an idle namespace has nothing to reconcile."""
+    recs = [rec for rec in RECONCILIATIONS if rec.label in labels]
     out: dict[tuple[int, str], int] = {}
-    spaces = set(deltas)
-    for rec in RECONCILIATIONS:
-        if rec.label not in labels:
-            continue
-        for ino in spaces:
-            probe = sum(snap.per_netns.get((ino, ev), 0) for ev in rec.events)
-            kernel = deltas.get(ino, {}).get(rec.counter, 0)
-            if probe or kernel:
-                out[(ino, rec.label)] = probe - kernel
+    for ino, kernel in deltas.items():
+        pairs = [(rec.label, sum(snap.per_netns.get((ino, ev), 0) for ev in rec.events),
+                  kernel.get(rec.counter, 0)) for rec in recs]
+        if any(probe or moved for _, probe, moved in pairs):
+            out.update({(ino, label): probe - moved for label, probe, moved in pairs})
     return out

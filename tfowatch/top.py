@@ -18,9 +18,8 @@ from tfowatch.events import Event, EventType
 from tfowatch.listeners import Listener
 from tfowatch.nsconfig import NamespaceConfig
 from tfowatch.pipeline import Pipeline
-from tfowatch.toprows import COLUMN_KEYS, COLUMNS, KEY_FIELDS, Row, RowKey, build_rows, cell, with_deltas
+from tfowatch.toprows import COLUMNS, KEY_FIELDS, Row, RowKey, build_rows, cell, with_deltas
 
-SORT_KEYS = ("activity", *KEY_FIELDS, *COLUMN_KEYS)
 MAX_NAMESPACES_SHOWN = 16
 
 

@@ -11,9 +11,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from tfowatch.aggregator import Snapshot
+from tfowatch.events import EVENTS, REFUSED, SPEC
 from tfowatch.events import EventType as E
 from tfowatch.listeners import Listener
-from tfowatch.metrics import EVENT_METRIC, TW_REUSE, Metric
+from tfowatch.metrics import Metric
 
 
 @dataclass(frozen=True)
@@ -24,25 +25,10 @@ class Column:
     event: E     # the probe event it counts; n/a when the tier lacks it
 
 
-COLUMNS = (
-    Column("cookie_requests", "REQ", "server", E.COOKIE_REQUEST),
-    Column("cookies_issued", "ISSUED", "server", E.COOKIE_ISSUED),
-    Column("syn_data_accepted", "ACCEPT", "server", E.SYN_DATA_ACCEPTED),
-    Column("invalid_cookie", "BADCOOKIE", "server", E.INVALID_COOKIE),
-    Column("queue_overflow", "QFULL", "server", E.QUEUE_OVERFLOW),
-    Column("server_disabled", "SRVOFF", "server", E.SERVER_DISABLED),
-    Column("syn_data_sent", "SENT", "client", E.SYN_DATA_SENT),
-    Column("syn_data_acked", "ACKED", "client", E.SYN_DATA_ACKED),
-    Column("cookie_unavailable", "NOCOOKIE", "client", E.COOKIE_UNAVAILABLE),
-    Column("data_not_acked", "NOTACKED", "client", E.DATA_NOT_ACKED),
-    Column("syn_retransmitted", "SYNRTX", "client", E.SYN_RETRANSMITTED),
-    Column("tfo_disabled", "TFOOFF", "client", E.TFO_DISABLED),
-    Column("blackhole_disables", "BLACKHOLE", "client", E.BLACKHOLE_DISABLE),
-    Column("tw_granted", "TW_OK", "client", E.TW_REUSE_GRANTED),
-    Column("tw_refused", "TW_REFUSED", "client", E.TW_REUSE_REFUSED),
-)
+COLUMNS = tuple(Column(s.column.key, s.column.header, s.side, s.type) for s in EVENTS if s.column)
 COLUMN_KEYS = tuple(c.key for c in COLUMNS)
 KEY_FIELDS = ("netns", "side", "port", "process")
+SORT_KEYS = ("activity", *KEY_FIELDS, *COLUMN_KEYS)
 
 
 @dataclass(frozen=True, order=True)
@@ -63,14 +49,11 @@ class Row:
 
 
 def _column_of(metric: Metric, labels: dict[str, str]) -> Column | None:
+    """The column of the event type whose label values a series of `metric` carries."""
     for col in COLUMNS:
-        m, reason = EVENT_METRIC[col.event]
-        if m is not metric:
-            continue
-        if metric is TW_REUSE:
-            if col.key == f"tw_{labels['result']}":
-                return col
-        elif reason is None or labels.get("reason") == reason:
+        spec = SPEC[col.event]
+        if (metric in spec.metrics and labels.get("result", "") == spec.result
+                and spec.reason in ("", REFUSED, labels.get("reason"))):
             return col
     return None
 

@@ -22,8 +22,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from tfowatch.top import SORT_KEYS, Frame, Options, TopSession, fmt_cell, header_lines, ordered
-from tfowatch.toprows import COLUMNS, KEY_FIELDS, Column, Row, cell
+from tfowatch.top import Frame, Options, TopSession, fmt_cell, header_lines, ordered
+from tfowatch.toprows import COLUMNS, KEY_FIELDS, SORT_KEYS, Column, Row, cell
 
 KEY_WIDTHS = {"netns": 12, "side": 6, "port": 5, "process": 12}
 HELP = "q quit  </> sort  r reverse  / filter  p pause  t totals"

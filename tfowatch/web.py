@@ -26,6 +26,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 import bcrypt
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram
 
+from tfowatch import metrics as m
 from tfowatch.exporter import Scrape
 from tfowatch.webconfig import WebConfig
 
@@ -166,14 +167,10 @@ class MetricsServer:
     def start(self, scrape: Scrape) -> None:
         """Serve `scrape` (plus the server's own metrics, added to its registry) from a thread."""
         registry = scrape.registry
-        self._requests = Counter("tfowatch_http_requests", "HTTP requests answered, by status code.",
-                                 ["code"], registry=registry)
-        self._scrape = Histogram("tfowatch_scrape_duration_seconds",
-                                 "Time to build a /metrics response.", registry=registry,
-                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
-        self._conn_events = Counter("tfowatch_http_connections_refused",
-                                    "Connections closed before HTTP: rejected (over max_connections) "
-                                    "or tls_failed (handshake).", ["reason"], registry=registry)
+        req, dur, refused = m.HTTP_REQUESTS, m.SCRAPE_DURATION, m.HTTP_CONNECTIONS_REFUSED
+        self._requests = Counter(req.family, req.help, req.labels, registry=registry)
+        self._scrape = Histogram(dur.family, dur.help, registry=registry, buckets=dur.buckets)
+        self._conn_events = Counter(refused.family, refused.help, refused.labels, registry=registry)
         self._server.set_app(self._app(scrape.render))
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                                          name="tfowatch-http-accept", daemon=True)
