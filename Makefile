@@ -4,7 +4,7 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 ARGS      ?=
 
-.PHONY: all setup host run test test-quick lint clean install bench
+.PHONY: all setup host run test test-quick test-unit lint clean install bench
 
 # `make install`: tfowatch in its own venv (BCC comes from the distribution's python3-bpfcc),
 # the systemd unit, and a config that is never overwritten. Paths can be moved, e.g. for a test.
@@ -42,6 +42,11 @@ test: setup lint
 # Everything but the VM lab and the soak, for iteration.
 test-quick: setup
 	$(VENV)/bin/pytest -q -rs -m "not vm and not soak" tests
+
+# The tests that need neither root nor BPF (the rest skip, saying why), run as nobody: ~20 s.
+test-unit: setup
+	setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/tmp PYTHONDONTWRITEBYTECODE=1 \
+		$(VENV)/bin/pytest -q -rs -p no:cacheprovider -m "not vm and not soak" tests
 
 # `make bench`: the benchmarks on this host (its best tier), then in each VM lab kernel
 # (kprobe tier, ~20 min each under emulation); results in bench/results/, table in

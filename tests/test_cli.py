@@ -82,13 +82,28 @@ def test_every_run_flag_is_a_config_key() -> None:
     assert {o.key for o in OPTIONS} == set(vars(Settings()))
 
 
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+             "--bounding-set=-all"]
+
+
+def as_user(*args: str) -> subprocess.CompletedProcess[str]:
+    return tfowatch(*args, pre=AS_NOBODY if os.geteuid() == 0 else [])
+
+
 def test_not_root() -> None:
-    if os.geteuid() != 0:
-        res = tfowatch("run")
-    else:
-        res = tfowatch("run", pre=["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                   "--inh-caps=-all", "--bounding-set=-all"])
-    one_line_error(res, 1, "must run as root")
+    one_line_error(as_user("run"), 1, "must run as root")
+
+
+def test_a_user_can_plan_and_read_facts() -> None:
+    """`probes` and `facts` answer a user (tracefs is root's): the tiers they cannot see are
+    named, with why, and nothing is a traceback."""
+    res = as_user("probes", "--json")
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    tiers = json.loads(res.stdout)["tiers"]
+    assert "tracefs is not readable by this user" in tiers["tracepoint"], tiers
+    res = as_user("facts")
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert "tracefs is not readable" in json.loads(res.stdout)["tracefs_error"]
 
 
 @pytest.mark.usefixtures("root_bpf")

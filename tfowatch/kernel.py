@@ -7,6 +7,7 @@ against the recorded facts of kernels we do not run on (tests/facts/).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import subprocess
@@ -63,6 +64,7 @@ class KernelFacts:
     fields: dict[str, bool] = field(default_factory=dict)
     sysctls: dict[str, str] = field(default_factory=dict)
     kallsyms_error: str = ""  # why /proc/kallsyms could not be read (then `present` is unknown)
+    tracefs_error: str = ""  # why no tracefs could be read (then `tracepoints` is unknown)
 
     @property
     def version(self) -> tuple[int, int]:
@@ -80,17 +82,26 @@ class KernelFacts:
         return cls(**json.loads(text))
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except PermissionError:  # tracefs is root's: a user's `probes` or `facts` says so, no traceback
+        return False
+
+
 def tracefs() -> Path | None:
     """The mounted tracefs, mounting it at /sys/kernel/tracing if needed."""
     for d in TRACEFS_DIRS:
-        if (d / "events").is_dir():
+        if _is_dir(d / "events"):
             return d
+    if os.geteuid() != 0:
+        return None
     try:
         subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS_DIRS[0])],
                        check=True, capture_output=True)
     except (OSError, subprocess.CalledProcessError):
         return None
-    return TRACEFS_DIRS[0] if (TRACEFS_DIRS[0] / "events").is_dir() else None
+    return TRACEFS_DIRS[0] if _is_dir(TRACEFS_DIRS[0] / "events") else None
 
 
 def _kallsyms(names: tuple[str, ...]) -> tuple[dict[str, bool], str]:
@@ -136,7 +147,8 @@ def detect() -> KernelFacts:
     kprobe_events = tfs is not None and (tfs / "kprobe_events").exists()
     why = ""
     if tfs is None:
-        why = "tracefs is not mounted and could not be mounted"
+        why = ("tracefs is not mounted and could not be mounted" if os.geteuid() == 0
+               else "tracefs is not readable by this user (tfowatch runs as root)")
     elif not kprobe_events:
         why = f"{tfs}/kprobe_events is absent (kernel built without CONFIG_KPROBES)"
     present, kallsyms_error = _kallsyms(SYMBOLS)
@@ -156,7 +168,7 @@ def detect() -> KernelFacts:
     return KernelFacts(
         release=release, kprobes=kprobe_events, kprobes_why=why, btf=btf_ok,
         headers=_headers_usable(release), symbols=traceable, present=present,
-        kallsyms_error=kallsyms_error,
+        kallsyms_error=kallsyms_error, tracefs_error=why if tfs is None else "",
         tracepoints=tps, fields=fields, sysctls=netns.read_ipv4_sysctls(SYSCTLS),
     )
 

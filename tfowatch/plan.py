@@ -130,6 +130,8 @@ def _probe_pair(symbol: str, fn: str) -> list[Attachment]:
 
 
 def _tracepoint_ok(facts: KernelFacts) -> str:
+    if facts.tracefs_error:
+        return facts.tracefs_error
     missing = [tp for tp in REQUIRED_TRACEPOINTS if tp not in facts.tracepoints]
     if missing:
         return "tracepoint(s) missing: " + ", ".join(missing)
