@@ -64,21 +64,22 @@ install:
 	@[ "$$(id -u)" = 0 ] || { echo "make: install as root" >&2; exit 1; }
 	@scripts/setup-host.sh --runtime
 	/usr/bin/python3 -m venv --system-site-packages $(LIBDIR)
+	rm -rf build  # setuptools would carry stale modules from an earlier build into the wheel
 	$(LIBDIR)/bin/pip install -q .
 	install -d $(PREFIX)/bin $(PREFIX)/share/doc/tfowatch $(SYSCONFDIR)/tfowatch $(SYSCONFDIR)/default \
 		$(UNITDIR)/tfowatch.service.d
 	ln -sfn $(LIBDIR)/bin/tfowatch $(PREFIX)/bin/tfowatch
 	install -m 0644 README.md docs/DEPLOYMENT.md $(PREFIX)/share/doc/tfowatch/
-	sed -e 's|/usr/local|$(PREFIX)|g' -e 's|/etc/|$(SYSCONFDIR)/|g' systemd/tfowatch.service \
+	sed -e 's|/usr/local|$(PREFIX)|g' -e 's|/etc/|$(SYSCONFDIR)/|g' deploy/systemd/tfowatch.service \
 		> $(UNITDIR)/tfowatch.service
-	[ -e $(SYSCONFDIR)/tfowatch/tfowatch.toml ] || install -m 0600 systemd/tfowatch.toml $(SYSCONFDIR)/tfowatch/
-	[ -e $(SYSCONFDIR)/default/tfowatch ] || install -m 0644 systemd/tfowatch.default $(SYSCONFDIR)/default/tfowatch
+	[ -e $(SYSCONFDIR)/tfowatch/tfowatch.toml ] || install -m 0600 deploy/systemd/tfowatch.toml $(SYSCONFDIR)/tfowatch/
+	[ -e $(SYSCONFDIR)/default/tfowatch ] || install -m 0644 deploy/systemd/tfowatch.default $(SYSCONFDIR)/default/tfowatch
 	@# RestartSteps/RestartMaxDelaySec exist from systemd 254 on; older ones would warn.
 	[ "$$(systemctl --version | awk 'NR==1 {print $$2}')" -lt 254 ] || \
-		install -m 0644 systemd/dropins/restart-backoff.conf $(UNITDIR)/tfowatch.service.d/
+		install -m 0644 deploy/systemd/dropins/restart-backoff.conf $(UNITDIR)/tfowatch.service.d/
 	$(PREFIX)/bin/tfowatch run --config $(SYSCONFDIR)/tfowatch/tfowatch.toml --check-config
 	[ ! -d /run/systemd/system ] || systemctl daemon-reload
 	@echo "installed; start with: systemctl enable --now tfowatch"
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info build

@@ -83,13 +83,13 @@ class Workload:
         assert proc.stdout is not None
         said = b""
         deadline = time.monotonic() + SERVER_START_S
-        while said.count(b"\n") < self.workers and time.monotonic() < deadline:
+        while said.count(b"ready") < self.workers and time.monotonic() < deadline:
             if select.select([proc.stdout], [], [], 1.0)[0]:
                 chunk = os.read(proc.stdout.fileno(), 4096)
                 if not chunk:
                     break
                 said += chunk
-        if said.split() == [b"ready"] * self.workers:
+        if said.count(b"ready") == self.workers:
             return proc
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tfowatch.aggregator import Aggregator
-from tfowatch.bpfprog import BPF_DIR, WAKEUP_EVENTS, EventReader, import_bcc, libbcc_stderr
-from tfowatch.events import Event, EventType, encode
-from tfowatch.pipeline import POLL_MS, Ingest
+from tfowatch.bpf.loader import BPF_DIR, WAKEUP_EVENTS, EventReader, import_bcc, libbcc_stderr
+from tfowatch.core.aggregator import Aggregator
+from tfowatch.core.events import Event, EventType, encode
+from tfowatch.core.pipeline import POLL_MS, Ingest
 
 SOURCE = Path(__file__).with_name("synthetic.bpf.c")  # includes the daemon's tfowatch.h
 BATCH = 8  # events per getppid(), as in bench/synthetic.bpf.c

@@ -17,8 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tfowatch.btf import Btf
-from tfowatch.kernel import OPTIONAL_FIELDS, SYMBOLS, TRACEPOINTS, KernelFacts
+from tfowatch.core.btf import Btf
+from tfowatch.core.kernel import OPTIONAL_FIELDS, SYMBOLS, TRACEPOINTS, KernelFacts
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

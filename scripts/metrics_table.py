@@ -1,4 +1,4 @@
-"""The README's metric table, written from the contract (tfowatch/metrics.py) and the event
+"""The README's metric table, written from the contract (tfowatch/core/metrics.py) and the event
 table (the values of bounded labels). tests/test_contract.py fails when the README differs.
 
     python scripts/metrics_table.py    rewrite the table in README.md
@@ -12,8 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tfowatch import metrics as m  # noqa: E402
-from tfowatch.events import RECONCILIATIONS, label_values  # noqa: E402
+from tfowatch.core import metrics as m  # noqa: E402
+from tfowatch.core.events import RECONCILIATIONS, label_values  # noqa: E402
 
 README = ROOT / "README.md"
 BEGIN, END = "<!-- metrics table: scripts/metrics_table.py -->", "<!-- end of metrics table -->"

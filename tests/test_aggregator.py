@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 
-from tfowatch.aggregator import OTHER, Aggregator
-from tfowatch.events import Event, EventType, RefuseReason, decode, encode
-from tfowatch.metrics import (
+from tfowatch.core.aggregator import OTHER, Aggregator
+from tfowatch.core.events import Event, EventType, RefuseReason, decode, encode
+from tfowatch.core.metrics import (
     ACTIVE_FALLBACKS,
     PASSIVE_FALLBACKS,
     SYN_DATA_ACCEPTED,
@@ -85,7 +85,7 @@ def test_decode_round_trip() -> None:
 
 
 def test_cgroup_names_resolve_ids_to_paths(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from tfowatch.cgroups import CgroupNames
+    from tfowatch.core.cgroups import CgroupNames
 
     (tmp_path / "kubepods" / "pod1").mkdir(parents=True)
     names = CgroupNames(root=tmp_path)
@@ -98,7 +98,7 @@ def test_cgroup_names_resolve_ids_to_paths(tmp_path) -> None:  # type: ignore[no
 def test_cgroup_of_a_vanished_cgroup_is_read_once_through_the_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import os
 
-    from tfowatch.cgroups import CgroupNames, proc_cgroup
+    from tfowatch.core.cgroups import CgroupNames, proc_cgroup
 
     names = CgroupNames(root=tmp_path)
     gone = 987654321  # an id the walk cannot find

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from test_plan import facts
 
-from tfowatch import bpfprog
-from tfowatch.btf import Btf
-from tfowatch.kernel import detect
-from tfowatch.plan import resolve
+from tfowatch.bpf import loader as bpfprog
+from tfowatch.core.btf import Btf
+from tfowatch.core.kernel import detect
+from tfowatch.core.plan import resolve
 
 pytestmark = pytest.mark.usefixtures("root_bpf")
 

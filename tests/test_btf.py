@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tfowatch.btf import VMLINUX_BTF, Btf, BtfError
+from tfowatch.core.btf import VMLINUX_BTF, Btf, BtfError
 
 CASES = [
     ("tcp_sock", "fastopen_req"), ("tcp_sock", "syn_data"), ("tcp_sock", "syn_fastopen"),
@@ -75,7 +75,7 @@ def test_rejects_garbage() -> None:
 def test_functions_are_those_of_kallsyms(btf: Btf) -> None:
     """The BTF FUNC set is how facts of other kernels are recorded; it must agree with
     the running kernel's own symbol table for every symbol the plan cares about."""
-    from tfowatch.kernel import SYMBOLS, _kallsyms
+    from tfowatch.core.kernel import SYMBOLS, _kallsyms
 
     present, error = _kallsyms(SYMBOLS)
     assert error == "" and {s: s in btf.functions for s in SYMBOLS} == present

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from netlab import TFOWATCH
 
-from tfowatch.kernel import detect
+from tfowatch.core.kernel import detect
 
 
 def tfowatch(*args: str, env: dict[str, str] | None = None, pre: list[str] | None = None,
@@ -74,7 +74,7 @@ def test_flags_override_the_file_and_check_config_says_what_it_would_run(tmp_pat
 
 def test_every_run_flag_is_a_config_key() -> None:
     """The flags and the file's keys come from one table: --help lists each key as a flag."""
-    from tfowatch.config import OPTIONS, Settings
+    from tfowatch.exporter.config import OPTIONS, Settings
 
     helptext = tfowatch("run", "--help").stdout
     for opt in OPTIONS:

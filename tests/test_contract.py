@@ -1,4 +1,4 @@
-"""The metric contract (tfowatch/metrics.py) against what is served and what is documented.
+"""The metric contract (tfowatch/core/metrics.py) against what is served and what is documented.
 
 No root: plans from the recorded kernel facts (tests/facts/), the exposition of a fixed state.
 """
@@ -15,11 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_exporter import export_state
 from test_plan import facts
 
-from tfowatch import metrics as m
-from tfowatch.aggregator import Aggregator
-from tfowatch.events import EVENTS, RECONCILIATIONS, Event, EventType
-from tfowatch.exporter import Scrape
-from tfowatch.plan import resolve
+from tfowatch.core import metrics as m
+from tfowatch.core.aggregator import Aggregator
+from tfowatch.core.events import EVENTS, RECONCILIATIONS, Event, EventType
+from tfowatch.core.plan import resolve
+from tfowatch.exporter.collector import Scrape
 
 ROOT = Path(__file__).parents[1]
 RELEASES = ("6.1.", "6.12.", "6.18.")

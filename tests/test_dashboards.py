@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 import yaml
 
-from tfowatch.metrics import FAMILIES, PROCESS_PREFIX
+from tfowatch.core.metrics import FAMILIES, PROCESS_PREFIX
 
 ROOT = Path(__file__).parents[1]
-DASHBOARD = ROOT / "dashboards" / "tfowatch.json"
-RULES = ROOT / "prometheus" / "tfowatch.rules.yml"
-RULE_TESTS = ROOT / "prometheus" / "tests" / "alerts.test.yml"
-RUNBOOKS = ROOT / "docs" / "runbooks"
+DASHBOARD = ROOT / "monitoring" / "dashboards" / "tfowatch.json"
+RULES = ROOT / "monitoring" / "rules" / "tfowatch.rules.yml"
+RULE_TESTS = ROOT / "monitoring" / "rules" / "tests" / "alerts.test.yml"
+RUNBOOKS = ROOT / "monitoring" / "runbooks"
 
 
 def dashboard() -> dict[str, Any]:
@@ -42,9 +42,9 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_committed_dashboard_is_the_generator_output() -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "dashboards" / "build.py")], capture_output=True,
-                         text=True, check=True)
-    assert json.loads(out.stdout) == dashboard(), "run: python dashboards/build.py > dashboards/tfowatch.json"
+    build = ROOT / "monitoring" / "dashboards" / "build.py"
+    out = subprocess.run([sys.executable, str(build)], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == dashboard(), f"run: python {build} > {DASHBOARD}"
 
 
 def test_dashboard_structure() -> None:
@@ -90,7 +90,7 @@ def test_every_metric_name_is_one_the_exporter_serves() -> None:
     names = {n for text in texts for n in re.findall(r"\btfowatch_[a-z_]+\b", text)}
     assert names
     for name in names:
-        assert name in served or name.startswith(PROCESS_PREFIX), f"{name} is not in tfowatch/metrics.py"
+        assert name in served or name.startswith(PROCESS_PREFIX), f"{name} is not in tfowatch/core/metrics.py"
 
 
 def test_promtool_check_rules() -> None:

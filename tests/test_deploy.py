@@ -107,9 +107,9 @@ def test_daemonset_config_is_accepted(tmp_path: Path) -> None:
 
 
 def test_example_config_names_every_key_with_its_default() -> None:
-    from tfowatch.config import OPTIONS, Settings
+    from tfowatch.exporter.config import OPTIONS, Settings
 
-    text = (ROOT / "systemd" / "tfowatch.toml").read_text()
+    text = (ROOT / "deploy" / "systemd" / "tfowatch.toml").read_text()
     for opt in OPTIONS:
         default = getattr(Settings(), opt.key)
         shown = str(default).lower() if isinstance(default, bool) else str(default)
@@ -127,7 +127,7 @@ def test_scrape_config_passes_promtool(tmp_path: Path) -> None:
         shutil.copy(src, tmp_path / name)
     (tmp_path / "tfowatch.password").write_text("secret\n")
     text = (DEPLOY / "prometheus" / "scrape.yml").read_text().replace("/etc/prometheus/", f"{tmp_path}/")
-    text = text.replace("../../prometheus/", f"{ROOT}/prometheus/")
+    text = text.replace("../../monitoring/", f"{ROOT}/monitoring/")
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text(text)
     res = subprocess.run(["promtool", "check", "config", str(cfg)], capture_output=True, text=True)

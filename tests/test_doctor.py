@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from netlab import TFOWATCH, Host, Lab, planned_plan, skip_unless_root_bpf
+from netlab import BPF_START_S, TFOWATCH, Host, Lab, planned_plan, skip_unless_root_bpf
 
 from tfowatch.cli import EXIT_FINDINGS
 
@@ -152,7 +152,7 @@ def test_watch_names_the_plain_connecting_client_and_the_rotation(lab: Lab) -> N
         srv.sysctl("net.ipv4.tcp_fastopen_key", KEY.format(2))
         lab.client.peer("client", addr, str(PORT), "1", "--comm", "tfo-app")
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=BPF_START_S)
     finally:
         proc.kill()
     assert proc.returncode == EXIT_FINDINGS, err

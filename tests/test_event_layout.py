@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tfowatch import bpfprog
-from tfowatch.events import EV_TYPE_MAX, CountKey, CountVal, EventType, RawEvent, RefuseReason
+from tfowatch.bpf import loader as bpfprog
+from tfowatch.core.events import EV_TYPE_MAX, CountKey, CountVal, EventType, RawEvent, RefuseReason
 
 HEADER = bpfprog.BPF_DIR / "tfowatch.h"
 
@@ -59,9 +59,9 @@ def test_struct_layout_matches_compiled_c(tmp_path: Path, struct: str,
 def test_bcc_sees_the_same_struct() -> None:
     """The BPF side: BCC's view of what perf_submit sends, and of the in-kernel counts map's
     key and value, equals the Python mirrors."""
-    from tfowatch.btf import Btf
-    from tfowatch.kernel import detect
-    from tfowatch.plan import Variant, resolve
+    from tfowatch.core.btf import Btf
+    from tfowatch.core.kernel import detect
+    from tfowatch.core.plan import Variant, resolve
 
     bcc = bpfprog.import_bcc()
     plan = resolve(detect(), "tracepoint")

@@ -9,12 +9,12 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from test_plan import facts
 
-from tfowatch.aggregator import Aggregator
-from tfowatch.events import EV_TYPE_MAX, Event, EventType, RefuseReason
-from tfowatch.exporter import Scrape, TfoCollector
-from tfowatch.plan import Plan, resolve
-from tfowatch.reconcile import drift
-from tfowatch.state import ExportState
+from tfowatch.core.aggregator import Aggregator
+from tfowatch.core.events import EV_TYPE_MAX, Event, EventType, RefuseReason
+from tfowatch.core.plan import Plan, resolve
+from tfowatch.core.reconcile import drift
+from tfowatch.core.state import ExportState
+from tfowatch.exporter.collector import Scrape, TfoCollector
 
 
 def export_state(plan: Plan, agg: Aggregator, kernel: dict[int, dict[str, int]]) -> ExportState:

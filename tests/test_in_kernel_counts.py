@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 from netlab import Lab, skip_unless_root_bpf
 
-from tfowatch import bpfprog
-from tfowatch.metrics import SYN_DATA_ACCEPTED, SYN_DATA_SENT
-from tfowatch.pipeline import Pipeline
-from tfowatch.plan import Variant
+from tfowatch.bpf import loader as bpfprog
+from tfowatch.core.metrics import SYN_DATA_ACCEPTED, SYN_DATA_SENT
+from tfowatch.core.pipeline import Pipeline
+from tfowatch.core.plan import Variant
 
 PORTS = {"7801": 3, "7802": 2}
 

@@ -132,16 +132,19 @@ def test_installed_wheel_runs_the_planned_tier_and_counts_exactly(installed: Ins
 
 
 @pytest.fixture
-def sources_removed(installed: Installed) -> Iterator[None]:
-    """The install as a broken package would leave it: no BPF sources."""
+def sources_removed(installed: Installed, tmp_path: Path) -> Iterator[None]:
+    """The install as a package without its package data would leave it: the loader, but no
+    BPF sources."""
     bpf = installed.package / "bpf"
-    saved = bpf.with_name("bpf.saved")
-    bpf.rename(saved)
+    sources = [*bpf.glob("*.c"), *bpf.glob("*.h")]
+    assert sources
+    for src in sources:
+        src.rename(tmp_path / src.name)
     try:
         yield
     finally:
-        shutil.rmtree(bpf, ignore_errors=True)
-        saved.rename(bpf)
+        for src in sources:
+            (tmp_path / src.name).rename(src)
 
 
 @pytest.mark.usefixtures("sources_removed")

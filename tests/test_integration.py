@@ -32,7 +32,7 @@ from netlab import (
     value,
 )
 
-from tfowatch.cgroups import proc_cgroup
+from tfowatch.core.cgroups import proc_cgroup
 
 PORT_A, PORT_B, PORT_D, PORT_TW, PORT_Q = 7001, 7002, 7003, 7004, 7005
 Q_COMM = "tfo-q"

@@ -1,5 +1,5 @@
 """The systemd unit's capability set is enough, and no more is assumed: `tfowatch run` started
-with exactly CapabilityBoundingSet of systemd/tfowatch.service (as root, every other capability
+with exactly CapabilityBoundingSet of deploy/systemd/tfowatch.service (as root, every other capability
 gone) attaches the full plan and counts exactly; what it cannot see without CAP_SYS_ADMIN is
 reported, not silently missing. Runs on the host and in the VM lab's kprobe kernels."""
 

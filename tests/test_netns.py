@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tfowatch import netns
-from tfowatch.aggregator import Aggregator
-from tfowatch.events import Event, EventType
-from tfowatch.reconcile import KernelCounters, drift
+from tfowatch.core import netns
+from tfowatch.core.aggregator import Aggregator
+from tfowatch.core.events import Event, EventType
+from tfowatch.core.reconcile import KernelCounters, drift
 
 
 def test_parse_netstat_reads_the_tcpext_section() -> None:

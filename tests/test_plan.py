@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import FACTS_DIR
 
-from tfowatch.events import EVENTS
-from tfowatch.events import EventType as E
-from tfowatch.kernel import KernelFacts
-from tfowatch.plan import PlanError, fall_back, resolve
+from tfowatch.core.events import EVENTS
+from tfowatch.core.events import EventType as E
+from tfowatch.core.kernel import KernelFacts
+from tfowatch.core.plan import PlanError, fall_back, resolve
 
 
 def facts(release_prefix: str) -> KernelFacts:
@@ -139,8 +139,8 @@ def test_unreadable_kallsyms_on_a_kprobe_kernel_degrades_loudly(caplog: pytest.L
     ProtectKernelTunables): no kprobe target is known, so the kprobe tier is not tried; the
     tracepoint tier runs (on this kernel, for real), one ERROR names the fix, and --strict
     refuses instead."""
-    from tfowatch.kernel import detect
-    from tfowatch.pipeline import load_plan
+    from tfowatch.core.kernel import detect
+    from tfowatch.core.pipeline import load_plan
 
     here = detect()
     if "sock/inet_sock_set_state" not in here.tracepoints:

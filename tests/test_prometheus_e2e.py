@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 from netlab import Host, Lab, free_port, planned_plan, skip_unless_root_bpf, start_daemon, unit_caps
 
-from tfowatch.metrics import PROBE_METRICS
+from tfowatch.core.metrics import PROBE_METRICS
 
 ROOT = Path(__file__).parents[1]
-RULES = ROOT / "prometheus" / "tfowatch.rules.yml"
-DASHBOARD = ROOT / "dashboards" / "tfowatch.json"
+RULES = ROOT / "monitoring" / "rules" / "tfowatch.rules.yml"
+DASHBOARD = ROOT / "monitoring" / "dashboards" / "tfowatch.json"
 PORT = 7301
 VARS = {"$instance": ".*", "$netns": ".*", "$port": ".*", "$comm": ".*",
         "$__rate_interval": "1m", "$__range": "5m"}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netlab import TFOWATCH, Host, Lab, skip_unless_root_bpf
+from netlab import BPF_START_S, TFOWATCH, Host, Lab, skip_unless_root_bpf
 
 PORT_A, PORT_B = 7101, 7102
 COUNTERS = ("TCPFastOpenActive", "TCPFastOpenPassive", "TCPFastOpenCookieReqd")
@@ -39,7 +39,7 @@ class TopProcess:
                 self.frames.append(json.loads(line))
                 self._got.notify_all()
 
-    def wait_frames(self, n: int, timeout: float = 150) -> None:
+    def wait_frames(self, n: int, timeout: float = BPF_START_S + 30) -> None:
         """Until `n` frames have arrived (the first one means the probes are attached)."""
         with self._got:
             if not self._got.wait_for(lambda: len(self.frames) >= n or self.proc.poll() is not None,
@@ -191,7 +191,7 @@ def test_stops_cleanly(session: Session) -> None:
 
 def test_once_prints_a_plain_table_without_escape_codes(root_bpf: None) -> None:
     out = subprocess.run([str(TFOWATCH), "top", "--once", "-i", "0.2"], capture_output=True,
-                         text=True, timeout=150)
+                         text=True, timeout=BPF_START_S + 30)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("tfowatch top  kernel ")

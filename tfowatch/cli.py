@@ -13,14 +13,15 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from tfowatch import __version__, config
-from tfowatch.config import OPTIONS, Settings
-from tfowatch.kernel import KernelFacts, detect, is_privileged, namespace_blind_spots
-from tfowatch.metrics import TIERS
-from tfowatch.plan import MODES, Plan, PlanError, resolve
+from tfowatch import __version__
+from tfowatch.core.kernel import KernelFacts, detect, is_privileged, namespace_blind_spots
+from tfowatch.core.metrics import TIERS
+from tfowatch.core.plan import MODES, Plan, PlanError, resolve
+from tfowatch.exporter import config
+from tfowatch.exporter.config import OPTIONS, Settings
 
 if TYPE_CHECKING:
-    from tfowatch.webconfig import WebConfig
+    from tfowatch.exporter.webconfig import WebConfig
 
 EXIT_USAGE = 2
 EXIT_RUNTIME = 1
@@ -97,7 +98,7 @@ def positive_int(text: str) -> int:
 
 
 def add_top_parser(sub: Any) -> None:
-    from tfowatch.toprows import SORT_KEYS
+    from tfowatch.top.rows import SORT_KEYS
 
     top = sub.add_parser("top", help="live view of TFO and TIME-WAIT activity (no daemon needed)")
     top.add_argument("-i", "--interval", type=positive_float, default=1.0,
@@ -143,7 +144,7 @@ def tier_metrics(facts: KernelFacts) -> dict[str, list[str] | str]:
 
 
 def cmd_probes(args: argparse.Namespace) -> int:
-    from tfowatch.bpfprog import BPF_DIR, DEGRADED_FIX, SOURCES
+    from tfowatch.bpf.loader import BPF_DIR, DEGRADED_FIX, SOURCES
 
     facts = detect()
     plan = resolve(facts, args.mode)
@@ -165,7 +166,7 @@ def cmd_probes(args: argparse.Namespace) -> int:
 
 def run_settings(args: argparse.Namespace) -> tuple[Settings, WebConfig | None]:
     """The checked settings and web config; any problem is a usage error (exit 2)."""
-    from tfowatch import webconfig
+    from tfowatch.exporter import webconfig
 
     try:
         settings = config.settings({o.key: getattr(args, o.key) for o in OPTIONS}, args.config)
@@ -220,8 +221,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level="DEBUG" if args.verbose else settings.log_level,
                         format="tfowatch: %(levelname)s %(message)s")
     log = logging.getLogger("tfowatch")
-    from tfowatch.daemon import Daemon
-    from tfowatch.web import MetricsServer
+    from tfowatch.exporter.daemon import Daemon
+    from tfowatch.exporter.web import MetricsServer
 
     stop = stop_on_signals()
     host, port = settings.address
@@ -251,7 +252,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def netns_inode(value: str) -> int:
-    from tfowatch import nsconfig
+    from tfowatch.core import nsconfig
 
     if value.isdigit():
         return int(value)
@@ -263,7 +264,7 @@ def netns_inode(value: str) -> int:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    from tfowatch.top import Options, TopSession, run_plain
+    from tfowatch.top.session import Options, TopSession, run_plain
 
     if args.port is not None and args.port > 65535:
         raise CliError(f"argument --port: {args.port} is not a port (1-65535)", EXIT_USAGE)
@@ -278,7 +279,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     session = TopSession(opts)
     try:
         if output == "screen":
-            from tfowatch.topscreen import Screen
+            from tfowatch.top.screen import Screen
 
             Screen(session, opts).run(stop)
         else:
@@ -291,7 +292,7 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from tfowatch.doctor import as_json, as_text, diagnose
+    from tfowatch.doctor.watch import as_json, as_text, diagnose
 
     only = {netns_inode(n) for n in args.netns} if args.netns else None
     if os.geteuid() != 0:

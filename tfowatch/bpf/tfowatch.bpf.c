@@ -1,7 +1,7 @@
 /* tfowatch BPF programs (BCC).
  *
  * Kernel struct fields are read at offsets taken from the running kernel's BTF
- * (OFF_* / BIT_* macros passed by tfowatch/bpfprog.py), never from the compile
+ * (OFF_* / BIT_* macros passed by tfowatch/bpf/loader.py), never from the compile
  * headers, which may belong to another kernel.
  *
  * Which sections are compiled is decided by the probe plan:

@@ -1,4 +1,4 @@
-/* Event layout shared by the BPF programs and tfowatch/events.py.
+/* Event layout shared by the BPF programs and tfowatch/core/events.py.
  * tests/test_event_layout.py fails when the two drift apart. */
 #ifndef TFOWATCH_H
 #define TFOWATCH_H

@@ -1,0 +1,316 @@
+"""Compile tfowatch/bpf/tfowatch.bpf.c (package data) with BCC for this kernel and attach
+what the plan says."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import importlib
+import importlib.resources
+import logging
+import os
+import select
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tfowatch.core.btf import Btf, BtfError
+from tfowatch.core.events import EV_TYPE_MAX, CountKey, CountVal, struct_of
+from tfowatch.core.plan import PLAIN_BUILD, Attachment, Plan, Variant
+
+log = logging.getLogger(__name__)
+
+# The C sources are package data (pyproject.toml), found where the package is installed.
+BPF_DIR = Path(str(importlib.resources.files("tfowatch") / "bpf"))
+SOURCE = BPF_DIR / "tfowatch.bpf.c"
+SOURCES = (SOURCE, BPF_DIR / "tfowatch.h")
+
+BCC_MISSING = ("BCC's Python module is missing: install it with `apt install python3-bpfcc` and run "
+               "tfowatch with /usr/bin/python3 or a venv made with --system-site-packages")
+
+# macro -> (struct, member path); byte offsets
+OFFSETS = {
+    "OFF_SK_NET": ("sock", "__sk_common.skc_net.net"),
+    "OFF_NET_INUM": ("net", "ns.inum"),
+    "OFF_SK_NUM": ("sock_common", "skc_num"),
+    "OFF_SKC_DPORT": ("sock_common", "skc_dport"),
+    "OFF_SKC_DADDR": ("sock_common", "skc_daddr"),
+    "OFF_SKC_V6_DADDR": ("sock_common", "skc_v6_daddr"),
+    "OFF_SKC_FAMILY": ("sock_common", "skc_family"),
+    "OFF_TP_FASTOPEN_REQ": ("tcp_sock", "fastopen_req"),
+    "OFF_TP_FOQ_QLEN": ("tcp_sock", "inet_conn.icsk_accept_queue.fastopenq.qlen"),
+    "OFF_TP_FOQ_MAX_QLEN": ("tcp_sock", "inet_conn.icsk_accept_queue.fastopenq.max_qlen"),
+    "OFF_FOC_LEN": ("tcp_fastopen_cookie", "len"),
+    "OFF_SKB_CB": ("sk_buff", "cb"),
+    "OFF_TCB_SEQ": ("tcp_skb_cb", "seq"),
+    "OFF_TCB_END_SEQ": ("tcp_skb_cb", "end_seq"),
+    "OFF_NET_TCP_FASTOPEN": ("net", "ipv4.sysctl_tcp_fastopen"),
+    "OFF_NET_BLACKHOLE_TIMEOUT": ("net", "ipv4.sysctl_tcp_fastopen_blackhole_timeout"),
+    "OFF_NET_TW_REUSE": ("net", "ipv4.sysctl_tcp_tw_reuse"),
+    "OFF_TW_TS_RECENT_STAMP": ("tcp_timewait_sock", "tw_ts_recent_stamp"),
+}
+OPTIONAL_OFFSETS = {
+    "OFF_TW_ENTRY_STAMP": ("inet_timewait_sock", "tw_entry_stamp", "HAVE_TW_ENTRY_STAMP"),
+    "OFF_NET_TW_REUSE_DELAY": ("net", "ipv4.sysctl_tcp_tw_reuse_delay", "HAVE_TW_ENTRY_STAMP"),
+}
+# TP_BIT(sk, NAME) -> tcp_sock bitfield
+BITFIELDS = {
+    "SYN_DATA": "syn_data",
+    "SYN_FASTOPEN": "syn_fastopen",
+    "SYN_DATA_ACKED": "syn_data_acked",
+    "CLIENT_FAIL": "fastopen_client_fail",
+    "FASTOPEN_CONNECT": "fastopen_connect",
+    "SYN_FASTOPEN_CHILD": "syn_fastopen_child",
+}
+OPTIONAL_BITFIELDS = {"SYN_FASTOPEN_CHILD": "HAVE_SYN_FASTOPEN_CHILD",
+                      "CLIENT_FAIL": "HAVE_CLIENT_FAIL"}
+
+MAX_CONNS = 65536
+MAX_COUNTS = 16384  # label sets counted in the kernel; beyond, events go out as samples
+COUNT_VAL = struct_of(CountVal)
+# A CPU's perf buffer wakes the poller once per WAKEUP_EVENTS events instead of once per
+# event; poll() then consumes whatever is there, so no event waits longer than one poll.
+# With wakeup per event, the wakeups cost the traced (connecting) tasks more than the
+# programs did (docs/PERFORMANCE.md, "perf buffer wakeups").
+WAKEUP_EVENTS = 32
+
+
+# Why a tier could not be loaded: the `reason` label of tfowatch_tier_degraded (a bounded set)
+# and the fix the ERROR log line, `doctor` and the runbook name.
+DEGRADED_FIX = {
+    "bpf_sources_missing": "reinstall tfowatch: BPF sources missing from the package",
+    "bcc_missing": "install python3-bpfcc and run tfowatch with a Python that sees it",
+    "kernel_btf": "this kernel's BTF (/sys/kernel/btf/vmlinux) lacks a field tfowatch reads: "
+                  "report the kernel release",
+    "bpf_denied": "bpf() was denied: in a container the runtime's default seccomp profile may allow "
+                  "it only with CAP_SYS_ADMIN (use seccompProfile Unconfined, docs/DEPLOYMENT.md); "
+                  "else check the capabilities (CAP_BPF, CAP_PERFMON) and an LSM policy",
+    "kallsyms_unreadable": "let tfowatch read /proc/kallsyms: systemd's ProtectKernelTunables=yes "
+                           "hides it (the unit shipped with tfowatch does not set it)",
+    "compile_failed": "BCC could not compile or load the programs: check the kernel headers "
+                      "(/lib/modules/$(uname -r)/build) and run with -v for clang's messages",
+    "attach_failed": "the kernel refused a probe: see `tfowatch probes`, and run with -v for "
+                     "libbcc's messages",
+}
+
+
+class LoadError(Exception):
+    """BPF could not be compiled, loaded or attached; the message says why, `reason` is a
+    key of DEGRADED_FIX."""
+
+    def __init__(self, message: str, reason: str = "compile_failed") -> None:
+        assert reason in DEGRADED_FIX, reason
+        super().__init__(message)
+        self.reason = reason
+
+    @property
+    def fix(self) -> str:
+        return DEGRADED_FIX[self.reason]
+
+
+def check_sources() -> None:
+    """The C sources ship in the package; an install without them cannot load any tier."""
+    missing = [str(p) for p in SOURCES if not p.is_file()]
+    if missing:
+        raise LoadError(f"BPF sources missing: {', '.join(missing)}", "bpf_sources_missing")
+
+
+def offset_defines(btf: Btf) -> dict[str, int]:
+    """Every offset and bit position the C code reads, from the running kernel's BTF."""
+    out: dict[str, int] = {}
+    try:
+        for macro, (struct, path) in OFFSETS.items():
+            out[macro] = btf.field(struct, path).offset
+    except BtfError as exc:
+        raise LoadError(f"kernel BTF lacks a field tfowatch needs: {exc}", "kernel_btf") from exc
+    for macro, (struct, path, have_flag) in OPTIONAL_OFFSETS.items():
+        present = btf.has_field(struct, path)
+        out[macro] = btf.field(struct, path).offset if present else 0
+        out[have_flag] = out.get(have_flag, 1) & int(present)
+    for name, member in BITFIELDS.items():
+        flag = OPTIONAL_BITFIELDS.get(name)
+        have = btf.has_field("tcp_sock", member)
+        if not have and flag is None:
+            raise LoadError(f"kernel BTF: tcp_sock has no {member}", "kernel_btf")
+        f = btf.field("tcp_sock", member) if have else None
+        out[f"BIT_TP_{name}"] = f.bit_offset if f else 0
+        out[f"NBITS_TP_{name}"] = (f.bit_size or f.size * 8) if f else 1
+        if flag is not None:
+            out[flag] = int(have)
+    return out
+
+
+def cflags(btf: Btf, plan: Plan, variant: Variant = PLAIN_BUILD) -> list[str]:
+    defines = (offset_defines(btf) | plan.defines | variant.defines()
+               | {"MAX_CONNS": MAX_CONNS, "MAX_COUNTS": MAX_COUNTS})
+    return [f"-I{BPF_DIR}", "-Wno-pointer-arith", "-Wno-unused-function",
+            "-Wno-unused-variable", "-Wno-unused-parameter"] + \
+        [f"-D{k}={v}" for k, v in sorted(defines.items())]
+
+
+def import_bcc() -> Any:
+    try:
+        return importlib.import_module("bcc")
+    except ImportError as exc:
+        raise LoadError(BCC_MISSING, "bcc_missing") from exc
+
+
+@contextlib.contextmanager
+def libbcc_stderr() -> Iterator[list[str]]:
+    """libbcc and clang write compiler warnings and perf_event_open() failures straight to
+    fd 2; keep them out of the daemon's stderr (one line per error, and a quiet journal) and
+    log them at debug level instead. Yields the list the lines are collected into."""
+    lines: list[str] = []
+    with tempfile.TemporaryFile() as sink:
+        saved = os.dup(2)
+        sys.stderr.flush()
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines += [line for line in sink.read().decode(errors="replace").splitlines() if line.strip()]
+            for line in lines:
+                log.debug("libbcc: %s", line)
+
+
+def read_counts(fd: int, keys: Any, vals: Any) -> list[tuple[bytes, int, int]]:
+    """BPF_MAP_LOOKUP_BATCH over the whole `counts` hash into `keys` and `vals` (arrays of
+    CountKey and CountVal as long as the map), parsed with struct."""
+    lib = importlib.import_module("bcc.libbcc").lib
+    capacity = len(keys)
+    token, count, total = ctypes.c_uint32(0), ctypes.c_uint32(0), 0
+    ksize, vsize = ctypes.sizeof(CountKey), ctypes.sizeof(CountVal)
+    while total < capacity:
+        count.value = capacity - total
+        res = lib.bpf_lookup_batch(fd, ctypes.byref(token) if total else None, ctypes.byref(token),
+                                   ctypes.byref(keys, ksize * total), ctypes.byref(vals, vsize * total),
+                                   ctypes.byref(count))
+        err = ctypes.get_errno()
+        total += count.value
+        if res != 0:
+            if err != errno.ENOENT:  # ENOENT: the whole map has been read
+                raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+            break
+        if count.value == 0:
+            break
+    kraw = ctypes.string_at(keys, ksize * total)
+    vraw = ctypes.string_at(vals, vsize * total)
+    return [(kraw[i * ksize:(i + 1) * ksize], n, pid)
+            for i, (n, pid, _) in enumerate(COUNT_VAL.iter_unpack(vraw))]
+
+
+def release_compiler_heap() -> None:
+    """Clang/LLVM leave ~40 MB of freed heap that glibc keeps mapped; hand it back once the
+    programs are loaded, so the daemon's steady RSS is what it uses (docs/PERFORMANCE.md)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class EventReader:
+    """The `events` perf buffer of `bpf`, read by a poller thread and, on demand, by any other."""
+
+    def __init__(self, bpf: Any, on_event: Callable[[int, Any, int], None],
+                 on_lost: Callable[[int], None], pages: int, wakeup_events: int = WAKEUP_EVENTS) -> None:
+        self.bpf = bpf
+        bpf[b"events"].open_perf_buffer(on_event, page_cnt=pages, lost_cb=on_lost,
+                                       wakeup_events=wakeup_events)
+        self._consuming = threading.Lock()  # BCC's readers must not be read concurrently
+        self._readable = select.poll()
+        lib = importlib.import_module("bcc.libbcc").lib
+        for reader in bpf.perf_buffers.values():
+            self._readable.register(lib.perf_reader_fd(reader), select.POLLIN)
+
+    def poll(self, timeout_ms: int) -> None:
+        """Wait up to timeout_ms for a batch on any CPU, then read every buffer."""
+        self._readable.poll(timeout_ms)
+        self.consume()
+
+    def consume(self) -> None:
+        """Read every event in the buffers now, in the calling thread: a scrape gets all
+        that was submitted before it without waiting for the poller."""
+        with self._consuming:
+            self.bpf.perf_buffer_consume()
+
+
+class Probes:
+    """The compiled programs, attached per plan, with their maps."""
+
+    def __init__(self, plan: Plan, btf: Btf, variant: Variant = PLAIN_BUILD) -> None:
+        check_sources()
+        bcc = import_bcc()
+        self.plan = plan
+        self.variant = variant
+        self.attached: dict[Attachment, bool] = {}
+        self.reader: EventReader | None = None
+        self._count_bufs: tuple[Any, Any] | None = None
+        try:
+            with libbcc_stderr() as said:
+                self.bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags(btf, plan, variant))
+        except Exception as exc:  # BCC raises bare Exception on compile/load failure
+            # BCC reports a denied bpf() as a failed compile; libbcc's own line says EPERM.
+            denied = next((line.strip() for line in said if "Operation not permitted" in line), "")
+            if denied:
+                raise LoadError(f"BPF load failed: {denied}", "bpf_denied") from exc
+            raise LoadError(f"BPF compile/load failed: {exc}") from exc
+
+    def attach(self) -> None:
+        """Attach every kprobe of the plan; tracepoints were bound at load by BCC."""
+        for a in self.plan.attachments:
+            if a.kind == "tracepoint":
+                self.attached[a] = True
+                continue
+            try:
+                with libbcc_stderr():
+                    if a.kind == "kprobe":
+                        self.bpf.attach_kprobe(event=a.target, fn_name=a.fn)
+                    else:
+                        self.bpf.attach_kretprobe(event=a.target, fn_name=a.fn)
+            except Exception as exc:
+                self.attached[a] = False
+                self.close()
+                raise LoadError(f"cannot attach {a.kind} {a.target}: {exc}", "attach_failed") from exc
+            self.attached[a] = True
+
+    def open_events(self, on_event: Callable[[int, Any, int], None],
+                    on_lost: Callable[[int], None], pages: int = 256,
+                    wakeup_events: int = WAKEUP_EVENTS) -> None:
+        self.reader = EventReader(self.bpf, on_event, on_lost, pages, wakeup_events)
+
+    def poll(self, timeout_ms: int) -> None:
+        if self.reader is not None:
+            self.reader.poll(timeout_ms)
+
+    def consume(self) -> None:
+        if self.reader is not None:
+            self.reader.consume()
+
+    def counts(self) -> list[tuple[bytes, int, int]]:
+        """(struct count_key bytes, count, last pid) of every label set counted in the kernel,
+        read in batches (one system call per ~MAX_COUNTS entries, not two per entry)."""
+        if not self.variant.in_kernel_counts:
+            return []
+        if self._count_bufs is None:  # allocated once: ~1 MB, reused by every scrape
+            self._count_bufs = ((CountKey * MAX_COUNTS)(), (CountVal * MAX_COUNTS)())
+        return read_counts(self.bpf[b"counts"].map_fd, *self._count_bufs)
+
+    def totals(self) -> list[int]:
+        """Exact per-type event counts kept in the kernel (summed over CPUs)."""
+        table = self.bpf[b"totals"]
+        out = [0] * EV_TYPE_MAX
+        for i in range(EV_TYPE_MAX):
+            out[i] = sum(table[ctypes.c_int(i)])
+        return out
+
+    def close(self) -> None:
+        """Detach everything (BCC removes its kprobe_events entries)."""
+        with contextlib.suppress(Exception):
+            self.bpf.cleanup()
+        for a in self.attached:
+            self.attached[a] = False

@@ -1,0 +1,128 @@
+"""Turn decoded events into labelled counts, with bounded cardinality.
+
+Which families an event feeds, with which labels, is the event table's (events.EVENTS); a
+histogram family observes the event's value. Each family holds at most `series_cap` label
+sets; an event that would open one more is folded into a series whose labels are all "other"
+and counted in `dropped`. Memory is therefore bounded whatever the traffic (random ports,
+short-lived processes, namespace churn).
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from tfowatch.core.events import SPEC, Event, EventType
+from tfowatch.core.metrics import Metric
+
+OTHER = "other"
+Labels = tuple[str, ...]
+
+
+@dataclass
+class Histogram:
+    bounds: tuple[float, ...]
+    buckets: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.buckets = self.buckets or [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float, n: int = 1) -> None:
+        self.buckets[bisect.bisect_left(self.bounds, value)] += n
+        self.total += value * n
+        self.count += n
+
+    def copy(self) -> Histogram:
+        return Histogram(self.bounds, list(self.buckets), self.total, self.count)
+
+
+@dataclass
+class Snapshot:
+    counters: dict[Metric, dict[Labels, int]]
+    histograms: dict[Metric, dict[Labels, Histogram]]
+    per_netns: dict[tuple[int, EventType], int]
+    received: dict[EventType, int]
+    dropped: dict[str, int]
+    lost: int
+
+    def series(self, metric: Metric) -> Mapping[Labels, object]:
+        return (self.histograms if metric.kind == "histogram" else self.counters).get(metric, {})
+
+
+class Aggregator:
+    def __init__(self, series_cap: int = 1000) -> None:
+        if series_cap < 1:
+            raise ValueError("series cap must be at least 1")
+        self.series_cap = series_cap
+        self._lock = threading.Lock()
+        self._counters: dict[Metric, dict[Labels, int]] = defaultdict(dict)
+        self._hist: dict[Metric, dict[Labels, Histogram]] = defaultdict(dict)
+        self._per_netns: dict[tuple[int, EventType], int] = defaultdict(int)
+        self._netns_seen: set[int] = set()
+        self._received: dict[EventType, int] = defaultdict(int)
+        self._dropped: dict[str, int] = defaultdict(int)
+        self._lost = 0
+        self._label_cache: dict[tuple[object, ...], list[tuple[Metric, Labels]]] = {}
+
+    def _cached_labels(self, ev: Event) -> list[tuple[Metric, Labels]]:
+        """labels(ev), memoised: most events repeat a few label sets. The cache is bounded
+        like the series (emptied when it outgrows them)."""
+        k = (ev.type, ev.netns, ev.port, ev.comm, ev.cgroup, ev.reason)
+        labels = self._label_cache.get(k)
+        if labels is None:
+            if len(self._label_cache) >= 4 * self.series_cap:
+                self._label_cache.clear()
+            labels = self._label_cache[k] = self.labels(ev)
+        return labels
+
+    @staticmethod
+    def labels(ev: Event) -> list[tuple[Metric, Labels]]:
+        """Each family `ev` feeds, with its label values in the family's label order."""
+        spec = SPEC[ev.type]
+        values = spec.label_values(ev)
+        return [(metric, tuple(values[name] for name in metric.labels)) for metric in spec.metrics]
+
+    def _bounded(self, metric: Metric, series: Mapping[Labels, object], key: Labels, n: int) -> Labels:
+        if key in series or len(series) < self.series_cap:
+            return key
+        self._dropped[metric.name] += n
+        return (OTHER,) * len(key)
+
+    def add(self, ev: Event, n: int = 1) -> None:
+        """Count `ev` n times (n > 1: an in-kernel count)."""
+        with self._lock:
+            self._received[ev.type] += n
+            families = self._cached_labels(ev)
+            for metric, key in families:
+                if metric.kind == "histogram":
+                    hists = self._hist[metric]
+                    hkey = self._bounded(metric, hists, key, n)
+                    hist = hists.get(hkey) or hists.setdefault(hkey, Histogram(metric.buckets))
+                    hist.observe(SPEC[ev.type].observed(ev), n)
+                else:
+                    series = self._counters[metric]
+                    key = self._bounded(metric, series, key, n)
+                    series[key] = series.get(key, 0) + n
+            if families and (ev.netns in self._netns_seen or len(self._netns_seen) < self.series_cap):
+                self._netns_seen.add(ev.netns)
+                self._per_netns[(ev.netns, ev.type)] += n
+
+    def add_lost(self, count: int) -> None:
+        with self._lock:
+            self._lost += count
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return Snapshot(
+                counters={m: dict(s) for m, s in self._counters.items()},
+                histograms={m: {k: h.copy() for k, h in s.items()} for m, s in self._hist.items()},
+                per_netns=dict(self._per_netns),
+                received=dict(self._received),
+                dropped=dict(self._dropped),
+                lost=self._lost,
+            )

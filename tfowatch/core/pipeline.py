@@ -1,0 +1,156 @@
+"""The one event path shared by `tfowatch run` and `tfowatch top`: resolve the probe
+plan, attach it, decode and aggregate events, and read the kernel's own counters."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tfowatch import __version__
+from tfowatch.bpf.loader import release_compiler_heap
+from tfowatch.core.aggregator import Aggregator
+from tfowatch.core.btf import Btf, BtfError
+from tfowatch.core.cgroups import CgroupNames
+from tfowatch.core.events import CountKey, Event, counted, decode
+from tfowatch.core.kernel import KernelFacts, detect, perf_events_denied
+from tfowatch.core.plan import PLAIN_BUILD, Plan, PlanError, Variant, fall_back, resolve
+from tfowatch.core.reconcile import KernelCounters, drift
+from tfowatch.core.state import ExportState
+
+log = logging.getLogger(__name__)
+POLL_MS = 50
+EventFilter = Callable[[Event], bool]
+EventSink = Callable[[Event], None]
+
+
+def load_plan(facts: KernelFacts, mode: str, variant: Variant = PLAIN_BUILD,
+              strict: bool = False) -> tuple[Plan, Any]:
+    """Resolve and attach. In auto mode a failure falls one tier down, loudly (one ERROR that
+    names the fix, and plan.degraded for the metrics); with `strict` it is an error instead."""
+    plan = resolve(facts, mode)
+    probes = None
+    while plan.tier != "counters" and probes is None:
+        plan, probes = _attach_or_fall_back(plan, facts, variant, strict)
+    if plan.degraded is not None:
+        log.error("%s", plan.degraded.describe(plan.tier))
+    return plan, probes
+
+
+def _attach_or_fall_back(plan: Plan, facts: KernelFacts, variant: Variant, strict: bool
+                         ) -> tuple[Plan, Any]:
+    """(plan, its attached probes), or (the plan one tier down, None)."""
+    from tfowatch.bpf.loader import DEGRADED_FIX, LoadError, Probes
+
+    try:
+        if plan.tier == "kprobe" and facts.kallsyms_error:  # no symbol is known to exist
+            raise LoadError(f"kprobe targets unknown: {facts.kallsyms_error}", "kallsyms_unreadable")
+        probes = Probes(plan, Btf.load(), variant)
+        probes.attach()
+        return plan, probes
+    except (LoadError, BtfError) as exc:
+        if denied := perf_events_denied():  # every tier with probes would fail the same way
+            raise PlanError(f"cannot attach probes: {denied}") from exc
+        if plan.mode != "auto":
+            raise PlanError(str(exc)) from exc
+        reason = exc.reason if isinstance(exc, LoadError) else "kernel_btf"
+        if strict:
+            raise PlanError(f"strict: {plan.tier} tier unavailable ({exc}): {DEGRADED_FIX[reason]}") from exc
+        if plan.degraded is not None:  # the first failure is the one reported
+            log.warning("%s tier unavailable too (%s)", plan.tier, exc)
+        return fall_back(plan, facts, reason, str(exc), DEGRADED_FIX[reason]), None
+
+
+class Ingest:
+    """One perf-buffer sample → decode → cgroup name → (filter) → aggregator and sink. The
+    poller calls it per event; benchmarks call it with synthetic events (bench/synthetic.py)."""
+
+    def __init__(self, agg: Aggregator, keep: EventFilter | None = None,
+                 sink: EventSink | None = None) -> None:
+        self.agg = agg
+        self.keep = keep
+        self.sink = sink
+        self.cgroups = CgroupNames()
+
+    def __call__(self, _cpu: int, data: Any, _size: int) -> None:
+        ev = decode(data, self.cgroups.name)
+        if self.keep is None or self.keep(ev):
+            self.agg.add(ev)
+            if self.sink is not None:
+                self.sink(ev)
+
+
+class Pipeline:
+    """Probes → decode → (filter) → aggregator, polled by one thread; `state()` is a
+    consistent view that includes every event submitted before the call."""
+
+    def __init__(self, mode: str = "auto", series_cap: int = 1000, perf_pages: int = 256,
+                 keep: EventFilter | None = None, facts: KernelFacts | None = None,
+                 variant: Variant = PLAIN_BUILD, strict: bool = False,
+                 sink: EventSink | None = None) -> None:
+        """keep: events to aggregate (top's filters); sink: sees each kept event too (doctor's
+        observation). variant.in_kernel_counts counts events per label set in a BPF map, read
+        at each state(), instead of one perf sample per event (`run`; neither keep nor sink
+        can see such events)."""
+        if variant.in_kernel_counts and (keep or sink):
+            raise ValueError("a filter or sink needs every event: no in-kernel counts with them")
+        self.facts = facts or detect()
+        self.variant = variant
+        self.plan, self.probes = load_plan(self.facts, mode, variant, strict)
+        self.agg = Aggregator(series_cap)
+        self._folded: dict[bytes, int] = {}  # in-kernel count already added, per key
+        self._folding = threading.Lock()
+        self.counters = KernelCounters(max_namespaces=series_cap)
+        if self.probes is not None:
+            self.ingest = Ingest(self.agg, keep, sink)
+            self.probes.open_events(self.ingest, self.agg.add_lost, perf_pages)
+        self.counters.start()
+        release_compiler_heap()
+
+    def poll_once(self) -> None:
+        if self.probes is not None:
+            self.probes.poll(POLL_MS)
+        else:
+            time.sleep(POLL_MS / 1000)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.poll_once()
+
+    def drain(self) -> None:
+        """Read everything submitted before this call (in this thread, at once): the perf
+        buffers, and what the in-kernel counts gained since the last call."""
+        if self.probes is None:
+            return
+        self.probes.consume()
+        with self._folding:
+            for raw, count, pid in self.probes.counts():
+                gained = count - self._folded.get(raw, 0)
+                if gained:
+                    self._folded[raw] = count
+                    key = CountKey.from_buffer_copy(raw)
+                    self.agg.add(counted(key, pid, self.ingest.cgroups.name), gained)
+
+    def attached(self) -> list[tuple[str, str, str, bool]]:
+        probes = self.probes
+        return self.plan.attachment_states(
+            lambda a: probes is not None and probes.attached.get(a, False))
+
+    def state(self) -> ExportState:
+        self.drain()
+        snap = self.agg.snapshot()
+        kernel = self.counters.read()
+        return ExportState(
+            plan=self.plan, snap=snap,
+            totals=self.probes.totals() if self.probes is not None else None,
+            kernel=kernel, unreadable=len(self.counters.unreadable),
+            drift=drift(snap, self.counters.deltas(kernel), self.plan.reconciled),
+            attached=self.attached(), version=__version__, kernel_release=self.facts.release,
+            series_cap=self.agg.series_cap,
+        )
+
+    def close(self) -> None:
+        if self.probes is not None:
+            self.probes.close()

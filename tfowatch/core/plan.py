@@ -1,0 +1,259 @@
+"""Resolve the design card's probe points to what this kernel allows.
+
+Pure: takes KernelFacts and a mode, returns a Plan. The loader attaches what the
+plan says; `tfowatch probes` prints it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from tfowatch.core.events import EVENTS, RECONCILIATIONS, events_of
+from tfowatch.core.events import EventType as E
+from tfowatch.core.kernel import KernelFacts
+from tfowatch.core.metrics import TIERS, Metric
+
+MODES = ("auto", *TIERS)
+
+SET_STATE = "sock:inet_sock_set_state"
+DESTROY = "tcp:tcp_destroy_sock"
+REQUIRED_TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_destroy_sock")
+
+
+class PlanError(Exception):
+    """The requested mode cannot run on this kernel."""
+
+
+@dataclass(frozen=True)
+class Attachment:
+    kind: str  # kprobe | kretprobe | tracepoint
+    target: str  # kernel symbol, or "category:name"
+    fn: str = ""  # BPF function (kprobes); tracepoints are bound by BCC itself
+
+
+@dataclass
+class Resolution:
+    point: str
+    tier: str
+    attachments: list[Attachment]
+    substitute: bool
+    why: str
+    events: list[E]
+    counter: str = ""  # TcpExt counter that still carries the totals
+
+
+@dataclass(frozen=True)
+class Degraded:
+    """The planned tier could not be loaded (auto mode), so a lower one runs."""
+    planned: Plan  # what `tfowatch probes` plans for this mode
+    reason: str  # bounded code (bpfprog.DEGRADED_FIX): the metric's `reason` label
+    detail: str  # the error, for logs and doctor
+    fix: str
+
+    def describe(self, tier: str) -> str:
+        return (f"{self.planned.tier} tier unavailable ({self.detail}): {self.fix}; "
+                f"running the {tier} tier")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How the programs are built, beside what the plan resolved for the kernel (a command's
+    choice, passed to the loader, never written into a Plan)."""
+    plain_connects: bool = False  # `doctor --watch`: report connects without TFO too
+    in_kernel_counts: bool = False  # `run`: count per label set in a map, not a sample per event
+
+    def defines(self) -> dict[str, int]:
+        return {"PLAIN_CONNECTS": int(self.plain_connects), "IN_KERNEL_COUNTS": int(self.in_kernel_counts)}
+
+
+PLAIN_BUILD = Variant()  # `top`'s: one perf sample per event, TFO connects only
+
+
+@dataclass
+class Plan:
+    mode: str
+    tier: str
+    points: list[Resolution]
+    defines: dict[str, int] = field(default_factory=dict)
+    degraded: Degraded | None = None  # set when this plan runs instead of the planned one
+    events: set[E] = field(default_factory=set)
+
+    @property
+    def planned_tier(self) -> str:
+        return self.degraded.planned.tier if self.degraded else self.tier
+
+    @property
+    def attachments(self) -> list[Attachment]:
+        seen: list[Attachment] = []
+        for r in self.points:
+            seen.extend(a for a in r.attachments if a not in seen)
+        return seen
+
+    @property
+    def metrics(self) -> list[Metric]:
+        """The probe families this plan's events feed, in the event table's order."""
+        out: list[Metric] = []
+        for spec in EVENTS:
+            if spec.type in self.events:
+                out.extend(m for m in spec.metrics if m not in out)
+        return out
+
+    @property
+    def reconciled(self) -> list[str]:
+        return [r.label for r in RECONCILIATIONS if set(r.events) <= self.events]
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "mode": self.mode, "tier": self.tier,
+            "points": [dict(asdict(r), events=[e.name.lower() for e in r.events]) for r in self.points],
+            "metrics": [m.name for m in self.metrics],
+            "reconciled": self.reconciled,
+        }
+
+    def attachment_states(self, attached: Callable[[Attachment], bool]) -> list[tuple[str, str, str, bool]]:
+        """(point, kind:target, tier, attached) for every attachment of this plan, then each
+        one the planned plan had that this one lacks, as not attached: a degraded daemon
+        exports the probes it is missing as 0, not as absent series."""
+        out = [(r.point, f"{a.kind}:{a.target}", r.tier, attached(a))
+               for r in self.points for a in r.attachments]
+        have = {(point, target) for point, target, _, _ in out}
+        if self.degraded is not None:
+            out += [(r.point, f"{a.kind}:{a.target}", r.tier, False)
+                    for r in self.degraded.planned.points for a in r.attachments
+                    if (r.point, f"{a.kind}:{a.target}") not in have]
+        return out
+
+
+def _probe_pair(symbol: str, fn: str) -> list[Attachment]:
+    return [Attachment("kprobe", symbol, fn), Attachment("kretprobe", symbol, fn + "_ret")]
+
+
+def _tracepoint_ok(facts: KernelFacts) -> str:
+    if facts.tracefs_error:
+        return facts.tracefs_error
+    missing = [tp for tp in REQUIRED_TRACEPOINTS if tp not in facts.tracepoints]
+    if missing:
+        return "tracepoint(s) missing: " + ", ".join(missing)
+    if not facts.btf:
+        return "no kernel BTF (/sys/kernel/btf/vmlinux): field offsets cannot be resolved"
+    if not facts.headers:
+        return "no kernel headers for BCC (/lib/modules/$(uname -r)/build)"
+    return ""
+
+
+def choose_tier(facts: KernelFacts, mode: str) -> str:
+    if mode not in MODES:
+        raise PlanError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    if mode == "counters":
+        return "counters"
+    tp_problem = _tracepoint_ok(facts)
+    if mode == "kprobe":
+        if not facts.kprobes:
+            raise PlanError(f"--mode kprobe: kprobes unavailable: {facts.kprobes_why}")
+        if tp_problem:
+            raise PlanError(f"--mode kprobe: {tp_problem}")
+        return "kprobe"
+    if mode == "tracepoint":
+        if tp_problem:
+            raise PlanError(f"--mode tracepoint: {tp_problem}")
+        return "tracepoint"
+    if tp_problem:
+        return "counters"
+    return "kprobe" if facts.kprobes else "tracepoint"
+
+
+def _passive(facts: KernelFacts, tier: str) -> tuple[Resolution, Resolution]:
+    """tcp_fastopen_cookie_gen and tcp_fastopen_check: both live on in tcp_try_fastopen."""
+    gen_absent = "not in kallsyms (static, inlined since 3.16)"
+    if facts.present.get("tcp_fastopen_cookie_gen"):
+        gen_absent = "present, but sees only the cookies generated for requests"
+    check_absent = "removed in 3.16 (merged into tcp_try_fastopen)"
+    if tier == "kprobe" and facts.traceable("tcp_try_fastopen"):
+        att = _probe_pair("tcp_try_fastopen", "on_try_fastopen")
+        why = "; tcp_try_fastopen entry (foc->len: request/cookie) + return (child, cookie sent) sees it all"
+        return (Resolution("tcp_fastopen_cookie_gen", "kprobe", att, True, gen_absent + why,
+                           events_of("tcp_fastopen_cookie_gen")),
+                Resolution("tcp_fastopen_check", "kprobe", att, True, check_absent + why,
+                           events_of("tcp_fastopen_check")))
+    lost = "kprobes unavailable" if tier != "kprobe" else "tcp_try_fastopen not traceable"
+    gen = Resolution("tcp_fastopen_cookie_gen", "counters", [], True,
+                     f"{lost}; no tracepoint sees the SYN's TFO option: per-namespace totals only",
+                     [], counter="TCPFastOpenCookieReqd")
+    if tier == "counters":
+        return gen, Resolution("tcp_fastopen_check", "counters", [], True, f"{lost}; BPF disabled",
+                               [], counter="TCPFastOpenPassive")
+    marker = ("syn_fastopen_child" if facts.fields.get("syn_fastopen_child")
+              else "syn_data_acked (data-less TFO children are not seen before 6.16)")
+    return gen, Resolution("tcp_fastopen_check", "tracepoint", [Attachment("tracepoint", SET_STATE)],
+                           True, f"{lost}; child leaving SYN_RECV with {marker}",
+                           events_of("tcp_fastopen_check"))
+
+
+def _active(facts: KernelFacts, tier: str) -> Resolution:
+    point = "tcp_send_syn_data"
+    completion = [Attachment("tracepoint", SET_STATE), Attachment("tracepoint", DESTROY)]
+    if tier == "counters":
+        return Resolution(point, "counters", [], True, "BPF disabled", [], counter="TCPFastOpenActive")
+    if tier == "kprobe":
+        if facts.traceable(point):
+            return Resolution(point, "kprobe", _probe_pair(point, "on_connect") + completion, False,
+                              "traceable; SYN-ACK outcome read from sock:inet_sock_set_state",
+                              events_of(point))
+        if facts.traceable("tcp_connect"):
+            return Resolution(point, "kprobe", _probe_pair("tcp_connect", "on_connect") + completion,
+                              True, "not in kallsyms (inlined into tcp_connect); tcp_connect "
+                              "return reads syn_data/syn_fastopen/fastopen_client_fail, SYN-ACK "
+                              "outcome from sock:inet_sock_set_state", events_of(point))
+    return Resolution(point, "tracepoint", completion, True,
+                      "SYN contents read when the socket leaves SYN_SENT, SYN-ACK outcome at its "
+                      "next transition or destruction (counted when the connection ends)",
+                      events_of(point))
+
+
+def _tw(facts: KernelFacts, tier: str) -> Resolution:
+    point = "tcp_twsk_unique"
+    if tier == "kprobe" and facts.traceable(point):
+        return Resolution(point, "kprobe", _probe_pair(point, "on_twsk_unique"), False,
+                          "traceable", events_of(point))
+    why = ("kprobes unavailable" if tier != "kprobe" else "not traceable") + \
+        "; no tracepoint sees TIME-WAIT sockets: per-namespace totals only"
+    return Resolution(point, "counters", [], True, why, [], counter="TWRecycled")
+
+
+def _blackhole(facts: KernelFacts, tier: str) -> Resolution:
+    point = "tcp_fastopen_active_disable"
+    if tier == "kprobe" and facts.traceable(point):
+        return Resolution(point, "kprobe", [Attachment("kprobe", point, "on_active_disable")],
+                          False, "traceable (extra point: blackhole disables)",
+                          events_of(point))
+    return Resolution(point, "counters", [], True,
+                      "kprobes unavailable" if tier != "kprobe" else "not traceable",
+                      [], counter="TCPFastOpenBlackhole")
+
+
+def resolve(facts: KernelFacts, mode: str = "auto") -> Plan:
+    tier = choose_tier(facts, mode)
+    gen, check = _passive(facts, tier)
+    points = [gen, check, _active(facts, tier), _tw(facts, tier), _blackhole(facts, tier)]
+    events = {e for r in points for e in r.events}
+    kprobed = {a.fn for r in points for a in r.attachments if a.kind == "kprobe"}
+    defines = {
+        "PASSIVE_KPROBE": int("on_try_fastopen" in kprobed),
+        "ACTIVE_KPROBE": int("on_connect" in kprobed),
+        "TW_KPROBE": int("on_twsk_unique" in kprobed),
+        "BLACKHOLE_KPROBE": int("on_active_disable" in kprobed),
+    }
+    return Plan(mode=mode, tier=tier, points=points, defines=defines, events=events)
+
+
+def fall_back(plan: Plan, facts: KernelFacts, reason: str, detail: str, fix: str) -> Plan:
+    """The plan one tier down (auto mode, after a load or attach failure). The first
+    failure is kept: it is why the planned tier does not run."""
+    lower = {"kprobe": "tracepoint", "tracepoint": "counters"}[plan.tier]
+    if lower == "tracepoint" and _tracepoint_ok(facts):
+        lower = "counters"
+    new = resolve(facts, lower)
+    new.mode = plan.mode
+    new.degraded = plan.degraded or Degraded(plan, reason, detail, fix)
+    return new

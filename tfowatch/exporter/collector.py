@@ -1,0 +1,176 @@
+"""Prometheus exposition of the daemon's state, built at scrape time from one snapshot.
+
+Every family, its kind, help and labels come from the contract (metrics.py). A probe metric
+appears only when the running tier provides it (absent, not zero, otherwise); `tfowatch
+probes` tells which tier provides what. `families(st)` is a pure function of the state.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import disable_created_metrics, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.core import (
+    Metric as Family,
+)
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+from tfowatch.core import metrics as m
+from tfowatch.core.aggregator import Histogram, Labels
+from tfowatch.core.state import ExportState
+
+
+def family(metric: m.Metric, value: float | None = None) -> Family:
+    """An empty family of the contract's `metric` (or one unlabelled sample of `value`)."""
+    labels = None if value is not None else list(metric.labels)
+    if metric.kind == "counter":
+        return CounterMetricFamily(metric.family, metric.help, value=value, labels=labels)
+    if metric.kind == "gauge":
+        return GaugeMetricFamily(metric.family, metric.help, value=value, labels=labels)
+    return HistogramMetricFamily(metric.family, metric.help, labels=labels)
+
+
+def _histogram(metric: m.Metric, series: dict[Labels, Histogram]) -> Family:
+    fam = HistogramMetricFamily(metric.family, metric.help, labels=list(metric.labels))
+    for labels, h in sorted(series.items()):
+        running, buckets = 0, []
+        for bound, n in zip([*h.bounds, float("inf")], h.buckets, strict=True):
+            running += n
+            buckets.append(("+Inf" if bound == float("inf") else str(bound), running))
+        fam.add_metric(list(labels), buckets, h.total)
+    return fam
+
+
+def _samples(metric: m.Metric, samples: Iterable[tuple[Iterable[str], float]]) -> Family:
+    fam: CounterMetricFamily | GaugeMetricFamily = family(metric)  # type: ignore[assignment]
+    for labels, value in samples:
+        fam.add_metric(list(labels), value)
+    return fam
+
+
+def probe_families(st: ExportState, counters: bool = True) -> Iterator[Family]:
+    """The tier's probe families (counters only if `counters`: ProbeText writes them faster)."""
+    for metric in st.plan.metrics:
+        if metric.kind == "histogram":
+            yield _histogram(metric, st.snap.histograms.get(metric, {}))
+        elif counters:
+            yield _samples(metric, sorted(st.snap.counters.get(metric, {}).items()))
+
+
+def kernel_families(st: ExportState) -> Iterator[Family]:
+    yield _samples(m.KERNEL_TCPEXT, (([str(ino), name], value) for ino, counters in sorted(st.kernel.items())
+                                     for name, value in sorted(counters.items())))
+    yield family(m.NETNS_UNREADABLE, st.unreadable)
+    if st.plan.reconciled:
+        yield _samples(m.RECONCILE_DRIFT, (([str(ino), label], value)
+                                           for (ino, label), value in sorted(st.drift.items())))
+
+
+def self_families(st: ExportState) -> Iterator[Family]:
+    yield _samples(m.PROBE_ATTACHED, ((att[:3], 1 if att[3] else 0) for att in st.attached))
+    if st.totals is not None:
+        totals = st.totals
+        yield _samples(m.EVENTS, (([t.name.lower()], totals[t]) for t in sorted(st.plan.events)))
+        yield family(m.EVENTS_LOST, st.snap.lost)
+    if st.plan.metrics:
+        served = st.plan.metrics
+        yield _samples(m.SERIES_DROPPED, (([f.name], st.snap.dropped.get(f.name, 0)) for f in served))
+        yield _samples(m.SERIES, (([f.name], len(st.snap.series(f))) for f in served))
+    yield family(m.SERIES_CAP, st.series_cap)
+    plan, why = st.plan, st.plan.degraded
+    yield _samples(m.BUILD_INFO, [([st.version, st.kernel_release, plan.mode, plan.tier,
+                                    plan.planned_tier], 1)])
+    yield _samples(m.TIER_DEGRADED, [([plan.planned_tier, plan.tier, why.reason if why else ""],
+                                      1 if why else 0)])
+
+
+def families(st: ExportState, counters: bool = True) -> Iterator[Family]:
+    yield from probe_families(st, counters)
+    yield from kernel_families(st)
+    yield from self_families(st)
+
+
+class TfoCollector(Collector):
+    """Every family of the state `state()` returns, through prometheus_client."""
+
+    def __init__(self, state: Callable[[], ExportState]) -> None:
+        self._state = state
+
+    def describe(self) -> list[Family]:
+        return []  # families depend on the tier: collect at scrape time only
+
+    def collect(self) -> Iterator[Family]:
+        return families(self._state())
+
+
+class _Fixed:
+    """What generate_latest reads: families already built."""
+
+    def __init__(self, fams: Iterable[Family]) -> None:
+        self._fams = fams
+
+    def collect(self) -> Iterable[Family]:
+        return self._fams
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+
+
+class ProbeText:
+    """The probe counter families in the text format (0.0.4), as prometheus_client would
+    write them (tests/test_exporter.py compares the two), but with each label set's
+    `name{...}` written once and kept: per scrape only the values are formatted, which is
+    what makes a 10k-series scrape take milliseconds (docs/PERFORMANCE.md)."""
+
+    def __init__(self) -> None:
+        self._prefix: dict[tuple[str, Labels], str] = {}
+
+    def _line_prefix(self, name: str, labelnames: tuple[str, ...], labels: Labels) -> str:
+        if len(self._prefix) > 100_000:  # label sets come and go (namespaces, processes)
+            self._prefix.clear()
+        pairs = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(zip(labelnames, labels, strict=True)))
+        prefix = self._prefix[(name, labels)] = f"{name}{{{pairs}}} "
+        return prefix
+
+    def render(self, st: ExportState) -> str:
+        out: list[str] = []
+        for metric in st.plan.metrics:
+            if metric.kind != "counter":
+                continue
+            name = metric.name
+            help_text = metric.help.replace("\\", r"\\").replace("\n", r"\n")
+            out.append(f"# HELP {name} {help_text}\n# TYPE {name} counter\n")
+            for labels, value in st.snap.counters.get(metric, {}).items():
+                prefix = self._prefix.get((name, labels)) or self._line_prefix(name, metric.labels, labels)
+                out.append(prefix + floatToGoString(value) + "\n")  # type: ignore[no-untyped-call]
+        return "".join(out)
+
+
+class Scrape:
+    """One /metrics answer from one state: the probe counters written by ProbeText, every
+    other family by prometheus_client, then `registry`'s (the process and the HTTP server)."""
+
+    def __init__(self, state: Callable[[], ExportState]) -> None:
+        # *_created series would double the exposition, and no dashboard or alert uses them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = CollectorRegistry()
+        ProcessCollector(namespace="tfowatch", registry=self.registry)
+        self._state = state
+        self._text = ProbeText()
+        self._lock = threading.Lock()  # ProbeText's cache is not shared between scrapes
+
+    def render(self) -> bytes:
+        with self._lock:
+            st = self._state()
+            return (self._text.render(st).encode()
+                    + generate_latest(_Fixed(list(families(st, counters=False))))
+                    + generate_latest(self.registry))

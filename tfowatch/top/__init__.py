@@ -1,0 +1,1 @@
+"""`tfowatch top`: the sampling session, its rows model, and the interactive screen."""
