@@ -11,12 +11,14 @@ import os
 import time
 from pathlib import Path
 
+from tfowatch.core import procfs
+
 WALK_INTERVAL_S = 1.0
 
 
-def cgroup2_mount(mounts: str = "/proc/self/mounts") -> Path | None:
+def cgroup2_mount(mounts: str = "") -> Path | None:
     try:
-        with open(mounts) as f:
+        with open(mounts or procfs.path("self", "mounts")) as f:
             for line in f:
                 parts = line.split()
                 if len(parts) > 2 and parts[2] == "cgroup2":
@@ -29,7 +31,7 @@ def cgroup2_mount(mounts: str = "/proc/self/mounts") -> Path | None:
 def proc_cgroup(pid: int) -> str:
     """The v2 path of a live process, or '' once it has exited."""
     try:
-        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        for line in procfs.path(pid, "cgroup").read_text().splitlines():
             if line.startswith("0::"):
                 return line[3:]
     except OSError:

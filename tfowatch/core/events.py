@@ -168,7 +168,7 @@ def label_values(metric: m.Metric) -> dict[str, list[str]]:
     for s in EVENTS:
         if metric not in s.metrics:
             continue
-        reasons = [r.name.lower() for r in RefuseReason] if s.reason == REFUSED else [s.reason]
+        reasons = [refuse_reason(r) for r in RefuseReason] if s.reason == REFUSED else [s.reason]
         for label, values in (("result", [s.result]), ("reason", reasons)):
             if label in metric.labels:
                 out.setdefault(label, []).extend(v for v in values if v and v not in out[label])

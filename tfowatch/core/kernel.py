@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tfowatch.core import netns
+from tfowatch.core import netns, procfs
 from tfowatch.core.btf import VMLINUX_BTF, Btf, BtfError
 
 TRACEFS_DIRS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
@@ -110,7 +110,7 @@ def _kallsyms(names: tuple[str, ...]) -> tuple[dict[str, bool], str]:
     wanted = set(names)
     found: set[str] = set()
     try:
-        with open("/proc/kallsyms") as f:
+        with open(procfs.path("kallsyms")) as f:
             for line in f:
                 parts = line.split()
                 if len(parts) >= 3 and parts[1] in "tT" and parts[2] in wanted:
@@ -178,7 +178,7 @@ CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 19, 21, 38, 39
 
 def effective_caps() -> int:
     try:
-        m = re.search(r"^CapEff:\s*([0-9a-f]+)", Path("/proc/self/status").read_text(), re.M)
+        m = re.search(r"^CapEff:\s*([0-9a-f]+)", procfs.path("self", "status").read_text(), re.M)
     except OSError:
         return 0
     return int(m.group(1), 16) if m else 0
@@ -196,7 +196,7 @@ def is_privileged() -> bool:
 
 def perf_event_paranoid() -> int:
     try:
-        return int(Path("/proc/sys/kernel/perf_event_paranoid").read_text())
+        return int(procfs.path("sys", "kernel", "perf_event_paranoid").read_text())
     except (OSError, ValueError):
         return 2
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from tfowatch.core import procfs
+
 RUN_NETNS = Path("/run/netns")
 T = TypeVar("T")
 
@@ -22,16 +24,14 @@ def inode(path: str | Path) -> int:
 
 
 def self_netns() -> int:
-    return inode("/proc/self/ns/net")
+    return inode(procfs.path("self", "ns", "net"))
 
 
 def discover() -> dict[int, str]:
     """inode -> a handle to enter or read it: '/proc/PID/ns/net' or '/run/netns/NAME'."""
     found: dict[int, str] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        path = f"/proc/{entry.name}/ns/net"
+    for pid in procfs.pids():
+        path = str(procfs.path(pid, "ns", "net"))
         try:
             found.setdefault(inode(path), path)
         except OSError:  # process gone, or a kernel thread
@@ -76,16 +76,11 @@ def run_in(handle: str, fn: Callable[[], T]) -> T:
     return box["value"]  # type: ignore[return-value]
 
 
-def _proc_pid(handle: str) -> str | None:
-    parts = handle.split("/")
-    return parts[2] if handle.startswith("/proc/") and parts[2].isdigit() else None
-
-
 def tcpext(handle: str) -> dict[str, int]:
-    pid = _proc_pid(handle)
+    pid = procfs.pid_of(handle)
     if pid is not None:
-        return parse_netstat(Path(f"/proc/{pid}/net/netstat").read_text())
-    return run_in(handle, lambda: parse_netstat(Path("/proc/thread-self/net/netstat").read_text()))
+        return parse_netstat(procfs.path(pid, "net", "netstat").read_text())
+    return run_in(handle, lambda: parse_netstat(procfs.path("thread-self", "net", "netstat").read_text()))
 
 
 def read_ipv4_sysctls(names: tuple[str, ...]) -> dict[str, str]:
@@ -93,7 +88,7 @@ def read_ipv4_sysctls(names: tuple[str, ...]) -> dict[str, str]:
     out = {}
     for name in names:
         try:
-            out[name] = " ".join(Path(f"/proc/sys/net/ipv4/{name}").read_text().split())
+            out[name] = " ".join(procfs.path("sys", "net", "ipv4", name).read_text().split())
         except OSError:
             continue
     return out

@@ -11,9 +11,8 @@ import os
 import socket
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from tfowatch.core import netns
+from tfowatch.core import netns, procfs
 from tfowatch.doctor import socktable
 
 TCP_FASTOPEN = 23  # on a listener: the TFO queue length, 0 when TFO is off
@@ -34,16 +33,13 @@ class Listener:
 def socket_owners() -> dict[int, set[tuple[int, int]]]:
     """socket inode -> (pid, fd) pairs holding it, from every process's fd table."""
     owners: dict[int, set[tuple[int, int]]] = defaultdict(set)
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    for pid in procfs.pids():
         try:
-            fds = os.scandir(f"/proc/{entry.name}/fd")
-            with fds:
+            with os.scandir(procfs.path(pid, "fd")) as fds:
                 for fd in fds:
                     target = os.readlink(fd.path)
                     if target.startswith("socket:["):
-                        owners[int(target[8:-1])].add((int(entry.name), int(fd.name)))
+                        owners[int(target[8:-1])].add((pid, int(fd.name)))
         except OSError:  # process gone or fd closed meanwhile
             continue
     return owners
@@ -51,7 +47,7 @@ def socket_owners() -> dict[int, set[tuple[int, int]]]:
 
 def _comm(pid: int) -> str | None:
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
+        return procfs.path(pid, "comm").read_text().strip()
     except OSError:
         return None
 

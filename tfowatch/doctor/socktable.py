@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from tfowatch.core import netns
+from tfowatch.core import netns, procfs
 
 LISTEN = 0x0A
 TIME_WAIT = 0x06
@@ -54,6 +54,7 @@ def read(handle: str) -> list[SocketRow]:
                 continue
         return found
 
-    if handle.startswith("/proc/"):
-        return from_base(handle.rsplit("/ns/", 1)[0])
-    return netns.run_in(handle, lambda: from_base("/proc/thread-self"))
+    pid = procfs.pid_of(handle)
+    if pid is not None:
+        return from_base(str(procfs.path(pid)))
+    return netns.run_in(handle, lambda: from_base(str(procfs.path("thread-self"))))

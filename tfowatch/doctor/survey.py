@@ -8,10 +8,9 @@ import hashlib
 import subprocess
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
-from tfowatch.core import netns, nsconfig
+from tfowatch.core import netns, nsconfig, procfs
 from tfowatch.core.nsconfig import NamespaceConfig
 from tfowatch.doctor import listeners, socktable
 from tfowatch.doctor.listeners import Listener
@@ -98,7 +97,7 @@ class _Read(NamedTuple):
 def _inside() -> tuple[str, str]:
     """(tcp_fastopen_key, `ip tcp_metrics show`) read from inside the namespace. The key
     sysctl is root-only; `ip` inherits this thread's namespace when forked from it."""
-    key = Path("/proc/sys/net/ipv4/tcp_fastopen_key").read_text()
+    key = procfs.path("sys", "net", "ipv4", "tcp_fastopen_key").read_text()
     metrics = subprocess.run(["ip", "tcp_metrics", "show"], capture_output=True, text=True,
                              timeout=10).stdout
     return key, metrics
@@ -123,12 +122,18 @@ def survey(only: set[int] | None = None) -> dict[int, NamespaceSurvey]:
     out = {}
     for ino, (key_text, metrics_text, tcpext, rows) in read.items():
         config = configs[ino]
-        low, high = _port_range(config)
-        # Only TIME-WAIT sockets on ephemeral ports hold what connect() could pick.
-        tw = Counter((r.remote, r.remote_port) for r in rows
-                     if r.state == socktable.TIME_WAIT and low <= r.local_port <= high)
         out[ino] = NamespaceSurvey(
             config=config, handle=handles[ino], tcpext=tcpext,
             listeners=sorted((lst for (n, _), lst in found.items() if n == ino), key=lambda x: x.port),
-            key=parse_key(key_text), time_wait=tw, peers=parse_tcp_metrics(metrics_text))
+            key=parse_key(key_text), time_wait=time_wait_per_destination(rows, config),
+            peers=parse_tcp_metrics(metrics_text))
     return out
+
+
+def time_wait_per_destination(rows: list[socktable.SocketRow], config: NamespaceConfig
+                              ) -> Counter[tuple[str, int]]:
+    """(remote address, remote port) -> TIME-WAIT sockets on ephemeral local ports: only those
+    hold what connect() could pick."""
+    low, high = _port_range(config)
+    return Counter((r.remote, r.remote_port) for r in rows
+                   if r.state == socktable.TIME_WAIT and low <= r.local_port <= high)
