@@ -7,13 +7,15 @@ import subprocess
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from test_plan import facts
 
 from tfowatch.core.aggregator import Aggregator
 from tfowatch.core.events import EV_TYPE_MAX, Event, EventType, RefuseReason
+from tfowatch.core.pipeline import Pipeline
 from tfowatch.core.plan import Plan, resolve
 from tfowatch.core.reconcile import drift
-from tfowatch.core.state import ExportState
+from tfowatch.core.state import KERNEL, PROBES, SELF, ExportState, Part
 from tfowatch.exporter.collector import Scrape, TfoCollector
 
 
@@ -23,7 +25,8 @@ def export_state(plan: Plan, agg: Aggregator, kernel: dict[int, dict[str, int]])
     return ExportState(plan=plan, snap=snap, totals=[0] * EV_TYPE_MAX, kernel=kernel, unreadable=0,
                        drift=drift(snap, deltas, plan.reconciled),
                        attached=[("tcp_twsk_unique", "kprobe:tcp_twsk_unique", "kprobe", True)],
-                       version="0.1.0", kernel_release="6.1.0-56-amd64", series_cap=agg.series_cap)
+                       version="0.1.0", kernel_release="6.1.0-56-amd64", series_cap=agg.series_cap,
+                       parts={p: Part(True, 0.001) for p in (PROBES, KERNEL, SELF)})
 
 
 def exposition(plan: Plan, agg: Aggregator, kernel: dict[int, dict[str, int]]) -> str:
@@ -91,3 +94,23 @@ def test_scrape_writes_what_prometheus_client_writes() -> None:
         fast = scrape.render().decode()
         own = [line for line in fast.splitlines() if "tfowatch_process_" not in line]
         assert sorted(own) == sorted(slow.splitlines())
+
+
+def test_a_failed_part_costs_its_own_series_not_the_scrape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel part fails (its counters cannot be read this time): the answer still comes,
+    without the kernel families and drift, and says which part failed, as node_exporter does."""
+    pipe = Pipeline(mode="counters")
+    try:
+        def unreadable() -> dict[int, dict[str, int]]:
+            raise OSError("no such namespace")
+
+        monkeypatch.setattr(pipe.counters, "read", unreadable)
+        fams = {f.name: f for f in text_string_to_metric_families(Scrape(pipe.state).render().decode())}
+    finally:
+        pipe.close()
+    success = {s.labels["collector"]: s.value for s in fams["tfowatch_scrape_collector_success"].samples}
+    assert success == {PROBES: 1, KERNEL: 0, SELF: 1}
+    assert "tfowatch_kernel_tcpext" not in fams and "tfowatch_netns_unreadable" not in fams
+    assert "tfowatch_build_info" in fams and "tfowatch_probe_attached" in fams
+    durations = fams["tfowatch_scrape_collector_duration_seconds"].samples
+    assert {s.labels["collector"] for s in durations} == {PROBES, KERNEL, SELF}

@@ -50,6 +50,10 @@ class Snapshot:
     dropped: dict[str, int]
     lost: int
 
+    @classmethod
+    def empty(cls) -> Snapshot:
+        return cls({}, {}, {}, {}, {}, 0)
+
     def series(self, metric: Metric) -> Mapping[Labels, object]:
         return (self.histograms if metric.kind == "histogram" else self.counters).get(metric, {})
 

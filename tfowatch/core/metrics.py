@@ -100,6 +100,11 @@ SERIES_DROPPED = Metric("tfowatch_series_dropped_total", "counter",
 SERIES = Metric("tfowatch_series", "gauge",
                 "Label sets each probe metric holds now (at most tfowatch_series_cap, plus one 'other').",
                 ("metric",), PROBED)
+SCRAPE_PART_SUCCESS = Metric("tfowatch_scrape_collector_success", "gauge",
+                             "1 when this part of the scrape (probes, kernel, self) was read; 0 when it "
+                             "failed and its series are left out of this scrape.", ("collector",))
+SCRAPE_PART_DURATION = Metric("tfowatch_scrape_collector_duration_seconds", "gauge",
+                              "Seconds this part of the scrape took to read.", ("collector",))
 SERIES_CAP = Metric("tfowatch_series_cap", "gauge", "Label sets a metric may hold (series_cap).")
 BUILD_INFO = Metric("tfowatch_build_info", "gauge",
                     "tfowatch version, kernel, probe mode, the tier running and the tier planned for this "
@@ -123,7 +128,8 @@ FAMILIES = (COOKIE_REQUESTS, COOKIES_ISSUED, SYN_DATA_ACCEPTED, PASSIVE_FALLBACK
             SYN_DATA_ACKED, ACTIVE_FALLBACKS, BLACKHOLE_DISABLES, TW_REUSE, TW_REUSE_AGE,
             KERNEL_TCPEXT, NETNS_UNREADABLE, RECONCILE_DRIFT,
             PROBE_ATTACHED, EVENTS, EVENTS_LOST, SERIES_DROPPED, SERIES, SERIES_CAP, BUILD_INFO,
-            TIER_DEGRADED, HTTP_REQUESTS, SCRAPE_DURATION, HTTP_CONNECTIONS_REFUSED)
+            TIER_DEGRADED, SCRAPE_PART_SUCCESS, SCRAPE_PART_DURATION,
+            HTTP_REQUESTS, SCRAPE_DURATION, HTTP_CONNECTIONS_REFUSED)
 PROBE_METRICS = tuple(m for m in FAMILIES if m.source == PROBES)
 # prometheus_client's process collector, under the tfowatch namespace (process_cpu_seconds_total, ...)
 PROCESS_PREFIX = "tfowatch_process_"

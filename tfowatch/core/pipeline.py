@@ -11,14 +11,14 @@ from typing import Any
 
 from tfowatch import __version__
 from tfowatch.bpf.loader import release_compiler_heap
-from tfowatch.core.aggregator import Aggregator
+from tfowatch.core.aggregator import Aggregator, Snapshot
 from tfowatch.core.btf import Btf, BtfError
 from tfowatch.core.cgroups import CgroupNames
 from tfowatch.core.events import CountKey, Event, counted, decode
 from tfowatch.core.kernel import KernelFacts, detect, perf_events_denied
 from tfowatch.core.plan import PLAIN_BUILD, Plan, PlanError, Variant, fall_back, resolve
 from tfowatch.core.reconcile import KernelCounters, drift
-from tfowatch.core.state import ExportState
+from tfowatch.core.state import KERNEL, PROBES, SELF, ExportState, Part, take
 
 log = logging.getLogger(__name__)
 POLL_MS = 50
@@ -138,17 +138,29 @@ class Pipeline:
         return self.plan.attachment_states(
             lambda a: probes is not None and probes.attached.get(a, False))
 
-    def state(self) -> ExportState:
+    def _probe_part(self) -> tuple[Snapshot, list[int] | None]:
         self.drain()
-        snap = self.agg.snapshot()
+        return self.agg.snapshot(), self.probes.totals() if self.probes is not None else None
+
+    def _kernel_part(self) -> tuple[dict[int, dict[str, int]], int]:
         kernel = self.counters.read()
+        return kernel, len(self.counters.unreadable)
+
+    def state(self) -> ExportState:
+        """Every part, each on its own (state.take): a failed one is empty and says so."""
+        parts: dict[str, Part] = {}
+        no_probes: tuple[Snapshot, list[int] | None] = (Snapshot.empty(), None)
+        no_kernel: tuple[dict[int, dict[str, int]], int] = ({}, 0)
+        snap, totals = take(parts, PROBES, self._probe_part, no_probes)
+        kernel, unreadable = take(parts, KERNEL, self._kernel_part, no_kernel)
+        both = parts[PROBES].ok and parts[KERNEL].ok
+        gap = drift(snap, self.counters.deltas(kernel), self.plan.reconciled) if both else {}
+        none: list[tuple[str, str, str, bool]] = []
+        attached = take(parts, SELF, self.attached, none)
         return ExportState(
-            plan=self.plan, snap=snap,
-            totals=self.probes.totals() if self.probes is not None else None,
-            kernel=kernel, unreadable=len(self.counters.unreadable),
-            drift=drift(snap, self.counters.deltas(kernel), self.plan.reconciled),
-            attached=self.attached(), version=__version__, kernel_release=self.facts.release,
-            series_cap=self.agg.series_cap,
+            plan=self.plan, snap=snap, totals=totals, kernel=kernel, unreadable=unreadable,
+            drift=gap, attached=attached, version=__version__, kernel_release=self.facts.release,
+            series_cap=self.agg.series_cap, parts=parts,
         )
 
     def close(self) -> None:

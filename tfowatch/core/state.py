@@ -1,17 +1,32 @@
-"""What one scrape, `top` interval or doctor view reads: a consistent snapshot of the daemon."""
+"""What one scrape, `top` interval or doctor view reads: a consistent snapshot of the daemon,
+taken in parts (as node_exporter's collectors): a part that fails costs its own series only."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from tfowatch.core.aggregator import Snapshot
 from tfowatch.core.plan import Plan
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+PROBES, KERNEL, SELF = "probes", "kernel", "self"  # the parts, as the collector label says
+
+
+@dataclass(frozen=True)
+class Part:
+    ok: bool
+    seconds: float
 
 
 @dataclass
 class ExportState:
     plan: Plan
-    snap: Snapshot
+    snap: Snapshot  # empty when the probes part failed
     totals: list[int] | None  # exact per-type counts from the kernel; None without BPF
     kernel: dict[int, dict[str, int]]
     unreadable: int  # namespaces found whose counters this process may not read
@@ -20,3 +35,19 @@ class ExportState:
     version: str
     kernel_release: str
     series_cap: int
+    parts: dict[str, Part] = field(default_factory=dict)
+
+    def ok(self, part: str) -> bool:
+        return self.parts.get(part, Part(True, 0.0)).ok
+
+
+def take(parts: dict[str, Part], name: str, read: Callable[[], T], failed: T) -> T:
+    """read(), timed and recorded in `parts`; `failed` (and a warning) if it raises."""
+    started = time.perf_counter()
+    try:
+        value, ok = read(), True
+    except Exception as exc:  # one part's failure must not cost the scrape
+        log.warning("%s part of the state failed: %s", name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        value, ok = failed, False
+    parts[name] = Part(ok, time.perf_counter() - started)
+    return value

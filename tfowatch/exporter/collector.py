@@ -25,7 +25,7 @@ from prometheus_client.utils import floatToGoString
 
 from tfowatch.core import metrics as m
 from tfowatch.core.aggregator import Histogram, Labels
-from tfowatch.core.state import ExportState
+from tfowatch.core.state import KERNEL, PROBES, SELF, ExportState
 
 
 def family(metric: m.Metric, value: float | None = None) -> Family:
@@ -58,6 +58,8 @@ def _samples(metric: m.Metric, samples: Iterable[tuple[Iterable[str], float]]) -
 
 def probe_families(st: ExportState, counters: bool = True) -> Iterator[Family]:
     """The tier's probe families (counters only if `counters`: ProbeText writes them faster)."""
+    if not st.ok(PROBES):
+        return
     for metric in st.plan.metrics:
         if metric.kind == "histogram":
             yield _histogram(metric, st.snap.histograms.get(metric, {}))
@@ -66,21 +68,24 @@ def probe_families(st: ExportState, counters: bool = True) -> Iterator[Family]:
 
 
 def kernel_families(st: ExportState) -> Iterator[Family]:
+    if not st.ok(KERNEL):
+        return
     yield _samples(m.KERNEL_TCPEXT, (([str(ino), name], value) for ino, counters in sorted(st.kernel.items())
                                      for name, value in sorted(counters.items())))
     yield family(m.NETNS_UNREADABLE, st.unreadable)
-    if st.plan.reconciled:
+    if st.plan.reconciled and st.ok(PROBES):
         yield _samples(m.RECONCILE_DRIFT, (([str(ino), label], value)
                                            for (ino, label), value in sorted(st.drift.items())))
 
 
 def self_families(st: ExportState) -> Iterator[Family]:
-    yield _samples(m.PROBE_ATTACHED, ((att[:3], 1 if att[3] else 0) for att in st.attached))
-    if st.totals is not None:
+    if st.ok(SELF):
+        yield _samples(m.PROBE_ATTACHED, ((att[:3], 1 if att[3] else 0) for att in st.attached))
+    if st.totals is not None and st.ok(PROBES):
         totals = st.totals
         yield _samples(m.EVENTS, (([t.name.lower()], totals[t]) for t in sorted(st.plan.events)))
         yield family(m.EVENTS_LOST, st.snap.lost)
-    if st.plan.metrics:
+    if st.plan.metrics and st.ok(PROBES):
         served = st.plan.metrics
         yield _samples(m.SERIES_DROPPED, (([f.name], st.snap.dropped.get(f.name, 0)) for f in served))
         yield _samples(m.SERIES, (([f.name], len(st.snap.series(f))) for f in served))
@@ -90,6 +95,9 @@ def self_families(st: ExportState) -> Iterator[Family]:
                                     plan.planned_tier], 1)])
     yield _samples(m.TIER_DEGRADED, [([plan.planned_tier, plan.tier, why.reason if why else ""],
                                       1 if why else 0)])
+    if st.parts:
+        yield _samples(m.SCRAPE_PART_SUCCESS, (([name], int(part.ok)) for name, part in st.parts.items()))
+        yield _samples(m.SCRAPE_PART_DURATION, (([name], part.seconds) for name, part in st.parts.items()))
 
 
 def families(st: ExportState, counters: bool = True) -> Iterator[Family]:
@@ -143,7 +151,7 @@ class ProbeText:
 
     def render(self, st: ExportState) -> str:
         out: list[str] = []
-        for metric in st.plan.metrics:
+        for metric in st.plan.metrics if st.ok(PROBES) else []:
             if metric.kind != "counter":
                 continue
             name = metric.name
