@@ -118,7 +118,7 @@ def test_every_alert_has_severity_annotations_and_a_runbook() -> None:
         ann = a["annotations"]
         assert ann["summary"] and ann["description"], a["alert"]
         url = ann["runbook_url"]
-        assert url.endswith(f"/docs/runbooks/{a['alert']}.md"), url
+        assert url.endswith(f"/monitoring/runbooks/{a['alert']}.md"), url
         page = RUNBOOKS / f"{a['alert']}.md"
         assert page.exists(), page
         text = page.read_text()
