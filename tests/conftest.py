@@ -18,7 +18,6 @@ sys.path.insert(0, str(Path(__file__).parent / "vm"))
 import lab as vmlab
 from netlab import Lab, skip_unless_root_bpf
 
-FACTS_DIR = Path(__file__).parent / "facts"
 collect_ignore = ["vm"]  # the lab's runner and its guest root filesystem hold no tests of ours
 
 

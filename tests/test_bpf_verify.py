@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_plan import facts
+from support import facts
 
 from tfowatch.bpf import loader as bpfprog
 from tfowatch.core.btf import Btf

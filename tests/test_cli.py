@@ -10,22 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from netlab import TFOWATCH
+from support import one_line_error, tfowatch
 
 from tfowatch.core.kernel import detect
-
-
-def tfowatch(*args: str, env: dict[str, str] | None = None, pre: list[str] | None = None,
-             ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*(pre or []), str(TFOWATCH), *args], capture_output=True, text=True,
-                          timeout=120, env=env)
-
-
-def one_line_error(res: subprocess.CompletedProcess[str], code: int, words: str) -> None:
-    assert res.returncode == code, res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tfowatch: "), res.stderr
-    assert words in lines[0]
 
 
 @pytest.mark.parametrize(("args", "words"), [

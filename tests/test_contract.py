@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client.metrics_core import Metric as Family
 from prometheus_client.parser import text_string_to_metric_families
-from test_exporter import export_state
-from test_plan import facts
+from support import export_state, facts
 
 from tfowatch.core import metrics as m
 from tfowatch.core.aggregator import Aggregator

@@ -16,7 +16,7 @@ import certs
 import pytest
 import yaml
 from netlab import unit_caps
-from test_cli import tfowatch
+from support import tfowatch
 
 ROOT = Path(__file__).parents[1]
 DEPLOY = ROOT / "deploy"

@@ -8,25 +8,14 @@ import subprocess
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from test_plan import facts
+from support import export_state, facts
 
 from tfowatch.core.aggregator import Aggregator
-from tfowatch.core.events import EV_TYPE_MAX, Event, EventType, RefuseReason
+from tfowatch.core.events import Event, EventType, RefuseReason
 from tfowatch.core.pipeline import Pipeline
 from tfowatch.core.plan import Plan, resolve
-from tfowatch.core.reconcile import drift
-from tfowatch.core.state import KERNEL, PROBES, SELF, ExportState, Part
+from tfowatch.core.state import KERNEL, PROBES, SELF
 from tfowatch.exporter.collector import Scrape, TfoCollector
-
-
-def export_state(plan: Plan, agg: Aggregator, kernel: dict[int, dict[str, int]]) -> ExportState:
-    snap = agg.snapshot()
-    deltas = kernel  # baseline 0: namespaces created after start
-    return ExportState(plan=plan, snap=snap, totals=[0] * EV_TYPE_MAX, kernel=kernel, unreadable=0,
-                       drift=drift(snap, deltas, plan.reconciled),
-                       attached=[("tcp_twsk_unique", "kprobe:tcp_twsk_unique", "kprobe", True)],
-                       version="0.1.0", kernel_release="6.1.0-56-amd64", series_cap=agg.series_cap,
-                       parts={p: Part(True, 0.001) for p in (PROBES, KERNEL, SELF)})
 
 
 def exposition(plan: Plan, agg: Aggregator, kernel: dict[int, dict[str, int]]) -> str:

@@ -29,7 +29,7 @@ from netlab import (
     tfo_exchange,
     unit_caps,
 )
-from test_cli import one_line_error
+from support import one_line_error
 
 sys.path.insert(0, str(Path(__file__).parent / "vm"))
 from lab import copy_checkout

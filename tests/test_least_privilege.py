@@ -25,7 +25,7 @@ from netlab import (
     value,
     with_caps,
 )
-from test_cli import one_line_error, tfowatch
+from support import one_line_error, tfowatch
 
 PORT = 7601
 PARANOID = Path("/proc/sys/kernel/perf_event_paranoid")

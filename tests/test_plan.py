@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
-from conftest import FACTS_DIR
+from support import facts
 
 from tfowatch.core.events import EVENTS
 from tfowatch.core.events import EventType as E
-from tfowatch.core.kernel import KernelFacts
 from tfowatch.core.plan import PlanError, fall_back, resolve
-
-
-def facts(release_prefix: str) -> KernelFacts:
-    (path,) = [p for p in FACTS_DIR.glob("*.json") if p.name.startswith(release_prefix)]
-    return KernelFacts.from_json(Path(path).read_text())
 
 
 def targets(plan, point: str) -> set[str]:  # type: ignore[no-untyped-def]

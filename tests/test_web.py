@@ -17,7 +17,7 @@ from pathlib import Path
 import certs
 import pytest
 from netlab import TFOWATCH, free_port, skip_unless_root_bpf
-from test_cli import one_line_error, tfowatch
+from support import one_line_error, tfowatch
 
 PASSWORD = "correct horse"
 
