@@ -1,5 +1,5 @@
 #!/bin/bash
-# The VM lab's systemd root (tests/test_vm_lab.py::test_systemd_unit_under_real_systemd): a
+# The VM lab's systemd root (tests/lab/test_vm_lab.py::test_systemd_unit_under_real_systemd): a
 # Debian 12 root filesystem with systemd as init, built from Debian's packages with the host's
 # apt sources, holding the lab kernel (its modules) and headers, BCC, and what the in-guest
 # test uses. tfowatch itself is not in it: the test puts it in place with `make install`.

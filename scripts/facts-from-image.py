@@ -6,7 +6,7 @@
 Everything comes from the BTF section of the decompressed vmlinuz (Debian's
 System.map is a stub): pahole emits a FUNC only for functions with an ftrace entry
 (not inlined), and a btf_trace_NAME typedef per tracepoint. kprobes from the config.
-tests/test_plan.py checks this method against the host's real kallsyms facts.
+tests/unit/test_plan.py checks this method against the host's real kallsyms facts.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The README's metric table, written from the contract (tfowatch/core/metrics.py) and the event
-table (the values of bounded labels). tests/test_contract.py fails when the README differs.
+table (the values of bounded labels). tests/unit/test_contract.py fails when the README differs.
 
     python scripts/metrics_table.py    rewrite the table in README.md
 """

@@ -5,7 +5,7 @@
     python tests/vm/lab.py --systemd RELEASE OUTDIR  the installed unit under a real systemd
 
 One boot per kernel: inside, as root, it records `tfowatch facts` and `tfowatch probes
---json`, then runs GUEST_TESTS with JUnit XML. The host test (tests/test_vm_lab.py)
+--json`, then runs GUEST_TESTS with JUnit XML. The host test (tests/lab/test_vm_lab.py)
 asserts on what comes back; the console output is kept for when the guest fails.
 """
 
@@ -31,9 +31,9 @@ VENV_BIN = ROOT / ".venv" / "bin"
 # compiles it for that kernel. (test_bpf_verify is left to the host: 5 more BCC compiles at
 # ~1 min each under emulation would prove less than the attached run does.)
 # The Prometheus e2e runs here too: only the kprobe tier fills every dashboard panel.
-GUEST_TESTS = ["tests/test_integration.py", "tests/test_top.py", "tests/test_doctor.py",
-               "tests/test_prometheus_e2e.py", "tests/test_event_layout.py::test_bcc_sees_the_same_struct",
-               "tests/test_least_privilege.py", "tests/test_faults.py"]
+GUEST_TESTS = [f"tests/host/{name}" for name in (
+    "test_integration.py", "test_top.py", "test_doctor.py", "test_prometheus_e2e.py",
+    "test_event_layout.py::test_bcc_sees_the_same_struct", "test_least_privilege.py", "test_faults.py")]
 # integration, top, doctor, Prometheus e2e, event layout, least privilege, faults
 GUEST_TEST_COUNT = 9 + 9 + 8 + 3 + 1 + 6 + 2
 # A whole guest run: ~15 min (about 10 BCC compiles at ~1 min each under TCG), more while the
@@ -167,7 +167,7 @@ WorkingDirectory={GUEST_SRC}
 ExecStart=/bin/sh -c 'systemctl show -P ActiveEnterTimestampMonotonic multi-user.target \
   > {GUEST_OUT}/multi-user-usec.txt; \
   python3 -m pytest -p no:cacheprovider -v -rs -s --junitxml={GUEST_OUT}/junit.xml \
-  tests/test_systemd_unit.py > {GUEST_OUT}/pytest.txt 2>&1; echo $? > {GUEST_OUT}/pytest.rc; \
+  tests/lab/test_systemd_unit.py > {GUEST_OUT}/pytest.txt 2>&1; echo $? > {GUEST_OUT}/pytest.rc; \
   journalctl -b --no-pager > {GUEST_OUT}/journal.txt'
 TimeoutStartSec=40min
 

@@ -1,6 +1,6 @@
 """The events of tfowatch/bpf/tfowatch.h: their Python view, and the one table of what each is.
 
-The C header is the source of truth for codes and layout; tests/test_event_layout.py checks
+The C header is the source of truth for codes and layout; tests/host/test_event_layout.py checks
 that this mirror has the same enum values and the same struct layout as the compiled C.
 EVENTS says, per event type, everything the rest derives: the design-card point that reports
 it, its side, the metric families it feeds and with which label values, its `tfowatch top`

@@ -1,7 +1,7 @@
 """The metric contract: every family tfowatch serves, in one table.
 
 The exporter, the web server's own metrics, the dashboards and alerts, and the README's metric
-table (scripts/metrics-table.py, checked by tests/test_contract.py) are built from or checked
+table (scripts/metrics-table.py, checked by tests/unit/test_contract.py) are built from or checked
 against FAMILIES. Which event feeds which probe family is the event table's (events.EVENTS).
 Imports nothing heavy: every command may read it.
 """

@@ -135,7 +135,7 @@ def _escape(value: str) -> str:
 
 class ProbeText:
     """The probe counter families in the text format (0.0.4), as prometheus_client would
-    write them (tests/test_exporter.py compares the two), but with each label set's
+    write them (tests/unit/test_exporter.py compares the two), but with each label set's
     `name{...}` written once and kept: per scrape only the values are formatted, which is
     what makes a 10k-series scrape take milliseconds (docs/PERFORMANCE.md)."""
 

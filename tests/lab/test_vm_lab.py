@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "vm"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "vm"))
 import lab
 
 OUT = lab.OUT
@@ -62,16 +62,16 @@ def test_kprobe_tier_on_lab_kernel(release: str) -> None:
     facts = json.loads((out / "facts.json").read_text())
     assert facts["release"] == release and facts["kprobes"] is True
     # The facts recorded from the image (tests/facts/) agree with the booted kernel's own.
-    recorded = json.loads((Path(__file__).parent / "facts" / f"{release}.json").read_text())
+    recorded = json.loads((Path(__file__).parents[1] / "facts" / f"{release}.json").read_text())
     assert recorded["present"] == facts["present"] and recorded["fields"] == facts["fields"]
 
 
-SYSTEMD_GUEST_TESTS = 5  # tests/test_systemd_unit.py
+SYSTEMD_GUEST_TESTS = 5  # tests/lab/test_systemd_unit.py
 
 
 def test_systemd_unit_under_real_systemd() -> None:
     """`make install` into a Debian root built from Debian's packages, booted with systemd as
-    PID 1 on a kprobe kernel; tests/test_systemd_unit.py runs inside (start, SIGKILL restart,
+    PID 1 on a kprobe kernel; tests/lab/test_systemd_unit.py runs inside (start, SIGKILL restart,
     stop, exposure)."""
     if os.geteuid() != 0:
         pytest.skip("VM lab needs root (make test runs as root)")

@@ -1,6 +1,6 @@
 """The unit that `make install` puts in place, under a real systemd (PID 1).
 
-Runs inside the VM lab's systemd guest only (tests/test_vm_lab.py boots a Debian root built
+Runs inside the VM lab's systemd guest only (tests/lab/test_vm_lab.py boots a Debian root built
 by scripts/build-lab-root.sh, with tfowatch installed by `make install`); elsewhere it skips.
 In order: start → active and serving the planned tier with every probe attached, a TFO
 exchange counted exactly; SIGKILL → systemd restarts it and it serves again; stop →
@@ -21,14 +21,15 @@ from pathlib import Path
 import pytest
 from netlab import Lab, scrape, series, tfo_exchange
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 UNIT = "tfowatch.service"
 URL = "http://127.0.0.1:19135/metrics"  # the installed config's listen address
 TFOWATCH = Path("/usr/local/bin/tfowatch")  # where `make install` links it
 KPROBE_EVENTS = Path("/sys/kernel/tracing/kprobe_events")
 
 if os.environ.get("TFOWATCH_SYSTEMD_LAB") != "1" or not Path("/run/systemd/system").is_dir():
-    pytest.skip("runs in the VM lab's systemd guest (tests/test_vm_lab.py boots it)", allow_module_level=True)
+    pytest.skip("runs in the VM lab's systemd guest (tests/lab/test_vm_lab.py boots it)",
+                allow_module_level=True)
 
 
 def systemctl(*args: str) -> subprocess.CompletedProcess[str]:

@@ -23,7 +23,7 @@ from netlab import Host, Lab, free_port, planned_plan, skip_unless_root_bpf, sta
 
 from tfowatch.core.metrics import PROBE_METRICS
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 RULES = ROOT / "monitoring" / "rules" / "tfowatch.rules.yml"
 DASHBOARD = ROOT / "monitoring" / "dashboards" / "tfowatch.json"
 PORT = 7301

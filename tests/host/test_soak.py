@@ -33,7 +33,7 @@ SERIES_CAP = 100
 PORT = 7801
 FLOOD_PPS = "1000"
 SPRAY_PER_S = "20"
-LOAD = Path(__file__).with_name("soakload.py")
+LOAD = Path(__file__).parents[1] / "soakload.py"
 
 
 def rss_bytes(pid: int) -> int:

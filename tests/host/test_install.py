@@ -31,10 +31,10 @@ from netlab import (
 )
 from support import one_line_error
 
-sys.path.insert(0, str(Path(__file__).parent / "vm"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "vm"))
 from lab import copy_checkout
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 SOURCES = ("tfowatch/bpf/tfowatch.bpf.c", "tfowatch/bpf/tfowatch.h")
 
 

@@ -20,7 +20,7 @@ from tfowatch.core.events import EVENTS, RECONCILIATIONS, Event, EventType
 from tfowatch.core.plan import resolve
 from tfowatch.exporter.collector import Scrape
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 RELEASES = ("6.1.", "6.12.", "6.18.")
 
 

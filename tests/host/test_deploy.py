@@ -18,7 +18,7 @@ import yaml
 from netlab import unit_caps
 from support import tfowatch
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"
 
 

@@ -27,7 +27,7 @@ from netlab import Lab, planned_plan, scrape, series, skip_unless_root_bpf, tfo_
 
 from tfowatch import __version__
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 MANIFEST = ROOT / "deploy" / "kubernetes" / "tfowatch.yaml"
 BASE = "localhost/tfowatch-base:bookworm"
 NAME = "tfowatch-test"

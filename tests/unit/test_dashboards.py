@@ -1,7 +1,7 @@
 """The Grafana dashboard and the Prometheus rules, checked without a running Prometheus:
 generator output == committed JSON, dashboard structure, metric names against the exporter,
 `promtool check rules`, `promtool test rules` (every alert fires and does not fire), and a
-runbook page per alert. tests/test_prometheus_e2e.py runs them against real data."""
+runbook page per alert. tests/host/test_prometheus_e2e.py runs them against real data."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import yaml
 
 from tfowatch.core.metrics import FAMILIES, PROCESS_PREFIX
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 DASHBOARD = ROOT / "monitoring" / "dashboards" / "tfowatch.json"
 RULES = ROOT / "monitoring" / "rules" / "tfowatch.rules.yml"
 RULE_TESTS = ROOT / "monitoring" / "rules" / "tests" / "alerts.test.yml"

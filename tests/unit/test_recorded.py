@@ -14,7 +14,7 @@ from tfowatch.core.nsconfig import NamespaceConfig
 from tfowatch.doctor import listeners, socktable
 from tfowatch.doctor.survey import time_wait_per_destination
 
-TREE = Path(__file__).parent / "fixtures" / "procfs" / "tree"
+TREE = Path(__file__).parents[1] / "fixtures" / "procfs" / "tree"
 META = json.loads((TREE / "meta.json").read_text())
 STATES = {"LISTEN": socktable.LISTEN, "TIME-WAIT": socktable.TIME_WAIT}
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from netlab import skip_unless_root_bpf
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 import report  # noqa: E402
 from run import CONDITIONS, WORKLOADS  # noqa: E402
