@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 EXIT_RUNTIME = 1
 EXIT_FINDINGS = 3  # doctor: a finding of severity warning or above
+BCRYPT_MAX = 72  # bytes of a password bcrypt reads
 
 
 class CliError(Exception):
@@ -81,13 +82,17 @@ def add_run_parser(sub: Any) -> None:
                                          "for basic_auth_users in the web config")
 
 
+MAX_SECONDS = 31 * 86400.0  # intervals and windows; beyond this a timer overflows
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text!r}")
+    if not 0 < value <= MAX_SECONDS:  # nan and inf fail here too
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0 and at most "
+                                         f"{MAX_SECONDS:.0f}, not {text!r}")
     return value
 
 
@@ -194,10 +199,16 @@ def describe(settings: Settings, web: WebConfig | None) -> str:
 def cmd_hash_password() -> int:
     import bcrypt
 
-    password = sys.stdin.readline().rstrip("\n")
-    if not password:
+    raw = sys.stdin.buffer.readline().rstrip(b"\n")
+    if not raw:
         raise CliError("no password on stdin", EXIT_USAGE)
-    print(bcrypt.hashpw(password.encode(), bcrypt.gensalt(10)).decode())
+    try:
+        raw.decode()
+    except UnicodeDecodeError as exc:
+        raise CliError("the password on stdin is not UTF-8", EXIT_USAGE) from exc
+    if len(raw) > BCRYPT_MAX:
+        raise CliError(f"the password is {len(raw)} bytes; bcrypt uses at most {BCRYPT_MAX}", EXIT_USAGE)
+    print(bcrypt.hashpw(raw, bcrypt.gensalt(10)).decode())
     return 0
 
 

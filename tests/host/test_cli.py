@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from netlab import TFOWATCH
 from support import one_line_error, tfowatch
 
 from tfowatch.core.kernel import detect
@@ -17,6 +18,9 @@ from tfowatch.core.kernel import detect
 
 @pytest.mark.parametrize(("args", "words"), [
     (["run", "--bogus"], "unrecognized arguments: --bogus"),
+    (["run", "--listen", "a" * 64 + ".example:9100", "--check-config"], "is not a host name"),
+    (["run", "--listen", "foo..bar:9100", "--check-config"], "is not a host name"),
+    (["run", "--listen", "127.0.0.1:\u00b2", "--check-config"], "expected HOST:PORT"),
     (["run", "--listen", "nowhere"], "bad listen address"),
     (["run", "--listen", "127.0.0.1:70000"], "bad listen address"),
     (["run", "--mode", "fentry"], "--mode: must be one of auto, kprobe"),
@@ -154,3 +158,35 @@ def test_light_commands_import_nothing_heavy(argv: list[str]) -> None:
     res = subprocess.run([sys.executable, "-c", IMPORTED, *argv], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr[-1000:]
     assert not HEAVY & set(res.stdout.splitlines()[-1].split()), res.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize(("stdin", "words"), [
+    (b"x" * 73 + b"\n", "the password is 73 bytes; bcrypt uses at most 72"),
+    (b"\xff\xfe\n", "not UTF-8"),
+    (b"\n", "no password on stdin"),
+])
+def test_hash_password_refuses_what_bcrypt_cannot_hash(stdin: bytes, words: str) -> None:
+    res = subprocess.run([str(TFOWATCH), "hash-password"], input=stdin, capture_output=True, timeout=60)
+    one_line_error(subprocess.CompletedProcess(res.args, res.returncode, res.stdout.decode(),
+                                               res.stderr.decode(errors="replace")), 2, words)
+
+
+# A well-formed hash (the OpenBSD test vector of "U*U").
+VALID_HASH = "$2b$10$" + "N9qo8uLOickgx2ZMRZoMye" + "IjZAgcfl7p92ldGxad68LJZdL17lhWy"
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    (b"basic_auth_users:\n  123: '" + VALID_HASH.encode() + b"'\n", "user name 123 is not a string"),
+    (b"basic_auth_users:\n  alice: '$2b$10$" + b"!" * 53 + b"'\n", "is not a bcrypt hash"),
+    (b"\xff: x\n", "not UTF-8"),
+])
+def test_bad_web_configs_are_one_line_errors(tmp_path: Path, text: bytes, words: str) -> None:
+    cfg = tmp_path / "web.yml"
+    cfg.write_bytes(text)
+    one_line_error(tfowatch("run", "--web-config-file", str(cfg), "--check-config"), 2, words)
+
+
+def test_a_config_that_is_not_utf8_is_a_one_line_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "tfowatch.toml"
+    cfg.write_bytes(b'listen = "127.0.0.1:9100"\n\xff\n')
+    one_line_error(tfowatch("run", "--config", str(cfg), "--check-config"), 2, "not UTF-8")

@@ -176,7 +176,7 @@ def test_watch_names_the_plain_connecting_client_and_the_rotation(lab: Lab) -> N
 
 def test_bad_input_is_one_line(lab: Lab) -> None:
     for args, needle in ((["--netns", "tfw-nosuch"], "no network namespace named"),
-                         (["--watch", "0"], "must be a number above 0"),
+                         (["--watch", "0"], "must be a number of seconds above 0"),
                          (["-o", "yaml"], "invalid choice")):
         res = subprocess.run([str(TFOWATCH), "doctor", *args], capture_output=True, text=True)
         assert res.returncode == 2 and needle in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr

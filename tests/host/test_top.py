@@ -200,8 +200,8 @@ def test_once_prints_a_plain_table_without_escape_codes(root_bpf: None) -> None:
 
 
 def test_bad_flags_are_one_line_errors() -> None:
-    for args in (["--interval", "0"], ["--sort", "nope"], ["--port", "70000"], ["--netns", "no-such-ns"],
-                 ["--count", "-1"]):
+    for args in (["--interval", "0"], ["--interval", "inf"], ["--interval", "1e300"], ["--sort", "nope"],
+                 ["--port", "70000"], ["--netns", "no-such-ns"], ["--count", "-1"]):
         out = subprocess.run([str(TFOWATCH), "top", *args], capture_output=True, text=True, timeout=30)
         assert out.returncode == 2, (args, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr, args

@@ -23,7 +23,7 @@ class ConfigError(Exception):
 def split_listen(value: str) -> tuple[str, int]:
     """'HOST:PORT' (IPv6 as [ADDR]:PORT) -> (host, port); an empty host means all IPv4 addresses."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(f"bad listen address {value!r}: expected HOST:PORT, e.g. {Settings.listen}")
     return host.strip("[]") or "0.0.0.0", int(port)
 
@@ -39,6 +39,8 @@ def _listen(value: str) -> None:
             socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
         except OSError as exc:
             raise ConfigError(f"bad listen address {value!r}: {host}: {exc.strerror}") from exc
+        except UnicodeError as exc:  # an empty label or one over 63 characters (IDNA)
+            raise ConfigError(f"bad listen address {value!r}: {host!r} is not a host name") from exc
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[str], None]:
@@ -128,6 +130,8 @@ def read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path}: not UTF-8 (byte {exc.start})") from exc
     known = {o.key: o for o in OPTIONS}
     for key, value in data.items():
         if key not in known:

@@ -66,7 +66,10 @@ class BasicAuth:
         with self._lock:
             if digest in self._ok:
                 return True
-        ok = bcrypt.checkpw(password.encode(), self.users.get(user, self._dummy))
+        try:
+            ok = bcrypt.checkpw(password.encode(), self.users.get(user, self._dummy))
+        except ValueError:  # over bcrypt's 72 bytes: no hash accepts it
+            return False
         if ok and sep and user in self.users:
             with self._lock:
                 if len(self._ok) >= self.CACHE_MAX:

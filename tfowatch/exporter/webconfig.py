@@ -105,7 +105,10 @@ def _tls_context(tls: dict[str, str], base: Path, where: str) -> tuple[ssl.SSLCo
 
 def _users(users: dict[str, str], where: str) -> dict[str, bytes]:
     for user, hashed in users.items():
-        if not (hashed.startswith(BCRYPT_PREFIXES) and len(hashed) == 60):
+        if not isinstance(user, str):  # YAML reads `123:` as a number
+            raise ConfigError(f"{where}: user name {user!r} is not a string (quote it)")
+        if not (isinstance(hashed, str) and hashed.startswith(BCRYPT_PREFIXES) and len(hashed) == 60
+                and _bcrypt_ok(hashed)):
             raise ConfigError(f"{where}: password of {user!r} is not a bcrypt hash "
                               "(make one with `tfowatch hash-password`)")
         if ":" in user:
@@ -113,11 +116,25 @@ def _users(users: dict[str, str], where: str) -> dict[str, bytes]:
     return {user: hashed.encode() for user, hashed in users.items()}
 
 
+def _bcrypt_ok(hashed: str) -> bool:
+    """Whether bcrypt can check a password against it (a bad salt passes the shape test, then
+    fails every request)."""
+    import bcrypt  # only a config with users pays for it
+
+    try:
+        bcrypt.checkpw(b"", hashed.encode())
+    except ValueError:
+        return False
+    return True
+
+
 def load(path: str) -> WebConfig:
     try:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read web config {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"web config {path}: not UTF-8 (byte {exc.start})") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
