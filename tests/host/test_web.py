@@ -106,7 +106,8 @@ def test_wrong_or_missing_password_is_401(server: Server) -> None:
     assert server.curl(user="prometheus:wrong") == (0, "401")
     assert server.curl(user=None) == (0, "401")
     assert server.curl(user=f"nobody:{PASSWORD}") == (0, "401")
-    assert server.value('tfowatch_http_requests_total{code="401"}') == before + 3
+    assert server.curl(user="prometheus:" + "x" * 100) == (0, "401")  # over bcrypt's 72 bytes
+    assert server.value('tfowatch_http_requests_total{code="401"}') == before + 4
 
 
 def test_client_without_a_trusted_cert_fails_the_handshake(server: Server) -> None:
