@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 import bcrypt
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram
@@ -79,9 +79,34 @@ class BasicAuth:
         return False
 
 
+class _ResponseHandler(ServerHandler):
+    """wsgiref's, naming no Python version, and logging a client that went away mid-answer
+    (a reset, a TLS close) at DEBUG instead of writing its traceback to stderr."""
+    server_software = "tfowatch"
+
+    def log_exception(self, exc_info: Any) -> None:
+        log.debug("answer not delivered: %s", exc_info[1])
+
+
 class _QuietHandler(WSGIRequestHandler):
+    server_version, sys_version = "tfowatch", ""
+
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
+
+    def handle(self) -> None:
+        """WSGIRequestHandler.handle, with _ResponseHandler."""
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536:
+            self.requestline = self.request_version = self.command = ""
+            self.send_error(414)
+            return
+        if not self.parse_request():  # an error was sent
+            return
+        handler = _ResponseHandler(self.rfile, self.wfile,  # type: ignore[arg-type]
+                                   self.get_stderr(), self.get_environ(), multithread=False)
+        handler.request_handler = self  # type: ignore[attr-defined]  # wsgiref logs through it
+        handler.run(self.server.get_app())  # type: ignore[attr-defined]
 
 
 class _Server(WSGIServer):
@@ -180,37 +205,45 @@ class MetricsServer:
         self._thread.start()
 
     def _app(self, render: Callable[[], bytes]) -> Callable[[Environ, StartResponse], Iterable[bytes]]:
-        def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-            def respond(status: str, headers: list[tuple[str, str]], *rest: Any) -> Any:
-                assert self._requests is not None
-                self._requests.labels(status.split()[0]).inc()
-                return start_response(status, headers, *rest)
+        Answer = tuple[str, list[tuple[str, str]], bytes]
+        text = [("Content-Type", "text/plain")]
 
+        def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+            method = environ.get("REQUEST_METHOD", "GET")
+            if method in ("GET", "HEAD"):
+                status, headers, body = answer(environ)
+            else:
+                status, headers, body = "405 Method Not Allowed", [("Allow", "GET, HEAD"), *text], \
+                    b"Method Not Allowed\n"
+            assert self._requests is not None
+            self._requests.labels(status.split()[0]).inc()
+            start_response(status, [*headers, ("Content-Length", str(len(body)))])
+            return [b"" if method == "HEAD" else body]  # HEAD: GET's headers, no body
+
+        def answer(environ: Environ) -> Answer:
             if self.auth is not None and not self.auth.check(environ.get("HTTP_AUTHORIZATION")):
-                respond("401 Unauthorized", [("WWW-Authenticate", 'Basic realm="tfowatch"'),
-                                             ("Content-Type", "text/plain")])
-                return [b"Unauthorized\n"]
+                return "401 Unauthorized", [("WWW-Authenticate", 'Basic realm="tfowatch"'), *text], \
+                    b"Unauthorized\n"
             path = environ.get("PATH_INFO", "/")
             if path == "/metrics":
-                assert self._scrape is not None
-                try:
-                    with self._scrape.time():
-                        body = render()
-                        headers = [("Content-Type", CONTENT_TYPE_LATEST)]
-                        if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
-                            body = gzip.compress(body, compresslevel=1)
-                            headers.append(("Content-Encoding", "gzip"))
-                        respond("200 OK", headers)
-                        return [body]
-                except Exception:  # e.g. a scrape racing shutdown: an answer, not a traceback
-                    log.warning("scrape failed", exc_info=log.isEnabledFor(logging.DEBUG))
-                    respond("503 Service Unavailable", [("Content-Type", "text/plain")])
-                    return [b"Service Unavailable\n"]
+                return metrics(environ)
             if path == "/":
-                respond("200 OK", [("Content-Type", "text/html")])
-                return [LANDING]
-            respond("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"Not Found\n"]
+                return "200 OK", [("Content-Type", "text/html")], LANDING
+            return "404 Not Found", text, b"Not Found\n"
+
+        def metrics(environ: Environ) -> Answer:
+            assert self._scrape is not None
+            try:
+                with self._scrape.time():
+                    body = render()
+                    headers = [("Content-Type", CONTENT_TYPE_LATEST)]
+                    if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
+                        body = gzip.compress(body, compresslevel=1)
+                        headers.append(("Content-Encoding", "gzip"))
+                    return "200 OK", headers, body
+            except Exception:  # e.g. a scrape racing shutdown: an answer, not a traceback
+                log.warning("scrape failed", exc_info=log.isEnabledFor(logging.DEBUG))
+                return "503 Service Unavailable", text, b"Service Unavailable\n"
         return app
 
     def close(self) -> None:
