@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from tfowatch import __version__
-from tfowatch.core.kernel import KernelFacts, detect, is_privileged, namespace_blind_spots
+from tfowatch.core.kernel import KernelFacts, detect, missing_bpf_caps, namespace_blind_spots
 from tfowatch.core.metrics import TIERS
 from tfowatch.core.plan import MODES, Plan, PlanError, resolve
 from tfowatch.exporter import config
@@ -215,9 +215,9 @@ def cmd_hash_password() -> int:
 def stop_on_signals() -> threading.Event:
     """Check the privileges BPF needs, then route SIGINT/SIGTERM to an event. Called before
     loading BPF: a signal during start-up must still lead to a clean detach."""
-    if not is_privileged():
+    if missing := missing_bpf_caps():
         raise CliError("must run as root (or with CAP_BPF and CAP_PERFMON) to load BPF programs; "
-                       "this process has neither")
+                       f"this process lacks {' and '.join(missing)}")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

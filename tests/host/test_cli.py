@@ -20,6 +20,7 @@ from tfowatch.core.kernel import detect
     (["run", "--bogus"], "unrecognized arguments: --bogus"),
     (["run", "--listen", "a" * 64 + ".example:9100", "--check-config"], "is not a host name"),
     (["run", "--listen", "foo..bar:9100", "--check-config"], "is not a host name"),
+    (["run", "--perf-pages", "1048576", "--check-config"], "must be at most 16384"),
     (["run", "--listen", "127.0.0.1:\u00b2", "--check-config"], "expected HOST:PORT"),
     (["run", "--listen", "nowhere"], "bad listen address"),
     (["run", "--listen", "127.0.0.1:70000"], "bad listen address"),
@@ -190,3 +191,14 @@ def test_a_config_that_is_not_utf8_is_a_one_line_error(tmp_path: Path) -> None:
     cfg = tmp_path / "tfowatch.toml"
     cfg.write_bytes(b'listen = "127.0.0.1:9100"\n\xff\n')
     one_line_error(tfowatch("run", "--config", str(cfg), "--check-config"), 2, "not UTF-8")
+
+
+def test_a_relative_web_config_in_a_config_file_is_the_files(tmp_path: Path) -> None:
+    """`web_config_file = "web.yml"` in /etc/tfowatch/tfowatch.toml means /etc/tfowatch/web.yml,
+    wherever the daemon was started from."""
+    (tmp_path / "web.yml").write_text(f"basic_auth_users:\n  prometheus: '{VALID_HASH}'\n")
+    cfg = tmp_path / "tfowatch.toml"
+    cfg.write_text('web_config_file = "web.yml"\n')
+    res = subprocess.run([str(TFOWATCH), "run", "--config", str(cfg), "--check-config"],
+                         capture_output=True, text=True, timeout=60, cwd="/")
+    assert res.returncode == 0 and "basic auth: 1 user(s)" in res.stdout, res.stdout + res.stderr

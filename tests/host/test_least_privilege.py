@@ -118,3 +118,6 @@ def test_too_few_capabilities_is_a_one_line_error() -> None:
     skip_unless_root_bpf("capability check", "setpriv")
     res = tfowatch("run", "--listen", f"127.0.0.1:{free_port()}", pre=with_caps(["bpf"]))
     one_line_error(res, 1, "must run as root (or with CAP_BPF and CAP_PERFMON)")
+    assert "this process lacks CAP_PERFMON" in res.stderr  # it has CAP_BPF: not "neither"
+    res = tfowatch("run", "--listen", f"127.0.0.1:{free_port()}", pre=with_caps(["sys_ptrace"]))
+    one_line_error(res, 1, "this process lacks CAP_BPF and CAP_PERFMON")

@@ -191,7 +191,14 @@ def has_cap(cap: int) -> bool:
 def is_privileged() -> bool:
     """The capabilities BPF tracing needs: CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN before
     5.8. Asked of the kernel, not of the uid: root in a capability-bounded unit may lack them."""
-    return has_cap(CAP_SYS_ADMIN) or (has_cap(CAP_BPF) and has_cap(CAP_PERFMON))
+    return not missing_bpf_caps()
+
+
+def missing_bpf_caps() -> list[str]:
+    """The capabilities this process lacks to load BPF programs ([] when it may)."""
+    if has_cap(CAP_SYS_ADMIN):
+        return []
+    return [name for cap, name in ((CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")) if not has_cap(cap)]
 
 
 def perf_event_paranoid() -> int:

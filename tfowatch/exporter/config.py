@@ -9,6 +9,7 @@ import socket
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from tfowatch.core.plan import MODES
@@ -57,9 +58,14 @@ def _at_least(low: int) -> Callable[[int], None]:
     return check
 
 
+MAX_PERF_PAGES = 16384  # 64 MiB per CPU; BCC overflows its size at 2**19 pages and dies or loses events
+
+
 def _power_of_two(value: int) -> None:
     if value < 1 or value & (value - 1):
         raise ConfigError(f"must be a power of two (perf buffers are), not {value}")
+    if value > MAX_PERF_PAGES:
+        raise ConfigError(f"must be at most {MAX_PERF_PAGES} (64 MiB per CPU), not {value}")
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,7 @@ OPTIONS = (
            _one_of(MODES)),
     Option("series_cap", int, "label sets per metric; more are folded into an 'other' series",
            _at_least(1)),
-    Option("perf_pages", int, "perf buffer pages per CPU (a power of two)", _power_of_two),
+    Option("perf_pages", int, "perf buffer pages per CPU (a power of two, at most 16384)", _power_of_two),
     Option("log_level", str, "one of " + ", ".join(LOG_LEVELS), _one_of(LOG_LEVELS)),
     Option("web_config_file", str,
            "YAML in node_exporter's --web.config.file format: TLS, client CA, basic auth users"),
@@ -137,6 +143,8 @@ def read_file(path: str) -> dict[str, Any]:
         if key not in known:
             raise ConfigError(f"config {path}: unknown key {key!r} (known: {', '.join(known)})")
         _checked(known[key], value, f"config {path}: {key}")
+    if data.get("web_config_file"):  # a path in a file is the file's, not the working directory's
+        data["web_config_file"] = str(Path(path).resolve().parent / data["web_config_file"])
     return data
 
 
