@@ -202,6 +202,21 @@ def test_bad_web_config(pki: certs.Pki, password_hash: str, tmp_path: Path, edit
     one_line_error(tfowatch("run", "--web-config-file", str(cfg), "--check-config"), 2, words)
 
 
+def test_an_encrypted_key_is_a_one_line_error_not_a_prompt(pki: certs.Pki, password_hash: str,
+                                                           tmp_path: Path) -> None:
+    """A daemon has no terminal: OpenSSL's passphrase prompt would hang or fail with a traceback."""
+    key = tmp_path / "encrypted.key"
+    subprocess.run(["openssl", "pkey", "-in", str(pki.server_key), "-aes256", "-passout", "pass:x",
+                    "-out", str(key)], check=True, capture_output=True)
+    cfg = pki.ca.parent / "web-encrypted-key.yml"  # beside the certificates it names
+    text = web_config(pki, password_hash)
+    cfg.write_text(text.replace(f"key_file: {pki.server_key.name}", f"key_file: {key}"))
+    assert str(key) in cfg.read_text()
+    res = subprocess.run([str(TFOWATCH), "run", "--web-config-file", str(cfg), "--check-config"],
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    one_line_error(res, 2, "is encrypted")
+
+
 def test_good_web_config_checks(pki: certs.Pki, password_hash: str) -> None:
     cfg = pki.ca.parent / "web-ok.yml"
     cfg.write_text(web_config(pki, password_hash))

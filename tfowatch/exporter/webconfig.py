@@ -86,7 +86,10 @@ def _tls_context(tls: dict[str, str], base: Path, where: str) -> tuple[ssl.SSLCo
     ctx.minimum_version = TLS_VERSIONS[version]
     cert, key = _file(base, tls["cert_file"], where), _file(base, tls["key_file"], where)
     try:
-        ctx.load_cert_chain(cert, key)
+        ctx.load_cert_chain(cert, key, password=_no_passphrase)  # never a prompt on a terminal
+    except _Encrypted as exc:
+        raise ConfigError(f"{where}: key_file {key} is encrypted, and a daemon cannot ask for its "
+                          "passphrase: store it decrypted, readable by tfowatch only") from exc
     except ssl.SSLError as exc:
         raise ConfigError(f"{where}: cannot use cert_file {cert} with key_file {key}: "
                           f"{exc.reason or exc}") from exc
@@ -126,6 +129,14 @@ def _bcrypt_ok(hashed: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+class _Encrypted(Exception):
+    pass
+
+
+def _no_passphrase() -> bytes:
+    raise _Encrypted
 
 
 def load(path: str) -> WebConfig:
