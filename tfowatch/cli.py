@@ -241,6 +241,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         server = MetricsServer(host, port, web, settings.max_connections)
     except OSError as exc:
         raise CliError(f"cannot listen on {settings.listen}: {exc.strerror}") from exc
+    signal.signal(signal.SIGHUP, lambda *_: reload_web_config(settings, server, log))
     try:
         daemon = Daemon(settings, server)
     except BaseException:
@@ -260,6 +261,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         daemon.close()
     return 0
+
+
+def reload_web_config(settings: Settings, server: Any, log: logging.Logger) -> None:
+    """SIGHUP: read the web config again (a renewed certificate, changed users), as Prometheus
+    reloads on SIGHUP; a config that no longer checks leaves the one in use, loudly."""
+    from tfowatch.exporter import webconfig
+
+    path = settings.web_config_file
+    if not path:
+        log.info("SIGHUP: no web_config_file to reload; restart to apply other settings")
+        return
+    try:
+        server.reload(webconfig.load(path))
+    except config.ConfigError as exc:
+        log.error("SIGHUP: web config not reloaded, the one in use stays: %s", exc)
+        return
+    log.info("SIGHUP: web config %s reloaded", path)
 
 
 def netns_inode(value: str) -> int:

@@ -4,6 +4,7 @@ bound on connections, and bad web configs. Real clients: curl and Python's ssl; 
 from __future__ import annotations
 
 import base64
+import signal
 import socket
 import ssl
 import subprocess
@@ -223,3 +224,50 @@ def test_good_web_config_checks(pki: certs.Pki, password_hash: str) -> None:
     res = tfowatch("run", "--web-config-file", str(cfg), "--check-config")
     assert res.returncode == 0, res.stderr
     assert "https://127.0.0.1:19135/metrics" in res.stdout and "RequireAndVerifyClientCert" in res.stdout
+
+
+def test_sighup_reloads_the_web_config_and_keeps_it_when_the_new_one_is_bad(tmp_path: Path) -> None:
+    """As Prometheus does on SIGHUP: the next connection is served with the file as it is now; a
+    file that no longer checks is logged as an ERROR and the config in use stays."""
+    skip_unless_root_bpf("SIGHUP test")
+    import bcrypt
+
+    def users(name: str) -> str:
+        return f"basic_auth_users:\n  {name}: '{bcrypt.hashpw(b'pw', bcrypt.gensalt(4)).decode()}'\n"
+
+    cfg = tmp_path / "web.yml"
+    cfg.write_text(users("alice"))
+    listen = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([str(TFOWATCH), "run", "--mode", "counters", "--listen", listen,
+                             "--web-config-file", str(cfg)], stderr=subprocess.PIPE, text=True)
+
+    def code(user: str) -> int:
+        req = urllib.request.Request(f"http://{listen}/metrics", headers={
+            "Authorization": "Basic " + base64.b64encode(f"{user}:pw".encode()).decode()})
+        try:
+            return int(urllib.request.urlopen(req, timeout=5).status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
+    try:
+        deadline = time.monotonic() + 60
+        while code("alice") != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (code("alice"), code("bob")) == (200, 401)
+        cfg.write_text(users("bob"))
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert (code("alice"), code("bob")) == (401, 200)
+        cfg.write_text("basic_auth_users:\n  bob: not-a-hash\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert code("bob") == 200 and proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "SIGHUP: web config" in err and "reloaded" in err
+    assert "ERROR SIGHUP: web config not reloaded, the one in use stays" in err, err
+    assert "Traceback" not in err, err

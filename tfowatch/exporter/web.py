@@ -246,6 +246,13 @@ class MetricsServer:
                 return "503 Service Unavailable", text, b"Service Unavailable\n"
         return app
 
+    def reload(self, web: WebConfig) -> None:
+        """Serve with `web` from the next connection on (SIGHUP); connections open finish as
+        they began."""
+        self.auth = BasicAuth(web.users) if web.users else None
+        self._server.tls = web.tls
+        self.web = web
+
     def close(self) -> None:
         """Stop accepting, close the socket, and give requests in flight a moment to finish."""
         if self._thread is not None:
