@@ -43,8 +43,11 @@ def section(text: str) -> str:
 
 
 def main() -> int:
+    """Rewrite what lies between the markers, and nothing else."""
     text = README.read_text()
-    README.write_text(text.replace(section(text), table()))
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(f"{head}{BEGIN}\n{table()}\n{END}{tail}")
     return 0
 
 

@@ -44,6 +44,20 @@ def test_namespace_without_process_is_found_and_read(bare_netns: str) -> None:
 
 
 @pytest.mark.usefixtures("root_bpf")
+def test_namespaces_beyond_the_cap_are_counted_as_unread(bare_netns: str,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    found = len(netns.discover())
+    assert found >= 2  # this one and ours
+    kc = KernelCounters(max_namespaces=1)
+    assert len(kc.read()) == 1
+    assert len(kc.unreadable) == found - 1  # not silently left out
+    assert "beyond the cap of 1 are not read" in caplog.text
+    caplog.clear()
+    kc.read()
+    assert "beyond the cap" not in caplog.text  # said once, not at every scrape
+
+
+@pytest.mark.usefixtures("root_bpf")
 def test_vanished_namespace_keeps_its_last_counters(bare_netns: str) -> None:
     kc = KernelCounters()
     kc.start()

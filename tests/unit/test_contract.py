@@ -42,6 +42,7 @@ def test_readme_table_is_the_contract() -> None:
     mt = metrics_table()
     readme = (ROOT / "README.md").read_text()
     assert mt.section(readme) == mt.table(), "README's metric table differs: run scripts/metrics_table.py"
+    assert readme.count(mt.table()) == 1
 
 
 def test_names_kinds_and_event_table_agree() -> None:

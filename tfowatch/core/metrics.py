@@ -77,8 +77,9 @@ KERNEL_TCPEXT = Metric("tfowatch_kernel_tcpext_total", "counter",
                        ("netns", "counter"), ALL, KERNEL,
                        note="counter: TCPFastOpen*, TWRecycled, TCPTimeWaitOverflow")
 NETNS_UNREADABLE = Metric("tfowatch_netns_unreadable", "gauge",
-                          "Network namespaces found whose counters tfowatch may not read "
-                          "(process-less ones need CAP_SYS_ADMIN).", (), ALL, KERNEL)
+                          "Network namespaces found whose counters tfowatch does not read: not its "
+                          "to read (process-less ones need CAP_SYS_ADMIN), or beyond series_cap.",
+                          (), ALL, KERNEL)
 RECONCILE_DRIFT = Metric("tfowatch_reconcile_drift", "gauge",
                          "Probe-derived count minus the kernel counter's increase since start (0 = exact).",
                          ("netns", "metric"), PROBED, KERNEL,

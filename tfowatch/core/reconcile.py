@@ -25,12 +25,18 @@ class KernelCounters:
         self._lock = threading.Lock()
         self._baseline: dict[int, dict[str, int]] = {}
         self._last: dict[int, dict[str, int]] = {}
-        self.unreadable: set[int] = set()  # found, but not ours to read (see kernel.namespace_blind_spots)
+        # found, but not read: not ours to read (kernel.namespace_blind_spots), or over the cap
+        self.unreadable: set[int] = set()
 
     def _read_live(self) -> dict[int, dict[str, int]]:
         out: dict[int, dict[str, int]] = {}
-        unreadable: set[int] = set()
-        for ino, handle in sorted(netns.discover().items())[: self.max_namespaces]:
+        found = sorted(netns.discover().items())
+        over_cap = {ino for ino, _ in found[self.max_namespaces:]}  # not read: counted as unread
+        if over_cap - self.unreadable:  # once per namespace newly over it
+            log.warning("%d network namespaces beyond the cap of %d are not read (series_cap bounds "
+                        "them): counted in tfowatch_netns_unreadable", len(over_cap), self.max_namespaces)
+        unreadable: set[int] = set(over_cap)
+        for ino, handle in found[: self.max_namespaces]:
             try:
                 ext = netns.tcpext(handle)
             except PermissionError as exc:
