@@ -119,6 +119,8 @@ def add_top_parser(sub: Any) -> None:
     top.add_argument("--netns", help="only this network namespace (inode or `ip netns` name)")
     top.add_argument("--totals", action="store_true", help="show totals, not per-interval counts")
     top.add_argument("--mode", choices=MODES, default="auto")
+    top.add_argument("--series-cap", type=positive_int, default=1000, metavar="N",
+                     help="label sets per metric before rows fold into 'other' (default 1000)")
     top.add_argument("-o", "--output", choices=("screen", "table", "json"),
                      help="default: screen on a terminal, table otherwise")
     top.add_argument("--once", action="store_true", help="print one interval and exit")
@@ -300,7 +302,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     opts = Options(interval=args.interval, count=1 if args.once else args.count, sort=args.sort,
                    reverse=args.reverse, rows=args.rows, pid=args.pid, port=args.port,
                    netns=netns_inode(args.netns) if args.netns else None, totals=args.totals,
-                   mode=args.mode)
+                   mode=args.mode, series_cap=args.series_cap)
     output = args.output or ("screen" if sys.stdout.isatty() and not args.once else "table")
     if output == "screen" and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise CliError("-o screen needs a terminal; use -o table or -o json", EXIT_USAGE)

@@ -67,6 +67,7 @@ class Session:
     frames: list[dict[str, Any]]
     by_pid_port: list[dict[str, Any]]  # -p SERVER --port PORT_B
     by_netns: list[dict[str, Any]]     # --netns CLIENT-NAME
+    capped: list[dict[str, Any]]       # --netns CLIENT-NAME --series-cap 1
     exits: list[tuple[int, str]]
 
 
@@ -81,7 +82,8 @@ def session() -> Iterator[Session]:
         server_pid = lab.procs[0].pid
         server_comm = Path(f"/proc/{server_pid}/comm").read_text().strip()
         tops = [TopProcess(), TopProcess("-p", str(server_pid), "--port", str(PORT_B)),
-                TopProcess("--netns", lab.client.name)]
+                TopProcess("--netns", lab.client.name),
+                TopProcess("--netns", lab.client.name, "--series-cap", "1")]
         for t in tops:
             t.wait_frames(1)
         hosts = {"client": lab.client, "server": srv}
@@ -99,7 +101,7 @@ def session() -> Iterator[Session]:
                       accepted=accepted,
                       deltas={k: {c: after[k][c] - before[k][c] for c in COUNTERS} for k in hosts},
                       frames=tops[0].frames, by_pid_port=tops[1].frames, by_netns=tops[2].frames,
-                      exits=exits)
+                      capped=tops[3].frames, exits=exits)
     finally:
         for t in tops:
             if t.proc.poll() is None:
@@ -205,3 +207,17 @@ def test_bad_flags_are_one_line_errors() -> None:
         out = subprocess.run([str(TFOWATCH), "top", *args], capture_output=True, text=True, timeout=30)
         assert out.returncode == 2, (args, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr, args
+
+
+def test_rows_over_the_series_cap_fold_into_other_and_say_so(session: Session) -> None:
+    """Two client label sets under --series-cap 1: the second folds into an 'other' row, the
+    frame says how many events went there, and nothing is lost in the fold."""
+    def sent(frame: dict[str, Any]) -> int:
+        return sum(r["syn_data_sent"]["total"] for r in frame["rows"]
+                   if r["side"] == "client" and r.get("syn_data_sent"))
+
+    capped, full = session.capped[-1], session.by_netns[-1]
+    assert capped["series_cap"] == 1 and capped["folded"] > 0, capped
+    assert any(r["process"] == "other" for r in capped["rows"]), capped["rows"]
+    assert full["series_cap"] == 1000 and full["folded"] == 0
+    assert sent(capped) == sent(full) > 0

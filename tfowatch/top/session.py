@@ -36,6 +36,7 @@ class Options:
     totals: bool = False
     text_filter: str = ""
     mode: str = "auto"
+    series_cap: int = 1000  # label sets per metric before rows fold into 'other'
 
 
 @dataclass
@@ -54,6 +55,8 @@ class Frame:
     # netns -> seconds since the kernel last disabled active TFO, while within its timeout
     active_tfo_off: dict[int, float] = field(default_factory=dict)
     degraded: str = ""  # why the planned tier does not run, and the fix; "" when it does
+    folded: int = 0  # events counted in 'other' rows: more label sets than series_cap
+    series_cap: int = 1000
 
 
 class TopSession:
@@ -64,7 +67,7 @@ class TopSession:
         self._listeners: dict[tuple[int, int], Listener] = {}
         self._owned: set[tuple[int, int]] = set()
         self.refresh_listeners()
-        self.pipeline = pipeline_factory(mode=opts.mode, keep=self._keep)
+        self.pipeline = pipeline_factory(mode=opts.mode, keep=self._keep, series_cap=opts.series_cap)
         self._before: dict[RowKey, Row] = {}
         self._last_sample = time.monotonic()
         self._blackhole_seen: dict[int, tuple[int, float]] = {}
@@ -129,6 +132,7 @@ class TopSession:
             drift={i: drift[i] for i in shown if i in drift},
             active_tfo_off=self._active_tfo_off(st.kernel, spaces),
             degraded=st.plan.degraded.describe(st.plan.tier) if st.plan.degraded else "",
+            folded=sum(st.snap.dropped.values()), series_cap=self.opts.series_cap,
         )
 
     def close(self) -> None:
@@ -197,6 +201,9 @@ def header_lines(frame: Frame, opts: Options) -> list[str]:
              f"{what}  lost {frame.lost}  {clock}"]
     if frame.degraded:
         lines.append(f"DEGRADED: {frame.degraded}")
+    if frame.folded:
+        lines.append(f"FOLDED: {frame.folded} events are in 'other' rows: more label sets than "
+                     f"--series-cap {frame.series_cap}")
     lines += [namespace_line(ns, frame) for ns in frame.namespaces.values()]
     return lines
 
@@ -244,6 +251,7 @@ def json_frame(frame: Frame, opts: Options) -> str:
     return json.dumps({"time": round(frame.time, 3), "interval_s": round(frame.interval_s, 3),
                        "kernel": frame.kernel, "mode": frame.mode, "tier": frame.tier,
                        "degraded": frame.degraded or None, "lost": frame.lost,
+                       "series_cap": frame.series_cap, "folded": frame.folded,
                        "namespaces": spaces, "rows": rows})
 
 
