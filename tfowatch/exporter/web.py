@@ -13,6 +13,7 @@ import base64
 import binascii
 import gzip
 import hashlib
+import io
 import logging
 import secrets
 import socket
@@ -21,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
-from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import bcrypt
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram
@@ -79,34 +80,25 @@ class BasicAuth:
         return False
 
 
-class _ResponseHandler(ServerHandler):
-    """wsgiref's, naming no Python version, and logging a client that went away mid-answer
-    (a reset, a TLS close) at DEBUG instead of writing its traceback to stderr."""
-    server_software = "tfowatch"
+class _DebugLog(io.StringIO):
+    """wsgiref's error stream: the traceback of a client that went away mid-answer (a reset, a
+    TLS close) becomes one DEBUG line instead of a traceback on stderr."""
 
-    def log_exception(self, exc_info: Any) -> None:
-        log.debug("answer not delivered: %s", exc_info[1])
+    def flush(self) -> None:
+        if lines := self.getvalue().strip().splitlines():
+            log.debug("answer not delivered: %s", lines[-1])
+        self.seek(0)
+        self.truncate()
 
 
 class _QuietHandler(WSGIRequestHandler):
-    server_version, sys_version = "tfowatch", ""
+    server_version, sys_version = "tfowatch", ""  # http.server's own errors name no Python
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
-    def handle(self) -> None:
-        """WSGIRequestHandler.handle, with _ResponseHandler."""
-        self.raw_requestline = self.rfile.readline(65537)
-        if len(self.raw_requestline) > 65536:
-            self.requestline = self.request_version = self.command = ""
-            self.send_error(414)
-            return
-        if not self.parse_request():  # an error was sent
-            return
-        handler = _ResponseHandler(self.rfile, self.wfile,  # type: ignore[arg-type]
-                                   self.get_stderr(), self.get_environ(), multithread=False)
-        handler.request_handler = self  # type: ignore[attr-defined]  # wsgiref logs through it
-        handler.run(self.server.get_app())  # type: ignore[attr-defined]
+    def get_stderr(self) -> io.StringIO:
+        return _DebugLog()
 
 
 class _Server(WSGIServer):
@@ -217,7 +209,8 @@ class MetricsServer:
                     b"Method Not Allowed\n"
             assert self._requests is not None
             self._requests.labels(status.split()[0]).inc()
-            start_response(status, [*headers, ("Content-Length", str(len(body)))])
+            # Server: ours, or wsgiref would name its own and the Python version.
+            start_response(status, [*headers, ("Content-Length", str(len(body))), ("Server", "tfowatch")])
             return [b"" if method == "HEAD" else body]  # HEAD: GET's headers, no body
 
         def answer(environ: Environ) -> Answer:
