@@ -21,6 +21,7 @@ from tfowatch.exporter import config
 from tfowatch.exporter.config import OPTIONS, Settings
 
 if TYPE_CHECKING:
+    from tfowatch.exporter.web import MetricsServer
     from tfowatch.exporter.webconfig import WebConfig
 
 EXIT_USAGE = 2
@@ -265,7 +266,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def reload_web_config(settings: Settings, server: Any, log: logging.Logger) -> None:
+def reload_web_config(settings: Settings, server: MetricsServer, log: logging.Logger) -> None:
     """SIGHUP: read the web config again (a renewed certificate, changed users), as Prometheus
     reloads on SIGHUP; a config that no longer checks leaves the one in use, loudly."""
     from tfowatch.exporter import webconfig

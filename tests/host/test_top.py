@@ -219,5 +219,5 @@ def test_rows_over_the_series_cap_fold_into_other_and_say_so(session: Session) -
     capped, full = session.capped[-1], session.by_netns[-1]
     assert capped["series_cap"] == 1 and capped["folded"] > 0, capped
     assert any(r["process"] == "other" for r in capped["rows"]), capped["rows"]
-    assert full["series_cap"] == 1000 and full["folded"] == 0
+    assert full["series_cap"] == 1000 and full["folded"] == 0 and full["failed_parts"] == []
     assert sent(capped) == sent(full) > 0

@@ -188,14 +188,10 @@ def has_cap(cap: int) -> bool:
     return bool(effective_caps() & (1 << cap))
 
 
-def is_privileged() -> bool:
-    """The capabilities BPF tracing needs: CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN before
-    5.8. Asked of the kernel, not of the uid: root in a capability-bounded unit may lack them."""
-    return not missing_bpf_caps()
-
-
 def missing_bpf_caps() -> list[str]:
-    """The capabilities this process lacks to load BPF programs ([] when it may)."""
+    """The capabilities BPF tracing needs that this process lacks ([] when it may load):
+    CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN before 5.8. Asked of the kernel, not of the
+    uid: root in a capability-bounded unit may lack them."""
     if has_cap(CAP_SYS_ADMIN):
         return []
     return [name for cap, name in ((CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")) if not has_cap(cap)]

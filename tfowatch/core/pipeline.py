@@ -155,8 +155,8 @@ class Pipeline:
         kernel, unreadable = take(parts, KERNEL, self._kernel_part, no_kernel)
         both = parts[PROBES].ok and parts[KERNEL].ok
         gap = drift(snap, self.counters.deltas(kernel), self.plan.reconciled) if both else {}
-        none: list[tuple[str, str, str, bool]] = []
-        attached = take(parts, SELF, self.attached, none)
+        no_attachments: list[tuple[str, str, str, bool]] = []
+        attached = take(parts, SELF, self.attached, no_attachments)
         return ExportState(
             plan=self.plan, snap=snap, totals=totals, kernel=kernel, unreadable=unreadable,
             drift=gap, attached=attached, version=__version__, kernel_release=self.facts.release,

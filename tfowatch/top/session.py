@@ -55,8 +55,8 @@ class Frame:
     # netns -> seconds since the kernel last disabled active TFO, while within its timeout
     active_tfo_off: dict[int, float] = field(default_factory=dict)
     degraded: str = ""  # why the planned tier does not run, and the fix; "" when it does
-    folded: int = 0  # events counted in 'other' rows: more label sets than series_cap
-    series_cap: int = 1000
+    folded: int = 0  # events counted in 'other' rows: more label sets than opts.series_cap
+    failed: list[str] = field(default_factory=list)  # state parts not read this interval
 
 
 class TopSession:
@@ -132,7 +132,8 @@ class TopSession:
             drift={i: drift[i] for i in shown if i in drift},
             active_tfo_off=self._active_tfo_off(st.kernel, spaces),
             degraded=st.plan.degraded.describe(st.plan.tier) if st.plan.degraded else "",
-            folded=sum(st.snap.dropped.values()), series_cap=self.opts.series_cap,
+            folded=sum(st.snap.dropped.values()),
+            failed=[name for name, part in st.parts.items() if not part.ok],
         )
 
     def close(self) -> None:
@@ -201,9 +202,12 @@ def header_lines(frame: Frame, opts: Options) -> list[str]:
              f"{what}  lost {frame.lost}  {clock}"]
     if frame.degraded:
         lines.append(f"DEGRADED: {frame.degraded}")
+    if frame.failed:
+        lines.append(f"INCOMPLETE: could not read {', '.join(frame.failed)} this interval "
+                     "(the log says why): those counts are missing, not zero")
     if frame.folded:
         lines.append(f"FOLDED: {frame.folded} events are in 'other' rows: more label sets than "
-                     f"--series-cap {frame.series_cap}")
+                     f"--series-cap {opts.series_cap}")
     lines += [namespace_line(ns, frame) for ns in frame.namespaces.values()]
     return lines
 
@@ -251,7 +255,8 @@ def json_frame(frame: Frame, opts: Options) -> str:
     return json.dumps({"time": round(frame.time, 3), "interval_s": round(frame.interval_s, 3),
                        "kernel": frame.kernel, "mode": frame.mode, "tier": frame.tier,
                        "degraded": frame.degraded or None, "lost": frame.lost,
-                       "series_cap": frame.series_cap, "folded": frame.folded,
+                       "series_cap": opts.series_cap, "folded": frame.folded,
+                       "failed_parts": frame.failed,
                        "namespaces": spaces, "rows": rows})
 
 
