@@ -121,17 +121,23 @@ def boot(release: str, out: Path, script: str = "") -> subprocess.CompletedProce
     return res
 
 
+GUEST_BOOTS = 3  # the 6.12 guest kernel panics now and then in test_faults[SIGKILL] (an oops in
+# inet_sk_state_store under TCG, not yet understood): a guest that ended on its own boots again
+
+
 def kprobe_guest(release: str, out: Path) -> tuple[subprocess.CompletedProcess[str], str]:
-    """One boot running GUEST_TESTS; a second one if the guest ended mid-run (one CI run: vng
-    exit 255 during a fault test, no console kept then). Returns the last boot and, after a
-    retry, what the first console said."""
-    res = boot(release, out)
-    if (out / "pytest.rc").exists() or KILLED in res.stderr:  # a guest over its bound fails as is
-        return res, ""
-    first = (out / "console.txt").read_text(errors="replace")
-    res = boot(release, out)
-    (out / "console-first-boot.txt").write_text(first)
-    return res, f"vng exit {res.returncode} the first time; its console tail:\n{first[-2000:]}"
+    """Up to GUEST_BOOTS boots running GUEST_TESTS, while the guest ends mid-run (a kernel
+    panic; vng exit 255). Returns the last boot and what each earlier console said."""
+    said = ""
+    for n in range(1, GUEST_BOOTS + 1):
+        res = boot(release, out)
+        if (out / "pytest.rc").exists() or KILLED in res.stderr or n == GUEST_BOOTS:
+            if said:
+                (out / "console-earlier-boots.txt").write_text(said)
+            return res, said  # a guest over its bound fails as is
+        console = (out / "console.txt").read_text(errors="replace")
+        said += f"boot {n}: vng exit {res.returncode}; its console tail:\n{console[-2000:]}\n"
+    raise AssertionError("unreachable")
 
 
 def bench(release: str, out: Path) -> int:
