@@ -112,6 +112,7 @@ def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None
 # traffic with no tfowatch at all. Single-threaded TCG runs the same 2 vCPUs in turn on one
 # host thread and survives it, so each guest costs one host core and two guests run at once.
 TCG = "--qemu-opts=-accel tcg,thread=single"
+GUEST = ["--disable-kvm", "--force-9p", "--cpus", "2", "--memory", "2G", "--verbose", TCG]
 
 
 def vng_env() -> dict[str, str]:
@@ -122,9 +123,8 @@ def boot(release: str, out: Path, script: str = "") -> subprocess.CompletedProce
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.iterdir():
         stale.unlink()
-    cmd = [str(VENV_BIN / "vng"), "--run", f"/boot/vmlinuz-{release}", "--disable-kvm",
-           "--force-9p", "--cpus", "2", "--memory", "2G", "--verbose", "--rwdir", str(out),
-           "--exec", script or guest_script(out), TCG]
+    cmd = [str(VENV_BIN / "vng"), "--run", f"/boot/vmlinuz-{release}", *GUEST, "--rwdir", str(out),
+           "--exec", script or guest_script(out)]
     res = run(cmd, BOOT_TIMEOUT_S, vng_env())
     (out / "console.txt").write_text(res.stdout + res.stderr)
     return res
@@ -263,7 +263,7 @@ def systemd_boot(release: str, out: Path, base: Path | None = None) -> subproces
     """Boot `release` with systemd as PID 1 on the prepared root; its results land in `out`."""
     root = prepare_systemd_root(release, base or build_root(release))
     cmd = [str(VENV_BIN / "vng"), "--run", str(root / "boot" / f"vmlinuz-{release}"), "--root", str(root),
-           "--rw", "--systemd", "--disable-kvm", "--force-9p", "--cpus", "2", "--memory", "2G", "--verbose", TCG]
+           "--rw", "--systemd", *GUEST]
     res = run(cmd, SYSTEMD_TIMEOUT_S, vng_env())
     if out.exists():
         shutil.rmtree(out)
