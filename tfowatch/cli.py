@@ -189,7 +189,8 @@ def describe(settings: Settings, web: WebConfig | None) -> str:
     host, port = settings.address
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     parts = [f"{scheme}://{where}/metrics", f"mode {settings.mode}", f"series_cap {settings.series_cap}",
-             f"perf_pages {settings.perf_pages}", f"max_connections {settings.max_connections}"]
+             f"perf_pages {settings.perf_pages}", f"max_connections {settings.max_connections}",
+             f"header_timeout {settings.header_timeout} s"]
     if settings.strict:
         parts.append("strict")
     if web is not None and web.tls is not None:
@@ -241,7 +242,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     host, port = settings.address
     try:  # bound before BPF loads: a port in use costs nothing and fails at once
-        server = MetricsServer(host, port, web, settings.max_connections)
+        server = MetricsServer(host, port, web, settings.max_connections, settings.header_timeout)
     except OSError as exc:
         raise CliError(f"cannot listen on {settings.listen}: {exc.strerror}") from exc
     signal.signal(signal.SIGHUP, lambda *_: reload_web_config(settings, server, log))

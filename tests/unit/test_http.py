@@ -7,6 +7,8 @@ from __future__ import annotations
 import socket
 import ssl
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 from netlab import free_port
 from prometheus_client import CollectorRegistry
 
+from tfowatch.exporter import web
 from tfowatch.exporter.web import MetricsServer
 from tfowatch.exporter.webconfig import load
 
@@ -22,10 +25,13 @@ BODY = b"tfowatch_up 1\n"
 
 
 class FixedScrape:
-    def __init__(self) -> None:
+    def __init__(self, gate: threading.Event | None = None) -> None:
         self.registry = CollectorRegistry()  # the server adds its own metrics to it
+        self.gate = gate
 
     def render(self) -> bytes:
+        if self.gate is not None:  # a scrape that takes until the test lets it go
+            self.gate.wait(30)
         return BODY
 
 
@@ -95,3 +101,29 @@ def test_a_tls_client_closing_mid_request_leaves_no_traceback(tmp_path: Path,
     err = capfd.readouterr().err
     assert "Traceback" not in err, err
     sys.stderr.write(err)
+
+
+def test_a_whole_request_waits_for_an_answer_slot_then_gets_a_503() -> None:
+    """One answer slot, held by a scrape that does not end: the next whole request waits
+    ANSWER_WAIT_S for the slot and is told 503 (counted), not dropped; once the slot is
+    free, requests are answered again."""
+    gate = threading.Event()
+    port = free_port()
+    srv = MetricsServer("127.0.0.1", port, max_connections=1)
+    scrape = FixedScrape(gate)
+    srv.start(scrape)  # type: ignore[arg-type]
+    try:
+        held = socket.create_connection(("127.0.0.1", port))
+        held.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        status, _, _ = exchange(port, b"GET / HTTP/1.0\r\n\r\n")
+        assert status.split()[1] == "503" and web.ANSWER_WAIT_S <= time.monotonic() - t0 < 10
+        gate.set()
+        assert held.recv(4096).startswith(b"HTTP/1.0 200 OK")
+        held.close()
+        assert exchange(port, b"GET / HTTP/1.0\r\n\r\n")[0].split()[1] == "200"
+        assert scrape.registry.get_sample_value("tfowatch_http_requests_total", {"code": "503"}) == 1
+    finally:
+        gate.set()
+        srv.close()

@@ -122,8 +122,10 @@ SCRAPE_DURATION = Metric("tfowatch_scrape_duration_seconds", "histogram",
                          "Time to build a /metrics response.", (), source=HTTP,
                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
 HTTP_CONNECTIONS_REFUSED = Metric("tfowatch_http_connections_refused_total", "counter",
-                                  "Connections closed before HTTP: rejected (over max_connections) "
-                                  "or tls_failed (handshake).", ("reason",), source=HTTP)
+                                  "Connections closed before their request was answered: timeout "
+                                  "(request not in within header_timeout), evicted (the oldest "
+                                  "unfinished request, to make room), tls_failed (handshake), "
+                                  "rejected (over the thread bound).", ("reason",), source=HTTP)
 
 FAMILIES = (COOKIE_REQUESTS, COOKIES_ISSUED, SYN_DATA_ACCEPTED, PASSIVE_FALLBACKS, SYN_DATA_SENT,
             SYN_DATA_ACKED, ACTIVE_FALLBACKS, BLACKHOLE_DISABLES, TW_REUSE, TW_REUSE_AGE,

@@ -58,6 +58,14 @@ def _at_least(low: int) -> Callable[[int], None]:
     return check
 
 
+def _between(low: int, high: int) -> Callable[[int], None]:
+    def check(value: int) -> None:
+        if not low <= value <= high:
+            raise ConfigError(f"must be from {low} to {high}, not {value}")
+    return check
+
+
+PENDING_PER_SLOT = 16  # HTTP connections still sending their request, per answer slot
 MAX_PERF_PAGES = 16384  # 64 MiB per CPU; BCC overflows its size at 2**19 pages and dies or loses events
 
 
@@ -89,6 +97,7 @@ class Settings:
     log_level: str = "INFO"
     web_config_file: str | None = None
     max_connections: int = 16
+    header_timeout: int = 5
     strict: bool = False
 
     @property
@@ -106,8 +115,11 @@ OPTIONS = (
     Option("log_level", str, "one of " + ", ".join(LOG_LEVELS), _one_of(LOG_LEVELS)),
     Option("web_config_file", str,
            "YAML in node_exporter's --web.config.file format: TLS, client CA, basic auth users"),
-    Option("max_connections", int, "concurrent HTTP connections; more are closed at once",
+    Option("max_connections", int, "HTTP requests answered at once; connections still sending "
+           f"their request are bounded at {PENDING_PER_SLOT} times this (a new one cuts the oldest)",
            _at_least(1)),
+    Option("header_timeout", int, "seconds a client has for its whole request, TLS handshake and "
+           "headers included; then it is cut", _between(1, 60)),
     Option("strict", bool, "exit (status 1) instead of running a lower tier than planned, "
            "e.g. when the BPF sources are missing or a probe cannot attach"),
 )
