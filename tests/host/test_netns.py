@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+from netlab import Lab, Samples, free_port, scrape, series, sh, start_daemon, unit_caps, value
 
 from tfowatch.core import netns
 from tfowatch.core.aggregator import Aggregator
@@ -49,7 +51,7 @@ def test_namespaces_beyond_the_cap_are_counted_as_unread(bare_netns: str,
     found = len(netns.discover())
     assert found >= 2  # this one and ours
     kc = KernelCounters(max_namespaces=1)
-    assert len(kc.read()) == 1
+    assert len(kc.read()[0]) == 1
     assert len(kc.unreadable) == found - 1  # not silently left out
     assert "beyond the cap of 1 are not read" in caplog.text
     caplog.clear()
@@ -58,13 +60,20 @@ def test_namespaces_beyond_the_cap_are_counted_as_unread(bare_netns: str,
 
 
 @pytest.mark.usefixtures("root_bpf")
-def test_vanished_namespace_keeps_its_last_counters(bare_netns: str) -> None:
-    kc = KernelCounters()
+def test_a_vanished_namespace_keeps_its_last_counters_for_the_grace_then_is_retired(bare_netns: str) -> None:
+    """Gone: its last counters stay for `grace` (Prometheus sees its final values), but no
+    drift (its last interval was never read on the kernel side); then it is retired."""
+    kc = KernelCounters(grace=2.0)
     kc.start()
     ino = netns.inode(f"/run/netns/{bare_netns}")
-    assert ino in kc.read()
+    kernel, retired = kc.read()
+    assert ino in kernel and ino in kc.deltas(kernel) and not retired
     subprocess.run(["ip", "netns", "del", bare_netns], check=True)
-    assert ino in kc.read()  # still reconcilable after the container is gone
+    kernel, retired = kc.read()
+    assert ino in kernel and ino not in kc.deltas(kernel) and not retired
+    time.sleep(2.1)
+    kernel, retired = kc.read()
+    assert ino not in kernel and ino in retired and kc.retired == 1
 
 
 def test_drift_is_probe_count_minus_kernel_delta() -> None:
@@ -86,3 +95,55 @@ def test_no_drift_for_a_namespace_whose_counters_were_never_read() -> None:
     agg = Aggregator()
     agg.add(Event(EventType.SYN_DATA_ACCEPTED, netns=9, port=80))
     assert drift(agg.snapshot(), {5: {"TCPFastOpenPassive": 0}}, ["syn_data_accepted"]) == {}
+
+
+def netns_series(samples: Samples, ino: int) -> list[str]:
+    """Every series that names the namespace `ino`."""
+    return sorted(f"{name}{dict(labels)}" for (name, labels), _ in samples.items()
+                  if ("netns", str(ino)) in labels)
+
+
+GRACE_S = 3
+
+
+@pytest.mark.usefixtures("root_bpf")
+def test_a_gone_namespace_has_no_false_drift_and_its_series_are_retired_after_the_grace() -> None:
+    """Issue 16, case 2, through the daemon: a server namespace serves TFO, is scraped, serves
+    more, and is deleted before the next scrape. Before: a drift of that last traffic (never
+    read on the kernel side) and its series stayed for the life of the daemon. Now: its last
+    values for the grace, no drift, then no series at all, counted."""
+    lab = Lab()
+    listen = f"127.0.0.1:{free_port()}"
+    daemon = start_daemon(listen, unit_caps("sys-admin.conf"), "--netns-grace", str(GRACE_S))
+    try:
+        url = f"http://{listen}/metrics"
+        srv, addr = lab.server("g", "3")
+        lab.start_server(srv, "7103")
+        lab.client.peer("client", addr, "7103", "4", "--comm", "tfo-g")
+        time.sleep(0.5)
+        read = scrape(url)
+        assert value(read, "tfowatch_reconcile_drift", netns=srv.inode, metric="syn_data_accepted") == 0
+        assert value(read, "tfowatch_syn_data_accepted_total", netns=srv.inode, port=7103) == 3
+        lab.client.peer("client", addr, "7103", "4", "--comm", "tfo-g")  # not read before it goes
+        time.sleep(0.5)
+        last = srv.tcpext()["TCPFastOpenPassive"]
+        for proc in lab.procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+        lab.procs.clear()
+        sh("ip", "netns", "del", srv.name)
+        gone = scrape(url)
+        assert value(gone, "tfowatch_syn_data_accepted_total", netns=srv.inode, port=7103) == last == 7
+        assert value(gone, "tfowatch_kernel_tcpext_total", netns=srv.inode, counter="TCPFastOpenPassive") == 3
+        assert not [s for s in netns_series(gone, srv.inode) if "reconcile_drift" in s]
+        time.sleep(GRACE_S + 0.5)
+        scrape(url)  # the one that retires it
+        after = scrape(url)
+        assert netns_series(after, srv.inode) == []
+        assert value(after, "tfowatch_netns_retired_total") >= 1
+        assert all(v == 0 for v in series(after, "tfowatch_reconcile_drift").values()), \
+            series(after, "tfowatch_reconcile_drift")
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+        lab.close()

@@ -105,3 +105,18 @@ def test_cgroup_of_a_vanished_cgroup_is_read_once_through_the_process(tmp_path) 
     assert names.name(gone, pid=os.getpid()) == proc_cgroup(os.getpid())
     names.root = None  # a second lookup must come from the cache, not another walk or /proc read
     assert names.name(gone, pid=0) == proc_cgroup(os.getpid())
+
+
+def test_a_retired_namespace_loses_every_series_and_starts_again_from_zero() -> None:
+    agg = Aggregator()
+    for ino in (5, 6):
+        agg.add(Event(EventType.SYN_DATA_ACCEPTED, netns=ino, port=80), 3)
+        agg.add(Event(EventType.TW_REUSE_GRANTED, netns=ino, port=80, age_ms=1500))
+    agg.retire_netns({5})
+    snap = agg.snapshot()
+    for metric in (SYN_DATA_ACCEPTED, TW_REUSE, TW_REUSE_AGE):
+        netns_at = metric.labels.index("netns")
+        assert {key[netns_at] for key in snap.series(metric)} == {"6"}, metric.name
+    assert {ino for ino, _ in snap.per_netns} == {6}
+    agg.add(Event(EventType.SYN_DATA_ACCEPTED, netns=5, port=80))
+    assert agg.snapshot().per_netns[(5, EventType.SYN_DATA_ACCEPTED)] == 1

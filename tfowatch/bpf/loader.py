@@ -300,6 +300,13 @@ class Probes:
             self._count_bufs = ((CountKey * MAX_COUNTS)(), (CountVal * MAX_COUNTS)())
         return read_counts(self.bpf[b"counts"].map_fd, *self._count_bufs)
 
+    def forget_counts(self, raws: list[bytes]) -> None:
+        """Delete these label sets from the in-kernel counts (a retired namespace's)."""
+        table = self.bpf[b"counts"]
+        for raw in raws:
+            with contextlib.suppress(KeyError):  # never counted since, or already gone
+                del table[CountKey.from_buffer_copy(raw)]
+
     def totals(self) -> list[int]:
         """Exact per-type event counts kept in the kernel (summed over CPUs)."""
         table = self.bpf[b"totals"]

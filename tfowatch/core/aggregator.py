@@ -116,6 +116,21 @@ class Aggregator:
                 self._netns_seen.add(ev.netns)
                 self._per_netns[(ev.netns, ev.type)] += n
 
+    def retire_netns(self, inodes: set[int]) -> None:
+        """Every series and per-namespace count of these (gone) namespaces goes."""
+        names = {str(ino) for ino in inodes}
+        with self._lock:
+            for families in (self._counters, self._hist):
+                for metric, series in families.items():
+                    if "netns" in metric.labels:
+                        at = metric.labels.index("netns")
+                        for key in [k for k in series if k[at] in names]:
+                            del series[key]
+            for gone in [k for k in self._per_netns if k[0] in inodes]:
+                del self._per_netns[gone]
+            self._netns_seen -= inodes
+            self._label_cache.clear()
+
     def add_lost(self, count: int) -> None:
         with self._lock:
             self._lost += count

@@ -80,6 +80,9 @@ NETNS_UNREADABLE = Metric("tfowatch_netns_unreadable", "gauge",
                           "Network namespaces found whose counters tfowatch does not read: not its "
                           "to read (process-less ones need CAP_SYS_ADMIN), or beyond series_cap.",
                           (), ALL, KERNEL)
+NETNS_RETIRED = Metric("tfowatch_netns_retired_total", "counter",
+                       "Network namespaces gone (no process, no bind mount) for netns_grace seconds, "
+                       "whose series were then removed.", (), ALL, KERNEL)
 RECONCILE_DRIFT = Metric("tfowatch_reconcile_drift", "gauge",
                          "Probe-derived count minus the kernel counter's increase since start (0 = exact).",
                          ("netns", "metric"), PROBED, KERNEL,
@@ -129,7 +132,7 @@ HTTP_CONNECTIONS_REFUSED = Metric("tfowatch_http_connections_refused_total", "co
 
 FAMILIES = (COOKIE_REQUESTS, COOKIES_ISSUED, SYN_DATA_ACCEPTED, PASSIVE_FALLBACKS, SYN_DATA_SENT,
             SYN_DATA_ACKED, ACTIVE_FALLBACKS, BLACKHOLE_DISABLES, TW_REUSE, TW_REUSE_AGE,
-            KERNEL_TCPEXT, NETNS_UNREADABLE, RECONCILE_DRIFT,
+            KERNEL_TCPEXT, NETNS_UNREADABLE, NETNS_RETIRED, RECONCILE_DRIFT,
             PROBE_ATTACHED, EVENTS, EVENTS_LOST, SERIES_DROPPED, SERIES, SERIES_CAP, BUILD_INFO,
             TIER_DEGRADED, SCRAPE_PART_SUCCESS, SCRAPE_PART_DURATION,
             HTTP_REQUESTS, SCRAPE_DURATION, HTTP_CONNECTIONS_REFUSED)

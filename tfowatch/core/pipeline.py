@@ -68,7 +68,7 @@ class Ingest:
     poller calls it per event; benchmarks call it with synthetic events (bench/synthetic.py)."""
 
     def __init__(self, agg: Aggregator, keep: EventFilter | None = None,
-                 sink: EventSink | None = None) -> None:
+                 sink: EventSink | None = None, netns_grace: float = 300.0) -> None:
         self.agg = agg
         self.keep = keep
         self.sink = sink
@@ -89,7 +89,7 @@ class Pipeline:
     def __init__(self, mode: str = "auto", series_cap: int = 1000, perf_pages: int = 256,
                  keep: EventFilter | None = None, facts: KernelFacts | None = None,
                  variant: Variant = PLAIN_BUILD, strict: bool = False,
-                 sink: EventSink | None = None) -> None:
+                 sink: EventSink | None = None, netns_grace: float = 300.0) -> None:
         """keep: events to aggregate (top's filters); sink: sees each kept event too (doctor's
         observation). variant.in_kernel_counts counts events per label set in a BPF map, read
         at each state(), instead of one perf sample per event (`run`; neither keep nor sink
@@ -102,7 +102,7 @@ class Pipeline:
         self.agg = Aggregator(series_cap)
         self._folded: dict[bytes, int] = {}  # in-kernel count already added, per key
         self._folding = threading.Lock()
-        self.counters = KernelCounters(max_namespaces=series_cap)
+        self.counters = KernelCounters(max_namespaces=series_cap, grace=netns_grace)
         if self.probes is not None:
             self.ingest = Ingest(self.agg, keep, sink)
             self.probes.open_events(self.ingest, self.agg.add_lost, perf_pages)
@@ -142,23 +142,37 @@ class Pipeline:
         self.drain()
         return self.agg.snapshot(), self.probes.totals() if self.probes is not None else None
 
-    def _kernel_part(self) -> tuple[dict[int, dict[str, int]], int]:
-        kernel = self.counters.read()
-        return kernel, len(self.counters.unreadable)
+    def _kernel_part(self) -> tuple[dict[int, dict[str, int]], int, int]:
+        kernel, retired = self.counters.read()
+        if retired:
+            self.retire(retired)
+        return kernel, len(self.counters.unreadable), self.counters.retired
+
+    def retire(self, inodes: set[int]) -> None:
+        """Namespaces gone for the grace period: their series, and their in-kernel counts."""
+        log.info("retiring the series of %d network namespaces gone for %.0f s: %s", len(inodes),
+                 self.counters.grace, ", ".join(map(str, sorted(inodes))))
+        self.agg.retire_netns(inodes)
+        with self._folding:
+            raws = [raw for raw in self._folded if CountKey.from_buffer_copy(raw).netns in inodes]
+            for raw in raws:
+                del self._folded[raw]
+            if self.probes is not None and raws:
+                self.probes.forget_counts(raws)
 
     def state(self) -> ExportState:
         """Every part, each on its own (state.take): a failed one is empty and says so."""
         parts: dict[str, Part] = {}
         no_probes: tuple[Snapshot, list[int] | None] = (Snapshot.empty(), None)
-        no_kernel: tuple[dict[int, dict[str, int]], int] = ({}, 0)
+        no_kernel: tuple[dict[int, dict[str, int]], int, int] = ({}, 0, 0)
         snap, totals = take(parts, PROBES, self._probe_part, no_probes)
-        kernel, unreadable = take(parts, KERNEL, self._kernel_part, no_kernel)
+        kernel, unreadable, retired = take(parts, KERNEL, self._kernel_part, no_kernel)
         both = parts[PROBES].ok and parts[KERNEL].ok
         gap = drift(snap, self.counters.deltas(kernel), self.plan.reconciled) if both else {}
         no_attachments: list[tuple[str, str, str, bool]] = []
         attached = take(parts, SELF, self.attached, no_attachments)
         return ExportState(
-            plan=self.plan, snap=snap, totals=totals, kernel=kernel, unreadable=unreadable,
+            plan=self.plan, snap=snap, totals=totals, kernel=kernel, unreadable=unreadable, retired=retired,
             drift=gap, attached=attached, version=__version__, kernel_release=self.facts.release,
             series_cap=self.agg.series_cap, parts=parts,
         )

@@ -4,12 +4,19 @@ drift = (events the probes reported in that namespace since start)
       - (kernel counter now - kernel counter at start)
 
 A namespace first seen after start was created after start, so its baseline is 0.
+
+A namespace that is gone (no process in it, no bind mount) keeps its last counters for
+`grace` seconds, so Prometheus sees its final values for a few scrapes; then it is retired
+(every series with its inode goes) and counted. Its drift is dropped at once: the traffic of
+its last interval is in the probe counts but was never read on the kernel side, so any drift
+would be false.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from tfowatch.core import netns
 from tfowatch.core.aggregator import Snapshot
@@ -20,11 +27,15 @@ log = logging.getLogger(__name__)
 
 
 class KernelCounters:
-    def __init__(self, max_namespaces: int = 1000) -> None:
+    def __init__(self, max_namespaces: int = 1000, grace: float = 300.0) -> None:
         self.max_namespaces = max_namespaces
+        self.grace = grace
         self._lock = threading.Lock()
         self._baseline: dict[int, dict[str, int]] = {}
         self._last: dict[int, dict[str, int]] = {}
+        self.live: set[int] = set()  # read at the last read()
+        self._gone_since: dict[int, float] = {}
+        self.retired = 0
         # found, but not read: not ours to read (kernel.namespace_blind_spots), or over the cap
         self.unreadable: set[int] = set()
 
@@ -51,16 +62,26 @@ class KernelCounters:
         self.unreadable = unreadable
         return out
 
-    def read(self) -> dict[int, dict[str, int]]:
-        """TFO/TIME-WAIT TcpExt counters of every namespace found, bounded; a namespace
-        that has vanished keeps its last values, so its drift stays meaningful."""
+    def read(self) -> tuple[dict[int, dict[str, int]], set[int]]:
+        """TFO/TIME-WAIT TcpExt counters of every namespace found, and of those gone less
+        than `grace` ago (their last values), bounded; and the namespaces retired now."""
         live = self._read_live()
+        now = time.monotonic()
         with self._lock:
+            self.live = set(live)
             self._last.update(live)
-            while len(self._last) > self.max_namespaces:
-                gone = next(ino for ino in self._last if ino not in live)
-                del self._last[gone]
-            return dict(self._last)
+            for ino in live:
+                self._gone_since.pop(ino, None)
+            for ino in self._last.keys() - live:
+                self._gone_since.setdefault(ino, now)
+            retired = {ino for ino, since in self._gone_since.items() if now - since >= self.grace}
+            over = len(self._last) - len(retired) - self.max_namespaces
+            retired |= set(sorted(self._gone_since, key=self._gone_since.__getitem__)[:max(0, over)])
+            for ino in retired:
+                del self._last[ino], self._gone_since[ino]
+                self._baseline.pop(ino, None)
+            self.retired += len(retired)
+            return dict(self._last), retired
 
     def start(self) -> None:
         live = self._read_live()
@@ -69,10 +90,11 @@ class KernelCounters:
             self._last = dict(live)
 
     def deltas(self, now: dict[int, dict[str, int]]) -> dict[int, dict[str, int]]:
+        """Kernel counter deltas since start, of the namespaces read just now (the live ones)."""
         with self._lock:
-            base = self._baseline
+            base, live = self._baseline, self.live
         return {ino: {c: v - base.get(ino, {}).get(c, 0) for c, v in counters.items()}
-                for ino, counters in now.items()}
+                for ino, counters in now.items() if ino in live}
 
 
 def drift(snap: Snapshot, deltas: dict[int, dict[str, int]], labels: list[str]

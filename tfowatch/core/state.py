@@ -30,6 +30,7 @@ class ExportState:
     totals: list[int] | None  # exact per-type counts from the kernel; None without BPF
     kernel: dict[int, dict[str, int]]
     unreadable: int  # namespaces found whose counters this process may not read
+    retired: int  # namespaces gone for the grace period, whose series went, since start
     drift: dict[tuple[int, str], int]
     attached: list[tuple[str, str, str, bool]]  # point, target, tier, attached
     version: str

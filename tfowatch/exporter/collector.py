@@ -73,6 +73,7 @@ def kernel_families(st: ExportState) -> Iterator[Family]:
     yield _samples(m.KERNEL_TCPEXT, (([str(ino), name], value) for ino, counters in sorted(st.kernel.items())
                                      for name, value in sorted(counters.items())))
     yield family(m.NETNS_UNREADABLE, st.unreadable)
+    yield family(m.NETNS_RETIRED, st.retired)
     if st.plan.reconciled and st.ok(PROBES):
         yield _samples(m.RECONCILE_DRIFT, (([str(ino), label], value)
                                            for (ino, label), value in sorted(st.drift.items())))

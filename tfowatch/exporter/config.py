@@ -98,6 +98,7 @@ class Settings:
     web_config_file: str | None = None
     max_connections: int = 16
     header_timeout: int = 5
+    netns_grace: int = 300
     strict: bool = False
 
     @property
@@ -120,6 +121,8 @@ OPTIONS = (
            _at_least(1)),
     Option("header_timeout", int, "seconds a client has for its whole request, TLS handshake and "
            "headers included; then it is cut", _between(1, 60)),
+    Option("netns_grace", int, "seconds a network namespace that is gone keeps its series (its last "
+           "counters) before they are removed", _between(0, 86400)),
     Option("strict", bool, "exit (status 1) instead of running a lower tier than planned, "
            "e.g. when the BPF sources are missing or a probe cannot attach"),
 )
