@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-from netlab import Lab, Samples, free_port, scrape, series, sh, start_daemon, unit_caps, value
 
 from tfowatch.core import netns
 from tfowatch.core.aggregator import Aggregator
@@ -96,54 +95,3 @@ def test_no_drift_for_a_namespace_whose_counters_were_never_read() -> None:
     agg.add(Event(EventType.SYN_DATA_ACCEPTED, netns=9, port=80))
     assert drift(agg.snapshot(), {5: {"TCPFastOpenPassive": 0}}, ["syn_data_accepted"]) == {}
 
-
-def netns_series(samples: Samples, ino: int) -> list[str]:
-    """Every series that names the namespace `ino`."""
-    return sorted(f"{name}{dict(labels)}" for (name, labels), _ in samples.items()
-                  if ("netns", str(ino)) in labels)
-
-
-GRACE_S = 3
-
-
-@pytest.mark.usefixtures("root_bpf")
-def test_a_gone_namespace_has_no_false_drift_and_its_series_are_retired_after_the_grace() -> None:
-    """Issue 16, case 2, through the daemon: a server namespace serves TFO, is scraped, serves
-    more, and is deleted before the next scrape. Before: a drift of that last traffic (never
-    read on the kernel side) and its series stayed for the life of the daemon. Now: its last
-    values for the grace, no drift, then no series at all, counted."""
-    lab = Lab()
-    listen = f"127.0.0.1:{free_port()}"
-    daemon = start_daemon(listen, unit_caps("sys-admin.conf"), "--netns-grace", str(GRACE_S))
-    try:
-        url = f"http://{listen}/metrics"
-        srv, addr = lab.server("g", "3")
-        lab.start_server(srv, "7103")
-        lab.client.peer("client", addr, "7103", "4", "--comm", "tfo-g")
-        time.sleep(0.5)
-        read = scrape(url)
-        assert value(read, "tfowatch_reconcile_drift", netns=srv.inode, metric="syn_data_accepted") == 0
-        assert value(read, "tfowatch_syn_data_accepted_total", netns=srv.inode, port=7103) == 3
-        lab.client.peer("client", addr, "7103", "4", "--comm", "tfo-g")  # not read before it goes
-        time.sleep(0.5)
-        last = srv.tcpext()["TCPFastOpenPassive"]
-        for proc in lab.procs:
-            proc.terminate()
-            proc.wait(timeout=10)
-        lab.procs.clear()
-        sh("ip", "netns", "del", srv.name)
-        gone = scrape(url)
-        assert value(gone, "tfowatch_syn_data_accepted_total", netns=srv.inode, port=7103) == last == 7
-        assert value(gone, "tfowatch_kernel_tcpext_total", netns=srv.inode, counter="TCPFastOpenPassive") == 3
-        assert not [s for s in netns_series(gone, srv.inode) if "reconcile_drift" in s]
-        time.sleep(GRACE_S + 0.5)
-        scrape(url)  # the one that retires it
-        after = scrape(url)
-        assert netns_series(after, srv.inode) == []
-        assert value(after, "tfowatch_netns_retired_total") >= 1
-        assert all(v == 0 for v in series(after, "tfowatch_reconcile_drift").values()), \
-            series(after, "tfowatch_reconcile_drift")
-    finally:
-        daemon.terminate()
-        daemon.wait(timeout=30)
-        lab.close()

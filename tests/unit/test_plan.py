@@ -30,7 +30,8 @@ def test_debian_kernels_get_the_kprobe_tier(release: str) -> None:
     assert plan.events == {s.type for s in EVENTS if s.metrics}  # plain connects are doctor's
     assert "tfowatch_tw_reuse_age_seconds" in {m.name for m in plan.metrics}
     assert plan.defines == {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 1, "TW_KPROBE": 1,
-                            "BLACKHOLE_KPROBE": 1}
+                            "BLACKHOLE_KPROBE": 1, "CGROUP_NAMES": 1}
+    assert targets(plan, "cgroup_mkdir") == {"tracepoint:cgroup:cgroup_mkdir"}
     # Substitutes say what they replace and why; tcp_twsk_unique is used as designed.
     subs = {r.point: r.substitute for r in plan.points}
     assert subs["tcp_fastopen_cookie_gen"] and subs["tcp_send_syn_data"]
@@ -53,6 +54,16 @@ def test_host_618_without_kprobes_gets_tracepoints() -> None:
     assert "syn_fastopen_child" in next(r.why for r in plan.points if r.point == "tcp_fastopen_check")
     tw = next(r for r in plan.points if r.point == "tcp_twsk_unique")
     assert (tw.tier, tw.counter) == ("counters", "TWRecycled")
+    assert targets(plan, "cgroup_mkdir") == {"tracepoint:cgroup:cgroup_mkdir"}
+
+
+def test_without_the_cgroup_tracepoint_the_names_say_what_is_lost() -> None:
+    f = dataclasses.replace(facts("6.18."), tracepoints=[t for t in facts("6.18.").tracepoints
+                                                         if t != "cgroup/cgroup_mkdir"])
+    plan = resolve(f, "auto")
+    names = next(r for r in plan.points if r.point == "cgroup_mkdir")
+    assert plan.tier == "tracepoint" and plan.defines["CGROUP_NAMES"] == 0
+    assert names.attachments == [] and names.substitute and 'labelled cgroup=""' in names.why
 
 
 def test_explicit_kprobe_mode_without_kprobes_is_an_error() -> None:

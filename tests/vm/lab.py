@@ -33,9 +33,10 @@ VENV_BIN = ROOT / ".venv" / "bin"
 # The Prometheus e2e runs here too: only the kprobe tier fills every dashboard panel.
 GUEST_TESTS = [f"tests/host/{name}" for name in (
     "test_integration.py", "test_top.py", "test_doctor.py", "test_prometheus_e2e.py",
-    "test_event_layout.py::test_bcc_sees_the_same_struct", "test_least_privilege.py", "test_faults.py")]
-# integration, top, doctor, Prometheus e2e, event layout, least privilege, faults
-GUEST_TEST_COUNT = 9 + 10 + 8 + 3 + 1 + 6 + 2
+    "test_event_layout.py::test_bcc_sees_the_same_struct", "test_least_privilege.py", "test_faults.py",
+    "test_churn.py")]
+# integration, top, doctor, Prometheus e2e, event layout, least privilege, faults, churn
+GUEST_TEST_COUNT = 9 + 10 + 8 + 3 + 1 + 6 + 2 + 2
 # A whole guest run: ~15 min (about 10 BCC compiles at ~1 min each under TCG), more while the
 # host tests run beside it. A hung guest fails at this bound instead of eating CI's budget.
 BOOT_TIMEOUT_S = 1800

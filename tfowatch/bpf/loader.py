@@ -71,6 +71,8 @@ OPTIONAL_BITFIELDS = {"SYN_FASTOPEN_CHILD": "HAVE_SYN_FASTOPEN_CHILD",
 
 MAX_CONNS = 65536
 MAX_COUNTS = 16384  # label sets counted in the kernel; beyond, events go out as samples
+CGROUP_PATH_LEN = 256  # bytes of a cgroup's path kept from cgroup:cgroup_mkdir (longer: cut)
+MAX_CGROUP_PATHS = 8192  # cgroups remembered (LRU): 2 MiB of kernel memory
 COUNT_VAL = struct_of(CountVal)
 # A CPU's perf buffer wakes the poller once per WAKEUP_EVENTS events instead of once per
 # event; poll() then consumes whatever is there, so no event waits longer than one poll.
@@ -146,7 +148,8 @@ def offset_defines(btf: Btf) -> dict[str, int]:
 
 def cflags(btf: Btf, plan: Plan, variant: Variant = PLAIN_BUILD) -> list[str]:
     defines = (offset_defines(btf) | plan.defines | variant.defines()
-               | {"MAX_CONNS": MAX_CONNS, "MAX_COUNTS": MAX_COUNTS})
+               | {"MAX_CONNS": MAX_CONNS, "MAX_COUNTS": MAX_COUNTS, "CGROUP_PATH_LEN": CGROUP_PATH_LEN,
+                  "MAX_CGROUP_PATHS": MAX_CGROUP_PATHS})
     return [f"-I{BPF_DIR}", "-Wno-pointer-arith", "-Wno-unused-function",
             "-Wno-unused-variable", "-Wno-unused-parameter"] + \
         [f"-D{k}={v}" for k, v in sorted(defines.items())]
@@ -306,6 +309,17 @@ class Probes:
         for raw in raws:
             with contextlib.suppress(KeyError):  # never counted since, or already gone
                 del table[CountKey.from_buffer_copy(raw)]
+
+    def cgroup_path(self, cgroup_id: int) -> str:
+        """The path cgroup:cgroup_mkdir saw for this cgroup v2 id, or '' (made before the
+        daemon started, forgotten, or no such tracepoint in this plan)."""
+        if not self.plan.defines.get("CGROUP_NAMES"):
+            return ""
+        try:
+            found = self.bpf[b"cgroup_paths"][ctypes.c_uint64(cgroup_id)]
+        except KeyError:
+            return ""
+        return bytes(found.path).split(b"\0", 1)[0].decode(errors="replace")
 
     def totals(self) -> list[int]:
         """Exact per-type event counts kept in the kernel (summed over CPUs)."""

@@ -15,6 +15,8 @@
  *                   off for `run`, where it would cost an event per connection)
  *   IN_KERNEL_COUNTS count events per label set in `counts` (`run`); `top` and `doctor`
  *                   need every event (pid, remote address) and leave it off
+ *   CGROUP_NAMES    cgroup:cgroup_mkdir attached: the path of each new cgroup v2, so a
+ *                   client whose cgroup is gone by the time its counts are read keeps its name
  *
  * Every event increments `totals` (exact, per CPU, never lost) and is also either
  * counted in `counts` or sent through the `events` perf buffer for attribution in Python.
@@ -488,6 +490,28 @@ int on_active_disable(struct pt_regs *ctx, const void *sk)
 	ev.port = __builtin_bswap16(read_u16(sk + OFF_SKC_DPORT));
 	read_daddr(&ev, sk);
 	emit(ctx, &ev);
+	return 0;
+}
+#endif
+
+#if CGROUP_NAMES
+/* cgroup id -> its path in the v2 tree, as each cgroup is made (CGROUP_PATH_LEN and
+ * MAX_CGROUP_PATHS come from loader.py). LRU: a removed cgroup's name lasts until that many
+ * newer cgroups are made, long after its counts were read. */
+struct cgroup_path {
+	char path[CGROUP_PATH_LEN];
+};
+BPF_TABLE("lru_hash", u64, struct cgroup_path, cgroup_paths, MAX_CGROUP_PATHS);
+
+TRACEPOINT_PROBE(cgroup, cgroup_mkdir)
+{
+	struct cgroup_path p = {};
+	u64 id = args->id;
+
+	if (args->root != 0) /* hierarchy 0 is the v2 tree; cgroup v1 ids are another space */
+		return 0;
+	TP_DATA_LOC_READ_STR(p.path, path, sizeof(p.path));
+	cgroup_paths.update(&id, &p);
 	return 0;
 }
 #endif

@@ -1,14 +1,17 @@
 """cgroup v2 id (from bpf_get_current_cgroup_id) -> cgroup path, for client attribution.
 
-On cgroup v2 the id is the inode of the cgroup's directory, so the tree under the
-v2 mount is walked on a miss (at most once a second). A cgroup that is already
-gone is looked up through the process instead (/proc/PID/cgroup, "0::" line).
+On cgroup v2 the id is the inode of the cgroup's directory. A miss asks, in turn: the tree
+under the v2 mount (walked at most once a second); what cgroup:cgroup_mkdir recorded in the
+kernel as each cgroup was made (`made`, where the plan attaches it: it still knows a cgroup
+removed before its counts were read; its paths are from the host's cgroup root, which is the
+tree's root unless tfowatch runs in a cgroup namespace); and the process (/proc/PID/cgroup).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tfowatch.core import procfs
@@ -40,9 +43,11 @@ def proc_cgroup(pid: int) -> str:
 
 
 class CgroupNames:
-    def __init__(self, root: Path | None = None, max_entries: int = 65536) -> None:
+    def __init__(self, root: Path | None = None, max_entries: int = 65536,
+                 made: Callable[[int], str] | None = None) -> None:
         self.root = root if root is not None else cgroup2_mount()
         self.max_entries = max_entries
+        self.made = made  # id -> path recorded at mkdir, '' when unknown
         self._names: dict[int, str] = {}
         self._last_walk = -WALK_INTERVAL_S
 
@@ -69,6 +74,8 @@ class CgroupNames:
         if found is None and time.monotonic() - self._last_walk >= WALK_INTERVAL_S:
             self._walk()
             found = self._names.get(cgroup_id)
+        if found is None and self.made is not None:  # gone already (or made since the walk)
+            found = self.made(cgroup_id) or None
         if found is None and pid:
             # The cgroup is gone (or beyond the walk's bound): ask the process once and
             # remember, so later events of this id cost no /proc read.

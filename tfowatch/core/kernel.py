@@ -30,7 +30,8 @@ SYMBOLS = (
     "tcp_fastopen_cookie_check",
     "tcp_fastopen_active_disable",
 )
-TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_destroy_sock", "tcp/tcp_retransmit_synack")
+TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_destroy_sock", "tcp/tcp_retransmit_synack",
+               "cgroup/cgroup_mkdir")
 
 # BTF members whose presence changes what the programs read.
 OPTIONAL_FIELDS = {

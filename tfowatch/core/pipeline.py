@@ -68,7 +68,7 @@ class Ingest:
     poller calls it per event; benchmarks call it with synthetic events (bench/synthetic.py)."""
 
     def __init__(self, agg: Aggregator, keep: EventFilter | None = None,
-                 sink: EventSink | None = None, netns_grace: float = 300.0) -> None:
+                 sink: EventSink | None = None) -> None:
         self.agg = agg
         self.keep = keep
         self.sink = sink
@@ -105,6 +105,7 @@ class Pipeline:
         self.counters = KernelCounters(max_namespaces=series_cap, grace=netns_grace)
         if self.probes is not None:
             self.ingest = Ingest(self.agg, keep, sink)
+            self.ingest.cgroups.made = self.probes.cgroup_path
             self.probes.open_events(self.ingest, self.agg.add_lost, perf_pages)
         self.counters.start()
         release_compiler_heap()

@@ -18,6 +18,7 @@ MODES = ("auto", *TIERS)
 
 SET_STATE = "sock:inet_sock_set_state"
 DESTROY = "tcp:tcp_destroy_sock"
+CGROUP_MKDIR = "cgroup:cgroup_mkdir"
 REQUIRED_TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_destroy_sock")
 
 
@@ -232,10 +233,24 @@ def _blackhole(facts: KernelFacts, tier: str) -> Resolution:
                       [], counter="TCPFastOpenBlackhole")
 
 
+def _cgroup_names(facts: KernelFacts, tier: str) -> Resolution:
+    """Not a design-card point and no event of its own: the names of the `cgroup` label."""
+    point = "cgroup_mkdir"
+    if tier != "counters" and CGROUP_MKDIR.replace(":", "/") in facts.tracepoints:
+        return Resolution(point, tier, [Attachment("tracepoint", CGROUP_MKDIR)], False,
+                          "extra point: each new cgroup's path, so a client whose cgroup is gone "
+                          "before its counts are read keeps its cgroup label", [])
+    lost = "BPF disabled" if tier == "counters" else "tracepoint missing"
+    return Resolution(point, "counters", [], True,
+                      f"{lost}: cgroup names are read from the cgroup tree when counts are read; "
+                      "a cgroup removed before then is labelled cgroup=\"\"", [])
+
+
 def resolve(facts: KernelFacts, mode: str = "auto") -> Plan:
     tier = choose_tier(facts, mode)
     gen, check = _passive(facts, tier)
-    points = [gen, check, _active(facts, tier), _tw(facts, tier), _blackhole(facts, tier)]
+    names = _cgroup_names(facts, tier)
+    points = [gen, check, _active(facts, tier), _tw(facts, tier), _blackhole(facts, tier), names]
     events = {e for r in points for e in r.events}
     kprobed = {a.fn for r in points for a in r.attachments if a.kind == "kprobe"}
     defines = {
@@ -243,6 +258,7 @@ def resolve(facts: KernelFacts, mode: str = "auto") -> Plan:
         "ACTIVE_KPROBE": int("on_connect" in kprobed),
         "TW_KPROBE": int("on_twsk_unique" in kprobed),
         "BLACKHOLE_KPROBE": int("on_active_disable" in kprobed),
+        "CGROUP_NAMES": int(bool(names.attachments)),
     }
     return Plan(mode=mode, tier=tier, points=points, defines=defines, events=events)
 

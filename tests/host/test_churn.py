@@ -1,0 +1,109 @@
+"""A node with churn (issue 16): namespaces and cgroups that go between two scrapes. One
+daemon (`--netns-grace 3`) on the host's tier, and in the VM lab's kprobe tier too."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from netlab import (
+    Lab,
+    Samples,
+    free_port,
+    scrape,
+    series,
+    sh,
+    skip_unless_root_bpf,
+    start_daemon,
+    unit_caps,
+    value,
+)
+
+from tfowatch.core.cgroups import cgroup2_mount
+
+GRACE_S = 3
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[str]:
+    """The /metrics URL of a daemon with the unit's capabilities and a short grace."""
+    skip_unless_root_bpf("churn tests")
+    listen = f"127.0.0.1:{free_port()}"
+    proc = start_daemon(listen, unit_caps("sys-admin.conf"), "--netns-grace", str(GRACE_S))
+    try:
+        yield f"http://{listen}/metrics"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+        assert "Traceback" not in err, err
+
+
+def netns_series(samples: Samples, ino: int) -> list[str]:
+    """Every series that names the namespace `ino`."""
+    return sorted(f"{name}{dict(labels)}" for (name, labels), _ in samples.items()
+                  if ("netns", str(ino)) in labels)
+
+
+def test_a_gone_namespace_has_no_false_drift_and_its_series_are_retired_after_the_grace(
+        daemon: str) -> None:
+    """Issue 16, case 2, through the daemon: a server namespace serves TFO, is scraped, serves
+    more, and is deleted before the next scrape. Before: a drift of that last traffic (never
+    read on the kernel side) and its series stayed for the life of the daemon. Now: its last
+    values for the grace, no drift, then no series at all, counted."""
+    lab = Lab()
+    try:
+        url = daemon
+        srv, addr = lab.server("g", "3")
+        lab.start_server(srv, "7103")
+        lab.client.peer("client", addr, "7103", "4", "--comm", "tfo-g")
+        time.sleep(0.5)
+        read = scrape(url)
+        assert value(read, "tfowatch_reconcile_drift", netns=srv.inode, metric="syn_data_accepted") == 0
+        assert value(read, "tfowatch_syn_data_accepted_total", netns=srv.inode, port=7103) == 3
+        lab.client.peer("client", addr, "7103", "4", "--comm", "tfo-g")  # not read before it goes
+        time.sleep(0.5)
+        last = srv.tcpext()["TCPFastOpenPassive"]
+        for proc in lab.procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+        lab.procs.clear()
+        sh("ip", "netns", "del", srv.name)
+        gone = scrape(url)
+        assert value(gone, "tfowatch_syn_data_accepted_total", netns=srv.inode, port=7103) == last == 7
+        assert value(gone, "tfowatch_kernel_tcpext_total", netns=srv.inode, counter="TCPFastOpenPassive") == 3
+        assert not [s for s in netns_series(gone, srv.inode) if "reconcile_drift" in s]
+        time.sleep(GRACE_S + 0.5)
+        scrape(url)  # the one that retires it
+        after = scrape(url)
+        assert netns_series(after, srv.inode) == []
+        assert value(after, "tfowatch_netns_retired_total") >= 1
+        assert all(v == 0 for v in series(after, "tfowatch_reconcile_drift").values()), \
+            series(after, "tfowatch_reconcile_drift")
+    finally:
+        lab.close()
+
+
+def test_a_client_whose_cgroup_is_removed_before_the_scrape_keeps_its_cgroup_label(daemon: str) -> None:
+    """Issue 16, case 3: a job run in a cgroup of its own that is removed as soon as the job
+    exits (a pod, a systemd-run unit), before any scrape. Before: cgroup="" (the in-kernel
+    count's cgroup id was resolved when neither the cgroup nor the process existed). Now: its
+    path, as cgroup:cgroup_mkdir recorded it."""
+    lab = Lab()
+    try:
+        if lab.cgroup is None:
+            pytest.skip("no cgroup v2 mount")
+        root = cgroup2_mount()
+        assert root is not None
+        srv, addr = lab.server("j", "3")
+        lab.start_server(srv, "7104")
+        job = lab.cgroup / "job-1"
+        job.mkdir()
+        lab.client.peer("client", addr, "7104", "3", "--comm", "tfo-job", cgroup=job)
+        job.rmdir()
+        sent = {dict(k)["cgroup"]: v for k, v in
+                series(scrape(daemon), "tfowatch_syn_data_sent_total").items()
+                if dict(k)["comm"] == "tfo-job"}
+        assert sent == {"/" + str(job.relative_to(root)): 2}, sent  # the first of 3 asks for a cookie
+    finally:
+        lab.close()
