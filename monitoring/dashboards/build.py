@@ -158,11 +158,18 @@ def panels() -> list[Panel]:
                                 instant=True, fmt="table"),
                      ])
     lost = panel("timeseries", "Lost events and dropped series",
-                 "Perf-buffer samples lost, and events folded into 'other' by the series cap.", [
+                 "Perf-buffer samples lost; events folded into 'other' by the series cap; series "
+                 "removed after series_ttl idle; namespaces retired after netns_grace gone.", [
                      target('sum by (instance) (rate(tfowatch_events_lost_total{instance=~"$instance"}'
                             f"{RATE}))", "lost {{instance}}", "A"),
                      target('sum by (instance) (rate(tfowatch_events_total{instance=~"$instance"}'
                             f"{RATE}))", "received {{instance}}", "B"),
+                     target('sum by (instance) (rate(tfowatch_series_dropped_total{instance=~"$instance"}'
+                            f"{RATE}))", "folded into other {{instance}}", "C"),
+                     target('sum by (instance) (rate(tfowatch_series_expired_total{instance=~"$instance"}'
+                            f"{RATE}))", "series expired {{instance}}", "D"),
+                     target('sum by (instance) (rate(tfowatch_netns_retired_total{instance=~"$instance"}'
+                            f"{RATE}))", "namespaces retired {{instance}}", "E"),
                  ], unit="ops")
     drift = panel("timeseries", "Reconcile drift (probes minus kernel counters)",
                   "Non-zero means the probes and the kernel's TcpExt disagree; see the runbook.", [

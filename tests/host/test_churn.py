@@ -1,5 +1,6 @@
-"""A node with churn (issue 16): namespaces and cgroups that go between two scrapes. One
-daemon (`--netns-grace 3`) on the host's tier, and in the VM lab's kprobe tier too."""
+"""A node with churn (issue 16): namespaces and cgroups that go between two scrapes, and
+series that go idle. One daemon (`--netns-grace 3 --series-ttl 4`) on the host's tier, and in
+the VM lab's kprobe tier too."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from netlab import (
 from tfowatch.core.cgroups import cgroup2_mount
 
 GRACE_S = 3
+TTL_S = 4
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,8 @@ def daemon() -> Iterator[str]:
     """The /metrics URL of a daemon with the unit's capabilities and a short grace."""
     skip_unless_root_bpf("churn tests")
     listen = f"127.0.0.1:{free_port()}"
-    proc = start_daemon(listen, unit_caps("sys-admin.conf"), "--netns-grace", str(GRACE_S))
+    proc = start_daemon(listen, unit_caps("sys-admin.conf"), "--netns-grace", str(GRACE_S),
+                        "--series-ttl", str(TTL_S))
     try:
         yield f"http://{listen}/metrics"
     finally:
@@ -105,5 +108,35 @@ def test_a_client_whose_cgroup_is_removed_before_the_scrape_keeps_its_cgroup_lab
                 series(scrape(daemon), "tfowatch_syn_data_sent_total").items()
                 if dict(k)["comm"] == "tfo-job"}
         assert sent == {"/" + str(job.relative_to(root)): 2}, sent  # the first of 3 asks for a cookie
+    finally:
+        lab.close()
+
+
+def test_an_idle_series_expires_with_its_in_kernel_count_and_comes_back_from_zero(daemon: str) -> None:
+    """Issue 16, case 4: a listener's series that has not moved for series_ttl is removed, and
+    its in-kernel count with it (the map cannot fill for good), counted; traffic again later
+    opens it from 0, and the namespace's drift stays exact throughout."""
+    lab = Lab()
+    try:
+        srv, addr = lab.server("t", "3")
+        lab.start_server(srv, "7105")
+        labels = {"netns": srv.inode, "port": 7105}
+        lab.client.peer("client", addr, "7105", "3", "--comm", "tfo-ttl")  # a cookie, then 2 with data
+        time.sleep(0.5)
+        first = scrape(daemon)
+        assert value(first, "tfowatch_syn_data_accepted_total", **labels) == 2
+        family = {"metric": "tfowatch_syn_data_accepted_total"}
+        expired = value(first, "tfowatch_series_expired_total", **family)
+        time.sleep(TTL_S + 0.5)
+        idle = scrape(daemon)
+        assert ("netns", str(srv.inode)) not in {p for k in series(idle, "tfowatch_syn_data_accepted_total")
+                                                 for p in k}, series(idle, "tfowatch_syn_data_accepted_total")
+        assert value(idle, "tfowatch_series_expired_total", **family) >= expired + 1
+        lab.client.peer("client", addr, "7105", "2", "--comm", "tfo-ttl")  # the cookie is cached
+        time.sleep(0.5)
+        back = scrape(daemon)
+        assert value(back, "tfowatch_syn_data_accepted_total", **labels) == 2  # from 0, not 4
+        assert srv.tcpext()["TCPFastOpenPassive"] == 4
+        assert value(back, "tfowatch_reconcile_drift", netns=srv.inode, metric="syn_data_accepted") == 0
     finally:
         lab.close()

@@ -120,3 +120,20 @@ def test_a_retired_namespace_loses_every_series_and_starts_again_from_zero() -> 
     assert {ino for ino, _ in snap.per_netns} == {6}
     agg.add(Event(EventType.SYN_DATA_ACCEPTED, netns=5, port=80))
     assert agg.snapshot().per_netns[(5, EventType.SYN_DATA_ACCEPTED)] == 1
+
+
+def test_idle_series_expire_and_free_their_place_under_the_cap() -> None:
+    agg = Aggregator(series_cap=2)
+    for port in (80, 81):
+        agg.add(Event(EventType.SYN_DATA_ACCEPTED, netns=5, port=port))
+    agg.expire(100.0, ttl=10)  # first look: both marked
+    agg.add(Event(EventType.SYN_DATA_ACCEPTED, netns=5, port=81))  # 81 moves, 80 does not
+    agg.expire(105.0, ttl=10)
+    agg.expire(111.0, ttl=10)
+    snap = agg.snapshot()
+    assert snap.counters[SYN_DATA_ACCEPTED] == {("5", "81"): 2}
+    assert snap.expired == {SYN_DATA_ACCEPTED.name: 1}
+    agg.add(Event(EventType.SYN_DATA_ACCEPTED, netns=5, port=82))  # its own series, not 'other'
+    agg.add(Event(EventType.SYN_DATA_ACCEPTED, netns=5, port=80))  # back, but the cap is full again
+    snap = agg.snapshot()
+    assert snap.counters[SYN_DATA_ACCEPTED] == {("5", "81"): 2, ("5", "82"): 1, (OTHER, OTHER): 1}

@@ -303,12 +303,20 @@ class Probes:
             self._count_bufs = ((CountKey * MAX_COUNTS)(), (CountVal * MAX_COUNTS)())
         return read_counts(self.bpf[b"counts"].map_fd, *self._count_bufs)
 
-    def forget_counts(self, raws: list[bytes]) -> None:
-        """Delete these label sets from the in-kernel counts (a retired namespace's)."""
-        table = self.bpf[b"counts"]
+    def take_counts(self, raws: list[bytes]) -> list[tuple[bytes, int, int]]:
+        """Delete these label sets from the in-kernel counts, each with its last (count, pid)
+        read in the same step (BPF_MAP_LOOKUP_AND_DELETE_ELEM), so an event the kernel counts
+        meanwhile is not lost: it opens a new entry from 0."""
+        lib = importlib.import_module("bcc.libbcc").lib
+        lookup_and_delete = lib.bpf_lookup_and_delete
+        lookup_and_delete.restype = ctypes.c_int
+        lookup_and_delete.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        fd, val, out = self.bpf[b"counts"].map_fd, CountVal(), []
         for raw in raws:
-            with contextlib.suppress(KeyError):  # never counted since, or already gone
-                del table[CountKey.from_buffer_copy(raw)]
+            key = CountKey.from_buffer_copy(raw)
+            if lookup_and_delete(fd, ctypes.addressof(key), ctypes.addressof(val)) == 0:
+                out.append((raw, val.count, val.pid))
+        return out
 
     def cgroup_path(self, cgroup_id: int) -> str:
         """The path cgroup:cgroup_mkdir saw for this cgroup v2 id, or '' (made before the

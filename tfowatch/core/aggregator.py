@@ -4,7 +4,9 @@ Which families an event feeds, with which labels, is the event table's (events.E
 histogram family observes the event's value. Each family holds at most `series_cap` label
 sets; an event that would open one more is folded into a series whose labels are all "other"
 and counted in `dropped`. Memory is therefore bounded whatever the traffic (random ports,
-short-lived processes, namespace churn).
+short-lived processes, namespace churn). A series that has not moved for `ttl` seconds is
+removed (`expire`, counted in `expired`), so the cap is not held for ever by label sets that
+are gone (a spray of ports, a process that exited): new ones get in again.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Snapshot:
     received: dict[EventType, int]
     dropped: dict[str, int]
     lost: int
+    expired: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> Snapshot:
@@ -72,6 +75,9 @@ class Aggregator:
         self._dropped: dict[str, int] = defaultdict(int)
         self._lost = 0
         self._label_cache: dict[tuple[object, ...], list[tuple[Metric, Labels]]] = {}
+        # expire(): each series' count when it last moved, and since when it has not
+        self._marks: dict[Metric, dict[Labels, tuple[int, float]]] = defaultdict(dict)
+        self._expired: dict[str, int] = defaultdict(int)
 
     def _cached_labels(self, ev: Event) -> list[tuple[Metric, Labels]]:
         """labels(ev), memoised: most events repeat a few label sets. The cache is bounded
@@ -126,10 +132,29 @@ class Aggregator:
                         at = metric.labels.index("netns")
                         for key in [k for k in series if k[at] in names]:
                             del series[key]
+                            self._marks[metric].pop(key, None)
             for gone in [k for k in self._per_netns if k[0] in inodes]:
                 del self._per_netns[gone]
             self._netns_seen -= inodes
             self._label_cache.clear()
+
+    def expire(self, now: float, ttl: float) -> None:
+        """Remove every series whose count has not moved for `ttl` seconds (checked at each
+        call: a scrape, not per event, so counting costs nothing more). A label set that
+        comes back starts again from 0, which Prometheus reads as a counter reset."""
+        with self._lock:
+            for families in (self._counters, self._hist):
+                for metric, series in families.items():
+                    marks = self._marks[metric]
+                    for key in list(series):
+                        value = series[key]
+                        count = value.count if isinstance(value, Histogram) else value
+                        mark = marks.get(key)
+                        if mark is None or mark[0] != count:
+                            marks[key] = (count, now)
+                        elif now - mark[1] >= ttl:
+                            del series[key], marks[key]
+                            self._expired[metric.name] += 1
 
     def add_lost(self, count: int) -> None:
         with self._lock:
@@ -144,4 +169,5 @@ class Aggregator:
                 received=dict(self._received),
                 dropped=dict(self._dropped),
                 lost=self._lost,
+                expired=dict(self._expired),
             )

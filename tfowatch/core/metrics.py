@@ -101,6 +101,11 @@ EVENTS_LOST = Metric("tfowatch_events_lost_total", "counter",
 SERIES_DROPPED = Metric("tfowatch_series_dropped_total", "counter",
                         "Events folded into the 'other' series because a metric hit its series cap.",
                         ("metric",), PROBED, note="metric: each probe family the tier serves, 0 until a drop")
+SERIES_EXPIRED = Metric("tfowatch_series_expired_total", "counter",
+                        "Series removed because their count did not move for series_ttl seconds "
+                        "(a label set that comes back starts again from 0).",
+                        ("metric",), PROBED,
+                        note="metric: each probe family the tier serves, 0 until one expires")
 SERIES = Metric("tfowatch_series", "gauge",
                 "Label sets each probe metric holds now (at most tfowatch_series_cap, plus one 'other').",
                 ("metric",), PROBED)
@@ -133,7 +138,8 @@ HTTP_CONNECTIONS_REFUSED = Metric("tfowatch_http_connections_refused_total", "co
 FAMILIES = (COOKIE_REQUESTS, COOKIES_ISSUED, SYN_DATA_ACCEPTED, PASSIVE_FALLBACKS, SYN_DATA_SENT,
             SYN_DATA_ACKED, ACTIVE_FALLBACKS, BLACKHOLE_DISABLES, TW_REUSE, TW_REUSE_AGE,
             KERNEL_TCPEXT, NETNS_UNREADABLE, NETNS_RETIRED, RECONCILE_DRIFT,
-            PROBE_ATTACHED, EVENTS, EVENTS_LOST, SERIES_DROPPED, SERIES, SERIES_CAP, BUILD_INFO,
+            PROBE_ATTACHED, EVENTS, EVENTS_LOST, SERIES_DROPPED, SERIES_EXPIRED, SERIES, SERIES_CAP,
+            BUILD_INFO,
             TIER_DEGRADED, SCRAPE_PART_SUCCESS, SCRAPE_PART_DURATION,
             HTTP_REQUESTS, SCRAPE_DURATION, HTTP_CONNECTIONS_REFUSED)
 PROBE_METRICS = tuple(m for m in FAMILIES if m.source == PROBES)

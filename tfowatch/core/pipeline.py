@@ -89,7 +89,8 @@ class Pipeline:
     def __init__(self, mode: str = "auto", series_cap: int = 1000, perf_pages: int = 256,
                  keep: EventFilter | None = None, facts: KernelFacts | None = None,
                  variant: Variant = PLAIN_BUILD, strict: bool = False,
-                 sink: EventSink | None = None, netns_grace: float = 300.0) -> None:
+                 sink: EventSink | None = None, netns_grace: float = 300.0,
+                 series_ttl: float = 0.0) -> None:
         """keep: events to aggregate (top's filters); sink: sees each kept event too (doctor's
         observation). variant.in_kernel_counts counts events per label set in a BPF map, read
         at each state(), instead of one perf sample per event (`run`; neither keep nor sink
@@ -101,6 +102,8 @@ class Pipeline:
         self.plan, self.probes = load_plan(self.facts, mode, variant, strict)
         self.agg = Aggregator(series_cap)
         self._folded: dict[bytes, int] = {}  # in-kernel count already added, per key
+        self._gained_at: dict[bytes, float] = {}  # when each key's count last moved
+        self.series_ttl = series_ttl  # 0: series never expire
         self._folding = threading.Lock()
         self.counters = KernelCounters(max_namespaces=series_cap, grace=netns_grace)
         if self.probes is not None:
@@ -126,13 +129,34 @@ class Pipeline:
         if self.probes is None:
             return
         self.probes.consume()
+        now = time.monotonic()
         with self._folding:
             for raw, count, pid in self.probes.counts():
-                gained = count - self._folded.get(raw, 0)
-                if gained:
-                    self._folded[raw] = count
-                    key = CountKey.from_buffer_copy(raw)
-                    self.agg.add(counted(key, pid, self.ingest.cgroups.name), gained)
+                self._fold(raw, count, pid, now)
+
+    def _fold(self, raw: bytes, count: int, pid: int, now: float) -> None:
+        """Add what an in-kernel count gained since it was last folded (under _folding)."""
+        gained = count - self._folded.get(raw, 0)
+        if gained:
+            self._folded[raw] = count
+            self._gained_at[raw] = now
+            self.agg.add(counted(CountKey.from_buffer_copy(raw), pid, self.ingest.cgroups.name), gained)
+
+    def expire(self) -> None:
+        """Series idle for series_ttl go, and the in-kernel counts idle as long leave the map
+        (their last value folded in as they are deleted), so neither fills for good."""
+        if not self.series_ttl:
+            return
+        now = time.monotonic()
+        if self.probes is not None:
+            with self._folding:
+                idle = [raw for raw, at in self._gained_at.items() if now - at >= self.series_ttl]
+                for raw, count, pid in self.probes.take_counts(idle):
+                    self._fold(raw, count, pid, now)
+                for raw in idle:
+                    self._folded.pop(raw, None)
+                    self._gained_at.pop(raw, None)
+        self.agg.expire(now, self.series_ttl)
 
     def attached(self) -> list[tuple[str, str, str, bool]]:
         probes = self.probes
@@ -141,6 +165,7 @@ class Pipeline:
 
     def _probe_part(self) -> tuple[Snapshot, list[int] | None]:
         self.drain()
+        self.expire()
         return self.agg.snapshot(), self.probes.totals() if self.probes is not None else None
 
     def _kernel_part(self) -> tuple[dict[int, dict[str, int]], int, int]:
@@ -158,8 +183,9 @@ class Pipeline:
             raws = [raw for raw in self._folded if CountKey.from_buffer_copy(raw).netns in inodes]
             for raw in raws:
                 del self._folded[raw]
+                self._gained_at.pop(raw, None)
             if self.probes is not None and raws:
-                self.probes.forget_counts(raws)
+                self.probes.take_counts(raws)  # a gone namespace counts nothing more
 
     def state(self) -> ExportState:
         """Every part, each on its own (state.take): a failed one is empty and says so."""

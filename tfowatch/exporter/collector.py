@@ -89,6 +89,7 @@ def self_families(st: ExportState) -> Iterator[Family]:
     if st.plan.metrics and st.ok(PROBES):
         served = st.plan.metrics
         yield _samples(m.SERIES_DROPPED, (([f.name], st.snap.dropped.get(f.name, 0)) for f in served))
+        yield _samples(m.SERIES_EXPIRED, (([f.name], st.snap.expired.get(f.name, 0)) for f in served))
         yield _samples(m.SERIES, (([f.name], len(st.snap.series(f))) for f in served))
     yield family(m.SERIES_CAP, st.series_cap)
     plan, why = st.plan, st.plan.degraded

@@ -99,6 +99,7 @@ class Settings:
     max_connections: int = 16
     header_timeout: int = 5
     netns_grace: int = 300
+    series_ttl: int = 3600
     strict: bool = False
 
     @property
@@ -123,6 +124,8 @@ OPTIONS = (
            "headers included; then it is cut", _between(1, 60)),
     Option("netns_grace", int, "seconds a network namespace that is gone keeps its series (its last "
            "counters) before they are removed", _between(0, 86400)),
+    Option("series_ttl", int, "seconds a series whose count does not move is kept; then it is removed, "
+           "with its in-kernel count (0: never)", _between(0, 30 * 86400)),
     Option("strict", bool, "exit (status 1) instead of running a lower tier than planned, "
            "e.g. when the BPF sources are missing or a probe cannot attach"),
 )
