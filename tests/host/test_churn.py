@@ -4,8 +4,10 @@ the VM lab's kprobe tier too."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from netlab import (
@@ -22,24 +24,40 @@ from netlab import (
 )
 
 from tfowatch.core.cgroups import cgroup2_mount
+from tfowatch.core.events import CountKey
 
 GRACE_S = 3
 TTL_S = 4
 
 
 @pytest.fixture(scope="module")
-def daemon() -> Iterator[str]:
-    """The /metrics URL of a daemon with the unit's capabilities and a short grace."""
+def daemon_proc() -> Iterator[tuple[str, int]]:
+    """The /metrics URL and pid of a daemon with the unit's capabilities and short bounds."""
     skip_unless_root_bpf("churn tests")
     listen = f"127.0.0.1:{free_port()}"
     proc = start_daemon(listen, unit_caps("sys-admin.conf"), "--netns-grace", str(GRACE_S),
                         "--series-ttl", str(TTL_S))
     try:
-        yield f"http://{listen}/metrics"
+        yield f"http://{listen}/metrics", proc.pid
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
         assert "Traceback" not in err, err
+
+
+@pytest.fixture
+def daemon(daemon_proc: tuple[str, int]) -> str:
+    return daemon_proc[0]
+
+
+def counted_in_kernel(pid: int) -> list[CountKey]:
+    """The keys of the `counts` map of the daemon `pid`, as bpftool dumps them."""
+    held = {int(line.split()[1]) for info in Path(f"/proc/{pid}/fdinfo").iterdir()
+            for line in info.read_text().splitlines() if line.startswith("map_id:")}
+    maps = json.loads(sh("bpftool", "-j", "map", "show").stdout)
+    (map_id,) = [m["id"] for m in maps if m.get("name") == "counts" and m["id"] in held]
+    entries = json.loads(sh("bpftool", "-j", "map", "dump", "id", str(map_id)).stdout)
+    return [CountKey.from_buffer_copy(bytes(int(b, 16) for b in e["key"])) for e in entries]
 
 
 def netns_series(samples: Samples, ino: int) -> list[str]:
@@ -112,10 +130,12 @@ def test_a_client_whose_cgroup_is_removed_before_the_scrape_keeps_its_cgroup_lab
         lab.close()
 
 
-def test_an_idle_series_expires_with_its_in_kernel_count_and_comes_back_from_zero(daemon: str) -> None:
+def test_an_idle_series_expires_with_its_in_kernel_count_and_comes_back_from_zero(
+        daemon_proc: tuple[str, int]) -> None:
     """Issue 16, case 4: a listener's series that has not moved for series_ttl is removed, and
     its in-kernel count with it (the map cannot fill for good), counted; traffic again later
     opens it from 0, and the namespace's drift stays exact throughout."""
+    daemon, pid = daemon_proc
     lab = Lab()
     try:
         srv, addr = lab.server("t", "3")
@@ -132,6 +152,7 @@ def test_an_idle_series_expires_with_its_in_kernel_count_and_comes_back_from_zer
         assert ("netns", str(srv.inode)) not in {p for k in series(idle, "tfowatch_syn_data_accepted_total")
                                                  for p in k}, series(idle, "tfowatch_syn_data_accepted_total")
         assert value(idle, "tfowatch_series_expired_total", **family) >= expired + 1
+        assert [k for k in counted_in_kernel(pid) if k.netns == srv.inode] == []  # the map let go
         lab.client.peer("client", addr, "7105", "2", "--comm", "tfo-ttl")  # the cookie is cached
         time.sleep(0.5)
         back = scrape(daemon)
