@@ -4,6 +4,7 @@ the VM lab's kprobe tier too."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -52,8 +53,11 @@ def daemon(daemon_proc: tuple[str, int]) -> str:
 
 def counted_in_kernel(pid: int) -> list[CountKey]:
     """The keys of the `counts` map of the daemon `pid`, as bpftool dumps them."""
-    held = {int(line.split()[1]) for info in Path(f"/proc/{pid}/fdinfo").iterdir()
-            for line in info.read_text().splitlines() if line.startswith("map_id:")}
+    held = set()
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # an fd the daemon closed meanwhile
+            held |= {int(line.split()[1]) for line in info.read_text().splitlines()
+                     if line.startswith("map_id:")}
     maps = json.loads(sh("bpftool", "-j", "map", "show").stdout)
     (map_id,) = [m["id"] for m in maps if m.get("name") == "counts" and m["id"] in held]
     entries = json.loads(sh("bpftool", "-j", "map", "dump", "id", str(map_id)).stdout)
