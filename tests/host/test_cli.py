@@ -63,7 +63,8 @@ def test_flags_override_the_file_and_check_config_says_what_it_would_run(tmp_pat
     res = tfowatch("run", "--config", str(cfg), "--series-cap", "70", "--check-config")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == ("tfowatch: config OK: http://127.0.0.1:9300/metrics, mode counters, "
-                                  "series_cap 70, perf_pages 64, max_connections 16, header_timeout 5 s")
+                                  "series_cap 70, perf_pages 64, max_connections 16, header_timeout 5 s, "
+                                  "netns_grace 300 s, series_ttl 3600 s")
 
 
 def test_every_run_flag_is_a_config_key() -> None:
