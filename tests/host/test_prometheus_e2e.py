@@ -61,7 +61,8 @@ def start_prometheus(target: str, workdir: Path) -> tuple[subprocess.Popen[bytes
     listen = f"127.0.0.1:{free_port()}"
     config = workdir / "prometheus.yml"
     config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        # A scrape may take over 1 s in a TCG guest; a failed one marks every series stale.
+        "global: {scrape_interval: 2s, scrape_timeout: 2s, evaluation_interval: 1s}\n"
         f"rule_files: ['{RULES}']\n"
         f"scrape_configs: [{{job_name: tfowatch, static_configs: [{{targets: ['{target}']}}]}}]\n")
     proc = subprocess.Popen(["prometheus", f"--config.file={config}", f"--web.listen-address={listen}",
