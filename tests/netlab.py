@@ -185,7 +185,7 @@ def free_port() -> int:
 
 
 def scrape(url: str) -> Samples:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    text = urllib.request.urlopen(url, timeout=30).read().decode()  # a loaded TCG guest is slow
     out: Samples = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
