@@ -14,8 +14,9 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from tfowatch.core.events import SPEC, Event, EventType
 from tfowatch.core.metrics import Metric
@@ -126,13 +127,11 @@ class Aggregator:
         """Every series and per-namespace count of these (gone) namespaces goes."""
         names = {str(ino) for ino in inodes}
         with self._lock:
-            for families in (self._counters, self._hist):
-                for metric, series in families.items():
-                    if "netns" in metric.labels:
-                        at = metric.labels.index("netns")
-                        for key in [k for k in series if k[at] in names]:
-                            del series[key]
-                            self._marks[metric].pop(key, None)
+            for metric, series in self._every_family():
+                if "netns" in metric.labels:
+                    at = metric.labels.index("netns")
+                    for key in [k for k in series if k[at] in names]:
+                        self._remove(metric, series, key)
             for gone in [k for k in self._per_netns if k[0] in inodes]:
                 del self._per_netns[gone]
             self._netns_seen -= inodes
@@ -143,18 +142,26 @@ class Aggregator:
         call: a scrape, not per event, so counting costs nothing more). A label set that
         comes back starts again from 0, which Prometheus reads as a counter reset."""
         with self._lock:
-            for families in (self._counters, self._hist):
-                for metric, series in families.items():
-                    marks = self._marks[metric]
-                    for key in list(series):
-                        value = series[key]
-                        count = value.count if isinstance(value, Histogram) else value
-                        mark = marks.get(key)
-                        if mark is None or mark[0] != count:
-                            marks[key] = (count, now)
-                        elif now - mark[1] >= ttl:
-                            del series[key], marks[key]
-                            self._expired[metric.name] += 1
+            for metric, series in self._every_family():
+                marks = self._marks[metric]
+                for key in list(series):
+                    value = series[key]
+                    count = value.count if isinstance(value, Histogram) else value
+                    mark = marks.get(key)
+                    if mark is None or mark[0] != count:
+                        marks[key] = (count, now)
+                    elif now - mark[1] >= ttl:
+                        self._remove(metric, series, key)
+                        self._expired[metric.name] += 1
+
+    def _every_family(self) -> Iterator[tuple[Metric, dict[Labels, Any]]]:
+        """Each family's series, counters and histograms alike (under self._lock)."""
+        yield from self._counters.items()
+        yield from self._hist.items()
+
+    def _remove(self, metric: Metric, series: dict[Labels, Any], key: Labels) -> None:
+        del series[key]
+        self._marks[metric].pop(key, None)
 
     def add_lost(self, count: int) -> None:
         with self._lock:

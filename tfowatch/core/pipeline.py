@@ -148,15 +148,19 @@ class Pipeline:
         if not self.series_ttl:
             return
         now = time.monotonic()
-        if self.probes is not None:
-            with self._folding:
-                idle = [raw for raw, at in self._gained_at.items() if now - at >= self.series_ttl]
-                for raw, count, pid in self.probes.take_counts(idle):
-                    self._fold(raw, count, pid, now)
-                for raw in idle:
-                    self._folded.pop(raw, None)
-                    self._gained_at.pop(raw, None)
+        with self._folding:
+            self._release([raw for raw, at in self._gained_at.items() if now - at >= self.series_ttl], now)
         self.agg.expire(now, self.series_ttl)
+
+    def _release(self, raws: list[bytes], now: float) -> None:
+        """Take these label sets out of the in-kernel counts, folding in what each gained
+        last, and forget them: the next event of one opens it again from 0 (under _folding)."""
+        if self.probes is not None and raws:
+            for raw, count, pid in self.probes.take_counts(raws):
+                self._fold(raw, count, pid, now)
+        for raw in raws:
+            self._folded.pop(raw, None)
+            self._gained_at.pop(raw, None)
 
     def attached(self) -> list[tuple[str, str, str, bool]]:
         probes = self.probes
@@ -178,14 +182,10 @@ class Pipeline:
         """Namespaces gone for the grace period: their series, and their in-kernel counts."""
         log.info("retiring the series of %d network namespaces gone for %.0f s: %s", len(inodes),
                  self.counters.grace, ", ".join(map(str, sorted(inodes))))
-        self.agg.retire_netns(inodes)
         with self._folding:
-            raws = [raw for raw in self._folded if CountKey.from_buffer_copy(raw).netns in inodes]
-            for raw in raws:
-                del self._folded[raw]
-                self._gained_at.pop(raw, None)
-            if self.probes is not None and raws:
-                self.probes.take_counts(raws)  # a gone namespace counts nothing more
+            self._release([raw for raw in self._folded if CountKey.from_buffer_copy(raw).netns in inodes],
+                          time.monotonic())
+        self.agg.retire_netns(inodes)  # after the release, which may fold in a last gain
 
     def state(self) -> ExportState:
         """Every part, each on its own (state.take): a failed one is empty and says so."""
