@@ -112,12 +112,24 @@ class Lab:
             sh("ip", "-n", host.name, "link", "set", dev, "up")
         return f"{net}.1", f"{net}.2"
 
-    def server(self, role: str, tcp_fastopen: str) -> tuple[Host, str]:
-        """A server namespace reachable from the client; returns it and its address."""
-        srv = self.host(role)
+    def server(self, role: str, tcp_fastopen: str, host: Host | None = None) -> tuple[Host, str]:
+        """A server namespace (`host`, or a new one) reachable from the client; returns it and
+        its address."""
+        srv = host or self.host(role)
         _, addr = self.link(self.client, srv)
         srv.sysctl("net.ipv4.tcp_fastopen", tcp_fastopen)
         return srv, addr
+
+    def host_with_inode(self, ino: int, role: str, tries: int = 100) -> Host:
+        """A new namespace that the kernel gave the inode `ino` (one just deleted). Its freeing
+        is asynchronous, and the lowest free inode is given first: hosts that got another are
+        kept until one gets it."""
+        for n in range(tries):
+            host = self.host(f"{role}{n}")
+            if host.inode == ino:
+                return host
+            time.sleep(0.1)
+        raise AssertionError(f"no new namespace got inode {ino} in {tries} tries")
 
     def start_server(self, host: Host, *ports: str) -> Path:
         log = Path(self.tmp.name) / f"{host.name}.jsonl"
@@ -141,14 +153,24 @@ class Lab:
                 break
         return rows
 
-    def close(self) -> None:
-        for p in self.procs:
+    def _stop(self, procs: list[subprocess.Popen[str]]) -> None:
+        for p in procs:
             p.terminate()
-        for p in self.procs:
+        for p in procs:
             try:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
+            self.procs.remove(p)
+
+    def close_host(self, host: Host) -> None:
+        """Stop the processes started in `host` and delete its namespace: the host is gone."""
+        self._stop([p for p in self.procs if host.name in list(p.args)])  # type: ignore[arg-type]
+        sh("ip", "netns", "del", host.name)
+
+    def close(self) -> None:
+        self._stop(list(self.procs))
         for h in self.hosts:
             sh("ip", "netns", "del", h.name, check=False)
         if self.cgroup is not None:

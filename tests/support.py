@@ -28,7 +28,8 @@ def export_state(plan: Plan, agg: Aggregator, kernel: dict[int, dict[str, int]])
     """A daemon's state for `plan`: `agg`'s series, `kernel` as the namespaces' counters
     (baseline 0: namespaces created after start), every part read."""
     snap = agg.snapshot()
-    return ExportState(plan=plan, snap=snap, totals=[0] * EV_TYPE_MAX, kernel=kernel, unreadable=0, retired=0,
+    return ExportState(plan=plan, snap=snap, totals=[0] * EV_TYPE_MAX, kernel=kernel, unreadable=0,
+                       retired={}, late=0,
                        drift=drift(snap, kernel, plan.reconciled),
                        attached=[("tcp_twsk_unique", "kprobe:tcp_twsk_unique", "kprobe", True)],
                        version="0.1.0", kernel_release="6.1.0-56-amd64", series_cap=agg.series_cap,

@@ -159,7 +159,8 @@ def panels() -> list[Panel]:
                      ])
     lost = panel("timeseries", "Lost events and dropped series",
                  "Perf-buffer samples lost; events folded into 'other' by the series cap; series "
-                 "removed after series_ttl idle; namespaces retired after netns_grace gone.", [
+                 "removed after series_ttl idle; namespaces retired after netns_grace gone, or at "
+                 "once when a new namespace took the inode (late: events of one already replaced).", [
                      target('sum by (instance) (rate(tfowatch_events_lost_total{instance=~"$instance"}'
                             f"{RATE}))", "lost {{instance}}", "A"),
                      target('sum by (instance) (rate(tfowatch_events_total{instance=~"$instance"}'
@@ -168,8 +169,11 @@ def panels() -> list[Panel]:
                             f"{RATE}))", "folded into other {{instance}}", "C"),
                      target('sum by (instance) (rate(tfowatch_series_expired_total{instance=~"$instance"}'
                             f"{RATE}))", "series expired {{instance}}", "D"),
-                     target('sum by (instance) (rate(tfowatch_netns_retired_total{instance=~"$instance"}'
-                            f"{RATE}))", "namespaces retired {{instance}}", "E"),
+                     target('sum by (instance, reason) (rate(tfowatch_netns_retired_total'
+                            f'{{instance=~"$instance"}}{RATE}))',
+                            "namespaces retired ({{reason}}) {{instance}}", "E"),
+                     target('sum by (instance) (rate(tfowatch_netns_late_events_total{instance=~"$instance"}'
+                            f"{RATE}))", "late events of a replaced namespace {{instance}}", "F"),
                  ], unit="ops")
     drift = panel("timeseries", "Reconcile drift (probes minus kernel counters)",
                   "Non-zero means the probes and the kernel's TcpExt disagree; see the runbook.", [

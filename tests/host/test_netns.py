@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from netlab import Lab
 
 from tfowatch.core import netns
 from tfowatch.core.aggregator import Aggregator
@@ -65,14 +67,66 @@ def test_a_vanished_namespace_keeps_its_last_counters_for_the_grace_then_is_reti
     kc = KernelCounters(grace=2.0)
     kc.start()
     ino = netns.inode(f"/run/netns/{bare_netns}")
-    kernel, retired = kc.read()
+    kernel, retired, _ = kc.read()
     assert ino in kernel and ino in kc.deltas(kernel) and not retired
     subprocess.run(["ip", "netns", "del", bare_netns], check=True)
-    kernel, retired = kc.read()
+    kernel, retired, _ = kc.read()
     assert ino in kernel and ino not in kc.deltas(kernel) and not retired
     time.sleep(2.1)
-    kernel, retired = kc.read()
+    kernel, retired, _ = kc.read()
     assert ino not in kernel and ino in retired and kc.retired == 1
+
+
+def cookie_inside(name: str) -> int:
+    """The namespace's cookie as a process inside it reads it (SO_NETNS_COOKIE)."""
+    code = ("import socket; s = socket.socket(socket.AF_UNIX); "
+            "print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), 'little'))")
+    return int(subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", code],
+                              check=True, capture_output=True, text=True).stdout)
+
+
+@pytest.mark.usefixtures("root_bpf")
+def test_each_namespace_is_read_with_its_cookie_through_a_process_or_a_bind_mount(bare_netns: str) -> None:
+    """Case 1: the cookie read for a namespace is the one its own processes see, whether it is
+    found through a bind mount or through a process in it (asked once per process)."""
+    ino = netns.inode(f"/run/netns/{bare_netns}")
+    inside = subprocess.Popen(["ip", "netns", "exec", bare_netns, "sleep", "30"])
+    try:
+        time.sleep(0.3)
+        cookies = netns.Cookies()
+        assert cookies.supported
+        by_mount = cookies.read(ino, f"/run/netns/{bare_netns}")[1]
+        by_process = cookies.read(ino, f"/proc/{inside.pid}/ns/net")[1]
+        assert by_mount == by_process == cookie_inside(bare_netns) > 0
+        assert cookies.read(netns.self_netns(), "/proc/self/ns/net")[1] == netns.own_cookie()
+    finally:
+        inside.kill()
+        inside.wait()
+
+
+@pytest.mark.usefixtures("root_bpf")
+def test_a_reused_inode_is_a_new_namespace_with_baseline_zero() -> None:
+    """Case 1, kernel side: a server namespace with TFO counts at start is deleted, and a new
+    one gets its inode before the next read. Before: the new one's counters were taken against
+    the old one's baseline (a delta of -3). Now: the cookie read says it is another namespace,
+    made after start, so its delta is its own counters."""
+    lab = Lab()
+    try:
+        old, addr = lab.server("o", "3")
+        lab.start_server(old, "7107")
+        lab.client.peer("client", addr, "7107", "4")
+        assert old.tcpext()["TCPFastOpenPassive"] == 3
+        kc = KernelCounters()
+        kc.start()
+        _, _, before = kc.read()
+        lab.close_host(old)
+        new = lab.host_with_inode(old.inode, "n")
+        kernel, retired, after = kc.read()
+        assert after[new.inode] == cookie_inside(new.name) != before[old.inode]
+        assert kc.deltas(kernel)[new.inode]["TCPFastOpenPassive"] == 0 == new.tcpext()["TCPFastOpenPassive"]
+        assert not retired  # replaced, not gone for the grace: Generations counts that one
+    finally:
+        lab.close()
 
 
 def test_drift_is_probe_count_minus_kernel_delta() -> None:

@@ -56,6 +56,7 @@ OFFSETS = {
 OPTIONAL_OFFSETS = {
     "OFF_TW_ENTRY_STAMP": ("inet_timewait_sock", "tw_entry_stamp", "HAVE_TW_ENTRY_STAMP"),
     "OFF_NET_TW_REUSE_DELAY": ("net", "ipv4.sysctl_tcp_tw_reuse_delay", "HAVE_TW_ENTRY_STAMP"),
+    "OFF_NET_COOKIE": ("net", "net_cookie", "HAVE_NET_COOKIE"),
 }
 # TP_BIT(sk, NAME) -> tcp_sock bitfield
 BITFIELDS = {

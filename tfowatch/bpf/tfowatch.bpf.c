@@ -45,6 +45,7 @@ BPF_HASH(counts, struct count_key, struct count_val, MAX_COUNTS);
 /* Client sockets between connect() and their fate; LRU bounds memory. */
 struct conn {
 	u64 cgroup_id;
+	u64 netns_cookie;
 	u32 pid;
 	u32 netns;
 	u16 dport;
@@ -83,10 +84,19 @@ static __always_inline u32 net_inum(const void *net)
 	return read_u32(net + OFF_NET_INUM);
 }
 
-static __always_inline u32 sk_netns(const void *sk)
+static __always_inline u64 net_cookie(const void *net)
 {
-	return net_inum(sk_net(sk));
+#if HAVE_NET_COOKIE
+	return read_u64(net + OFF_NET_COOKIE);
+#else
+	return 0; /* before 5.12: the inode alone names a namespace */
+#endif
 }
+
+/* A namespace is its inode (the `netns` label) and its cookie: the kernel gives a dead
+ * namespace's inode to the next new one at once, never its cookie. */
+#define SET_NETNS(dst, net) do { const void *__n = (net); \
+	(dst)->netns = net_inum(__n); (dst)->netns_cookie = net_cookie(__n); } while (0)
 
 #if IN_KERNEL_COUNTS
 /* 1 when counted in `counts`; 0 when the event must go out as a sample instead. */
@@ -99,6 +109,7 @@ static __always_inline int count_in_kernel(const struct tfo_event *ev)
 		return 0;
 	k.cgroup_id = ev->cgroup_id;
 	k.netns = ev->netns;
+	k.netns_cookie = ev->netns_cookie;
 	k.type = ev->type;
 	k.port = ev->port;
 	k.reason = ev->reason;
@@ -132,12 +143,12 @@ static __always_inline void emit(void *ctx, struct tfo_event *ev)
 	events.perf_submit(ctx, ev, sizeof(*ev));
 }
 
-static __always_inline void emit_server(void *ctx, u32 type, u32 netns, u16 port)
+static __always_inline void emit_server(void *ctx, u32 type, const void *net, u16 port)
 {
 	struct tfo_event ev = {};
 
 	ev.type = type;
-	ev.netns = netns;
+	SET_NETNS(&ev, net);
 	ev.port = port;
 	emit(ctx, &ev);
 }
@@ -148,6 +159,7 @@ static __always_inline void emit_client(void *ctx, u32 type, const struct conn *
 
 	ev.type = type;
 	ev.netns = c->netns;
+	ev.netns_cookie = c->netns_cookie;
 	ev.port = c->dport;
 	ev.pid = c->pid;
 	ev.cgroup_id = c->cgroup_id;
@@ -228,7 +240,7 @@ static __always_inline void track_connect(const void *sk, u16 dport, u16 family,
 		__builtin_memcpy(c.daddr, daddr4, 4);
 	c.pid = bpf_get_current_pid_tgid() >> 32;
 	c.cgroup_id = bpf_get_current_cgroup_id();
-	c.netns = sk_netns(sk);
+	SET_NETNS(&c, sk_net(sk));
 	c.dport = dport;
 	c.attempted = fastopen_attempted(sk);
 	bpf_get_current_comm(&c.comm, sizeof(c.comm));
@@ -246,7 +258,7 @@ static __always_inline void on_child_leaves_syn_recv(void *ctx, const void *sk, 
 	int tfo_child = TP_BIT(sk, SYN_DATA_ACKED);
 #endif
 	if (tfo_child)
-		emit_server(ctx, EV_SYN_DATA_ACCEPTED, sk_netns(sk), sport);
+		emit_server(ctx, EV_SYN_DATA_ACCEPTED, sk_net(sk), sport);
 #endif
 }
 
@@ -307,7 +319,7 @@ TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 struct passive_call {
 	const void *sk;
 	const void *foc;
-	u32 netns;
+	const void *net; /* the listener's: it outlives the call */
 	u16 port;
 	s8 len_in;
 	u8 gate; /* 0 = open, 1 = server TFO disabled for this listener, 2 = queue full */
@@ -326,7 +338,7 @@ int on_try_fastopen(struct pt_regs *ctx, const void *sk, const void *skb, const 
 		return 0;
 	pc->sk = sk;
 	pc->foc = foc;
-	pc->netns = net_inum(net);
+	pc->net = net;
 	pc->port = read_u16(sk + OFF_SK_NUM);
 	pc->len_in = read_s8(foc + OFF_FOC_LEN);
 	seq = read_u32(skb + OFF_SKB_CB + OFF_TCB_SEQ);
@@ -342,7 +354,7 @@ int on_try_fastopen(struct pt_regs *ctx, const void *sk, const void *skb, const 
 			pc->gate = 2;
 	}
 	if (pc->len_in == 0)
-		emit_server(ctx, EV_COOKIE_REQUEST, pc->netns, pc->port);
+		emit_server(ctx, EV_COOKIE_REQUEST, pc->net, pc->port);
 	return 0;
 }
 
@@ -356,15 +368,15 @@ int on_try_fastopen_ret(struct pt_regs *ctx)
 		return 0;
 	len_out = read_s8(pc->foc + OFF_FOC_LEN);
 	if (PT_REGS_RC(ctx))
-		emit_server(ctx, EV_SYN_DATA_ACCEPTED, pc->netns, pc->port);
+		emit_server(ctx, EV_SYN_DATA_ACCEPTED, pc->net, pc->port);
 	else if (pc->gate == 1)
-		emit_server(ctx, EV_SERVER_DISABLED, pc->netns, pc->port);
+		emit_server(ctx, EV_SERVER_DISABLED, pc->net, pc->port);
 	else if (pc->gate == 2 && len_out < 0)
-		emit_server(ctx, EV_QUEUE_OVERFLOW, pc->netns, pc->port);
+		emit_server(ctx, EV_QUEUE_OVERFLOW, pc->net, pc->port);
 	else if (pc->len_in > 0)
-		emit_server(ctx, EV_INVALID_COOKIE, pc->netns, pc->port);
+		emit_server(ctx, EV_INVALID_COOKIE, pc->net, pc->port);
 	if (len_out > 0)
-		emit_server(ctx, EV_COOKIE_ISSUED, pc->netns, pc->port);
+		emit_server(ctx, EV_COOKIE_ISSUED, pc->net, pc->port);
 	pc->sk = 0;
 	return 0;
 }
@@ -464,7 +476,7 @@ int on_twsk_unique_ret(struct pt_regs *ctx)
 	ev.type = PT_REGS_RC(ctx) ? EV_TW_REUSE_GRANTED : EV_TW_REUSE_REFUSED;
 	if (ev.type == EV_TW_REUSE_REFUSED)
 		ev.reason = tw_refuse_reason(net, ts_stamp, ev.age_ms);
-	ev.netns = net_inum(net);
+	SET_NETNS(&ev, net);
 	ev.port = __builtin_bswap16(read_u16(call->tw + OFF_SKC_DPORT));
 	read_daddr(&ev, call->tw);
 	ev.pid = id >> 32;
@@ -486,7 +498,7 @@ int on_active_disable(struct pt_regs *ctx, const void *sk)
 	if (!read_u32(net + OFF_NET_BLACKHOLE_TIMEOUT))
 		return 0;
 	ev.type = EV_BLACKHOLE_DISABLE;
-	ev.netns = net_inum(net);
+	SET_NETNS(&ev, net);
 	ev.port = __builtin_bswap16(read_u16(sk + OFF_SKC_DPORT));
 	read_daddr(&ev, sk);
 	emit(ctx, &ev);

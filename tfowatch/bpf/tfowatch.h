@@ -35,7 +35,8 @@ enum tw_refuse_reason {
 struct tfo_event {
 	__u64 ts_ns;     /* bpf_ktime_get_ns() */
 	__u64 cgroup_id; /* client events: cgroup v2 id of the connecting task; 0 for server */
-	__u32 netns;     /* network namespace inode */
+	__u64 netns_cookie; /* the namespace's cookie (unique for the boot; 0: kernel has none) */
+	__u32 netns;     /* network namespace inode (the kernel reuses a dead namespace's) */
 	__u32 pid;       /* client events: tgid of the connecting process; 0 for server */
 	__u32 type;      /* enum tfo_event_type */
 	__u32 age_ms;    /* TIME-WAIT events: age of the TIME-WAIT socket */
@@ -53,6 +54,7 @@ struct tfo_event {
  * go through the perf buffer. */
 struct count_key {
 	__u64 cgroup_id; /* as tfo_event */
+	__u64 netns_cookie;
 	__u32 netns;
 	__u32 type;      /* enum tfo_event_type */
 	__u16 port;

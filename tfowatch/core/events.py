@@ -179,6 +179,7 @@ class RawEvent(ctypes.Structure):
     _fields_ = [
         ("ts_ns", ctypes.c_uint64),
         ("cgroup_id", ctypes.c_uint64),
+        ("netns_cookie", ctypes.c_uint64),
         ("netns", ctypes.c_uint32),
         ("pid", ctypes.c_uint32),
         ("type", ctypes.c_uint32),
@@ -196,6 +197,7 @@ class CountKey(ctypes.Structure):
     """struct count_key: the label set of an event counted in the kernel."""
     _fields_ = [
         ("cgroup_id", ctypes.c_uint64),
+        ("netns_cookie", ctypes.c_uint64),
         ("netns", ctypes.c_uint32),
         ("type", ctypes.c_uint32),
         ("port", ctypes.c_uint16),
@@ -249,6 +251,7 @@ class Event:
     cgroup_id: int = 0
     cgroup: str = ""  # path under the cgroup v2 root, resolved in Python
     daddr: str = ""  # client events: the remote address
+    netns_cookie: int = 0  # which namespace held the inode `netns` (0: the kernel does not say)
 
 
 def _address(family: int, raw: bytes) -> str:
@@ -278,14 +281,14 @@ def decode(data: bytes | int, cgroup_name: Callable[[int, int], str] | None = No
         data = ctypes.string_at(data, EVENT_SIZE)
     elif len(data) < EVENT_SIZE:
         raise ValueError(f"event of {len(data)} bytes, expected {EVENT_SIZE}")
-    ts_ns, cgroup_id, netns, pid, etype, age_ms, port, reason, _res, comm, daddr, family = \
+    ts_ns, cgroup_id, cookie, netns, pid, etype, age_ms, port, reason, _res, comm, daddr, family = \
         _RAW.unpack_from(data)
     return Event(
         type=_event_type(etype), netns=netns, port=port, pid=pid,
         comm=comm.split(b"\0", 1)[0].decode(errors="replace"), age_ms=age_ms, reason=reason,
         ts_ns=ts_ns, cgroup_id=cgroup_id,
         cgroup=_cgroup(cgroup_name, cgroup_id, pid),
-        daddr=_address(family, daddr),
+        daddr=_address(family, daddr), netns_cookie=cookie,
     )
 
 
@@ -293,7 +296,7 @@ def counted(key: CountKey, pid: int, cgroup_name: Callable[[int, int], str] | No
     """The event an in-kernel count stands for (one of `count` identical ones)."""
     return Event(type=_event_type(key.type), netns=key.netns, port=key.port,
                  pid=pid, comm=key.comm.decode(errors="replace"), reason=key.reason,
-                 cgroup_id=key.cgroup_id,
+                 cgroup_id=key.cgroup_id, netns_cookie=key.netns_cookie,
                  cgroup=_cgroup(cgroup_name, key.cgroup_id, pid))
 
 
@@ -302,7 +305,8 @@ def encode(ev: Event) -> bytes:
     family, packed = _raw_address(ev.daddr)
     raw = RawEvent(
         family=family, daddr=(ctypes.c_uint8 * 16)(*packed),
-        ts_ns=ev.ts_ns, cgroup_id=ev.cgroup_id, netns=ev.netns, pid=ev.pid, type=int(ev.type),
+        ts_ns=ev.ts_ns, cgroup_id=ev.cgroup_id, netns_cookie=ev.netns_cookie, netns=ev.netns, pid=ev.pid,
+        type=int(ev.type),
         age_ms=ev.age_ms, port=ev.port, reason=ev.reason, age_res=0, comm=ev.comm.encode()[:16],
     )
     return bytes(raw)

@@ -81,8 +81,11 @@ NETNS_UNREADABLE = Metric("tfowatch_netns_unreadable", "gauge",
                           "to read (process-less ones need CAP_SYS_ADMIN), or beyond series_cap.",
                           (), ALL, KERNEL)
 NETNS_RETIRED = Metric("tfowatch_netns_retired_total", "counter",
-                       "Network namespaces gone (no process, no bind mount) for netns_grace seconds, "
-                       "whose series were then removed.", (), ALL, KERNEL)
+                       "Network namespaces whose series were removed, by why: gone (no process, no "
+                       "bind mount) for netns_grace seconds, or inode_reused (a new namespace took its "
+                       "inode, and starts from 0).", ("reason",), ALL, KERNEL,
+                       note="reason: gone, inode_reused")
+RETIRED_REASONS = ("gone", "inode_reused")
 RECONCILE_DRIFT = Metric("tfowatch_reconcile_drift", "gauge",
                          "Probe-derived count minus the kernel counter's increase since start (0 = exact).",
                          ("netns", "metric"), PROBED, KERNEL,
@@ -98,6 +101,9 @@ EVENTS = Metric("tfowatch_events_total", "counter", "Events reported by the kern
                 ("type",), PROBED, note="type: each event type the running programs can report")
 EVENTS_LOST = Metric("tfowatch_events_lost_total", "counter",
                      "Events the perf buffer dropped before tfowatch read them.", (), PROBED)
+LATE_EVENTS = Metric("tfowatch_netns_late_events_total", "counter",
+                     "Events of a network namespace read after a new namespace took its inode (its "
+                     "series were retired then): in tfowatch_events_total, in no series.", (), PROBED)
 SERIES_DROPPED = Metric("tfowatch_series_dropped_total", "counter",
                         "Events folded into the 'other' series because a metric hit its series cap.",
                         ("metric",), PROBED, note="metric: each probe family the tier serves, 0 until a drop")
@@ -138,8 +144,8 @@ HTTP_CONNECTIONS_REFUSED = Metric("tfowatch_http_connections_refused_total", "co
 FAMILIES = (COOKIE_REQUESTS, COOKIES_ISSUED, SYN_DATA_ACCEPTED, PASSIVE_FALLBACKS, SYN_DATA_SENT,
             SYN_DATA_ACKED, ACTIVE_FALLBACKS, BLACKHOLE_DISABLES, TW_REUSE, TW_REUSE_AGE,
             KERNEL_TCPEXT, NETNS_UNREADABLE, NETNS_RETIRED, RECONCILE_DRIFT,
-            PROBE_ATTACHED, EVENTS, EVENTS_LOST, SERIES_DROPPED, SERIES_EXPIRED, SERIES, SERIES_CAP,
-            BUILD_INFO,
+            PROBE_ATTACHED, EVENTS, EVENTS_LOST, LATE_EVENTS, SERIES_DROPPED, SERIES_EXPIRED, SERIES,
+            SERIES_CAP, BUILD_INFO,
             TIER_DEGRADED, SCRAPE_PART_SUCCESS, SCRAPE_PART_DURATION,
             HTTP_REQUESTS, SCRAPE_DURATION, HTTP_CONNECTIONS_REFUSED)
 PROBE_METRICS = tuple(m for m in FAMILIES if m.source == PROBES)

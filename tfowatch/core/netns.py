@@ -3,12 +3,18 @@
 A namespace is named by its inode, as the BPF programs report it. Its counters are
 read through a process inside it (/proc/PID/net/netstat) or, for a namespace held
 only by a bind mount (`ip netns add`), from a short-lived thread that setns()es in.
+
+The kernel gives a dead namespace's inode to the next new one at once, so an inode alone
+does not say which namespace it is: its cookie does (SO_NETNS_COOKIE, Linux 5.14; the BPF
+programs read the same `net->net_cookie`), unique for the boot.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import threading
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -16,6 +22,7 @@ from typing import TypeVar
 from tfowatch.core import procfs
 
 RUN_NETNS = Path("/run/netns")
+SO_NETNS_COOKIE = 71  # asm-generic/socket.h
 T = TypeVar("T")
 
 
@@ -76,11 +83,112 @@ def run_in(handle: str, fn: Callable[[], T]) -> T:
     return box["value"]  # type: ignore[return-value]
 
 
+def _own_tcpext() -> dict[str, int]:
+    return parse_netstat(procfs.path("thread-self", "net", "netstat").read_text())
+
+
 def tcpext(handle: str) -> dict[str, int]:
     pid = procfs.pid_of(handle)
     if pid is not None:
         return parse_netstat(procfs.path(pid, "net", "netstat").read_text())
-    return run_in(handle, lambda: parse_netstat(procfs.path("thread-self", "net", "netstat").read_text()))
+    return run_in(handle, _own_tcpext)
+
+
+def own_cookie() -> int:
+    """The cookie of the calling thread's namespace; 0 where the kernel has none (before 5.14)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+    except OSError:  # ENOPROTOOPT
+        return 0
+
+
+def _start_time(pid: int) -> int:
+    """Field 22 of /proc/PID/stat: with the pid, it names one process for the boot."""
+    stat = procfs.path(pid, "stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+class Generations:
+    """Which namespace holds each inode now, by cookie, as events and counter reads show it.
+    `admit(inode, cookie)` is True for the current namespace; for another cookie it first calls
+    `replaced(inode, cookie)` (the old namespace is gone: its series go) and is True; for one
+    already replaced it is False (a late event: counted in `late`). Cookies are unique but not
+    ordered (the kernel hands them out in per-CPU batches), hence the memory of replaced ones.
+    Callers hold `lock` from admit() until the event is counted, so that no replacement runs
+    between the two (it is reentrant: replaced() may take it again)."""
+
+    GONE_KEPT = 8  # replaced cookies remembered per inode: a late event comes within a read
+
+    def __init__(self, replaced: Callable[[int, int], None], enabled: bool = True) -> None:
+        self.replaced = replaced
+        self.enabled = enabled
+        self.lock = threading.RLock()
+        self._cookie: dict[int, int] = {}
+        self._gone: dict[int, deque[int]] = {}
+        self.reused = 0  # inodes a new namespace took over
+        self.late = 0
+
+    def seed(self, cookies: dict[int, int]) -> None:
+        with self.lock:
+            self._cookie.update((ino, c) for ino, c in cookies.items() if c)
+
+    def admit(self, ino: int, cookie: int, n: int = 1) -> bool:
+        if not (self.enabled and cookie):
+            return True
+        with self.lock:
+            now = self._cookie.setdefault(ino, cookie)
+            if cookie == now:
+                return True
+            gone = self._gone.setdefault(ino, deque(maxlen=self.GONE_KEPT))
+            if cookie in gone:
+                self.late += n
+                return False
+            gone.append(now)
+            self._cookie[ino] = cookie
+            self.reused += 1
+            self.replaced(ino, cookie)
+            return True
+
+    def forget(self, inodes: set[int]) -> None:
+        with self.lock:
+            for ino in inodes:
+                self._cookie.pop(ino, None)
+                self._gone.pop(ino, None)
+
+
+class Cookies:
+    """Which namespace each inode found is, by cookie, asked of the kernel (by entering it)
+    once per witness: the process it was found through, named by pid and start time. A live
+    process keeps its namespace alive, so while the same process is found in it no new
+    namespace can have taken the inode (unless that process left, the namespace died, and the
+    process joined a new one that got the inode, all between two reads). A namespace held
+    only by a bind mount is entered at each read anyway, which tells its cookie for free."""
+
+    def __init__(self) -> None:
+        self.supported = own_cookie() != 0
+        self._seen: dict[tuple[int, int, int], int] = {}
+        self._now: dict[tuple[int, int, int], int] = {}
+
+    def read(self, ino: int, handle: str) -> tuple[dict[str, int], int]:
+        """The TcpExt counters of the namespace at `handle`, and its cookie (0: unknown)."""
+        pid = procfs.pid_of(handle)
+        if pid is None:
+            counters, cookie = run_in(handle, lambda: (_own_tcpext(), own_cookie()))
+            return counters, cookie if self.supported else 0
+        counters = tcpext(handle)
+        if not self.supported:
+            return counters, 0
+        witness = (ino, pid, _start_time(pid))
+        cookie = self._seen.get(witness) or run_in(handle, own_cookie)
+        if inode(handle) != ino:  # the witness moved while it was read: ask again next time
+            raise FileNotFoundError(f"{handle} left namespace {ino}")
+        self._now[witness] = cookie
+        return counters, cookie
+
+    def done(self) -> None:
+        """End of one read of every namespace: witnesses not seen in it are forgotten."""
+        self._seen, self._now = self._now, {}
 
 
 def read_ipv4_sysctls(names: tuple[str, ...]) -> dict[str, str]:

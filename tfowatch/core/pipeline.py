@@ -16,6 +16,7 @@ from tfowatch.core.btf import Btf, BtfError
 from tfowatch.core.cgroups import CgroupNames
 from tfowatch.core.events import CountKey, Event, counted, decode
 from tfowatch.core.kernel import KernelFacts, detect, perf_events_denied
+from tfowatch.core.netns import Generations
 from tfowatch.core.plan import PLAIN_BUILD, Plan, PlanError, Variant, fall_back, resolve
 from tfowatch.core.reconcile import KernelCounters, drift
 from tfowatch.core.state import KERNEL, PROBES, SELF, ExportState, Part, take
@@ -68,16 +69,20 @@ class Ingest:
     poller calls it per event; benchmarks call it with synthetic events (bench/synthetic.py)."""
 
     def __init__(self, agg: Aggregator, keep: EventFilter | None = None,
-                 sink: EventSink | None = None) -> None:
+                 sink: EventSink | None = None, generations: Generations | None = None) -> None:
         self.agg = agg
         self.keep = keep
         self.sink = sink
         self.cgroups = CgroupNames()
+        self.generations = generations or Generations(lambda _ino, _cookie: None, enabled=False)
 
     def __call__(self, _cpu: int, data: Any, _size: int) -> None:
         ev = decode(data, self.cgroups.name)
         if self.keep is None or self.keep(ev):
-            self.agg.add(ev)
+            with self.generations.lock:
+                if not self.generations.admit(ev.netns, ev.netns_cookie):
+                    return
+                self.agg.add(ev)
             if self.sink is not None:
                 self.sink(ev)
 
@@ -103,14 +108,20 @@ class Pipeline:
         self.agg = Aggregator(series_cap)
         self._folded: dict[bytes, int] = {}  # in-kernel count already added, per key
         self._gained_at: dict[bytes, float] = {}  # when each key's count last moved
+        self._released: set[bytes] = set()  # taken out of the map during this drain
         self.series_ttl = series_ttl  # 0: series never expire
-        self._folding = threading.Lock()
         self.counters = KernelCounters(max_namespaces=series_cap, grace=netns_grace)
+        self.generations = Generations(self._replaced, enabled=self.counters.cookies.supported)
+        if not self.counters.cookies.supported:
+            log.warning("this kernel has no network namespace cookies (SO_NETNS_COOKIE, Linux 5.14): "
+                        "a new namespace that gets a gone one's inode inherits its series")
+        # one lock orders the in-kernel counts' folding and a namespace's replacement
+        self._folding = self.generations.lock
+        self.generations.seed(self.counters.start())
         if self.probes is not None:
-            self.ingest = Ingest(self.agg, keep, sink)
+            self.ingest = Ingest(self.agg, keep, sink, self.generations)
             self.ingest.cgroups.made = self.probes.cgroup_path
             self.probes.open_events(self.ingest, self.agg.add_lost, perf_pages)
-        self.counters.start()
         release_compiler_heap()
 
     def poll_once(self) -> None:
@@ -131,16 +142,24 @@ class Pipeline:
         self.probes.consume()
         now = time.monotonic()
         with self._folding:
-            for raw, count, pid in self.probes.counts():
-                self._fold(raw, count, pid, now)
+            self._released.clear()
+            late = [raw for raw, count, pid in self.probes.counts()
+                    if raw not in self._released and not self._fold(raw, count, pid, now)]
+            self._release(late, now)  # a replaced namespace's: they can only be late
 
-    def _fold(self, raw: bytes, count: int, pid: int, now: float) -> None:
-        """Add what an in-kernel count gained since it was last folded (under _folding)."""
+    def _fold(self, raw: bytes, count: int, pid: int, now: float) -> bool:
+        """Add what an in-kernel count gained since it was last folded (under _folding);
+        False when the count is of a namespace already replaced."""
         gained = count - self._folded.get(raw, 0)
-        if gained:
-            self._folded[raw] = count
-            self._gained_at[raw] = now
-            self.agg.add(counted(CountKey.from_buffer_copy(raw), pid, self.ingest.cgroups.name), gained)
+        if not gained:
+            return True
+        key = CountKey.from_buffer_copy(raw)
+        self._folded[raw] = count
+        self._gained_at[raw] = now
+        if not self.generations.admit(key.netns, key.netns_cookie, gained):
+            return False
+        self.agg.add(counted(key, pid, self.ingest.cgroups.name), gained)
+        return True
 
     def expire(self) -> None:
         """Series idle for series_ttl go, and the in-kernel counts idle as long leave the map
@@ -161,6 +180,7 @@ class Pipeline:
         for raw in raws:
             self._folded.pop(raw, None)
             self._gained_at.pop(raw, None)
+        self._released.update(raws)  # drain's list of counts may still hold them
 
     def attached(self) -> list[tuple[str, str, str, bool]]:
         probes = self.probes
@@ -172,11 +192,27 @@ class Pipeline:
         self.expire()
         return self.agg.snapshot(), self.probes.totals() if self.probes is not None else None
 
-    def _kernel_part(self) -> tuple[dict[int, dict[str, int]], int, int]:
-        kernel, retired = self.counters.read()
+    def _kernel_part(self) -> tuple[dict[int, dict[str, int]], int]:
+        kernel, retired, cookies = self.counters.read()
+        with self._folding:
+            for ino, cookie in cookies.items():
+                self.generations.admit(ino, cookie)
         if retired:
             self.retire(retired)
-        return kernel, len(self.counters.unreadable), self.counters.retired
+        return kernel, len(self.counters.unreadable)
+
+    def _replaced(self, ino: int, cookie: int) -> None:
+        """A new namespace (`cookie`) holds inode `ino`: the one before it is gone. Its series
+        and in-kernel counts go now; what they gained since last read is late (under _folding)."""
+        log.info("netns %s: a new namespace took the inode of a gone one; the gone one's series "
+                 "are retired", ino)
+        older = []
+        for raw in self._folded:
+            key = CountKey.from_buffer_copy(raw)
+            if key.netns == ino and key.netns_cookie != cookie:
+                older.append(raw)
+        self._release(older, time.monotonic())
+        self.agg.retire_netns({ino})
 
     def retire(self, inodes: set[int]) -> None:
         """Namespaces gone for the grace period: their series, and their in-kernel counts."""
@@ -185,21 +221,24 @@ class Pipeline:
         with self._folding:
             self._release([raw for raw in self._folded if CountKey.from_buffer_copy(raw).netns in inodes],
                           time.monotonic())
-        self.agg.retire_netns(inodes)  # after the release, which may fold in a last gain
+            self.agg.retire_netns(inodes)  # after the release, which may fold in a last gain
+            self.generations.forget(inodes)
 
     def state(self) -> ExportState:
         """Every part, each on its own (state.take): a failed one is empty and says so."""
         parts: dict[str, Part] = {}
         no_probes: tuple[Snapshot, list[int] | None] = (Snapshot.empty(), None)
-        no_kernel: tuple[dict[int, dict[str, int]], int, int] = ({}, 0, 0)
+        no_kernel: tuple[dict[int, dict[str, int]], int] = ({}, 0)
         snap, totals = take(parts, PROBES, self._probe_part, no_probes)
-        kernel, unreadable, retired = take(parts, KERNEL, self._kernel_part, no_kernel)
+        kernel, unreadable = take(parts, KERNEL, self._kernel_part, no_kernel)
         both = parts[PROBES].ok and parts[KERNEL].ok
         gap = drift(snap, self.counters.deltas(kernel), self.plan.reconciled) if both else {}
         no_attachments: list[tuple[str, str, str, bool]] = []
         attached = take(parts, SELF, self.attached, no_attachments)
         return ExportState(
-            plan=self.plan, snap=snap, totals=totals, kernel=kernel, unreadable=unreadable, retired=retired,
+            plan=self.plan, snap=snap, totals=totals, kernel=kernel, unreadable=unreadable,
+            retired={"gone": self.counters.retired, "inode_reused": self.generations.reused},
+            late=self.generations.late,
             drift=gap, attached=attached, version=__version__, kernel_release=self.facts.release,
             series_cap=self.agg.series_cap, parts=parts,
         )

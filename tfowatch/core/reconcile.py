@@ -10,6 +10,10 @@ A namespace that is gone (no process in it, no bind mount) keeps its last counte
 (every series with its inode goes) and counted. Its drift is dropped at once: the traffic of
 its last interval is in the probe counts but was never read on the kernel side, so any drift
 would be false.
+
+A namespace whose inode was given to a new one (another cookie at the same inode) is gone
+too: its series are retired at once, and the new namespace starts from 0 (baseline 0, as one
+created after start), which Prometheus sees as a counter reset of each `netns` series.
 """
 
 from __future__ import annotations
@@ -35,12 +39,15 @@ class KernelCounters:
         self._last: dict[int, dict[str, int]] = {}
         self.live: set[int] = set()  # read at the last read()
         self._gone_since: dict[int, float] = {}
-        self.retired = 0
+        self.retired = 0  # gone for the grace (a reused inode is Generations')
+        self.cookies = netns.Cookies()
+        self._cookie: dict[int, int] = {}  # inode -> the cookie its counters were last read from
         # found, but not read: not ours to read (kernel.namespace_blind_spots), or over the cap
         self.unreadable: set[int] = set()
 
-    def _read_live(self) -> dict[int, dict[str, int]]:
-        out: dict[int, dict[str, int]] = {}
+    def _read_live(self) -> dict[int, tuple[dict[str, int], int]]:
+        """inode -> (TFO/TIME-WAIT TcpExt counters, cookie) of every namespace read now."""
+        out: dict[int, tuple[dict[str, int], int]] = {}
         found = sorted(netns.discover().items())
         over_cap = {ino for ino, _ in found[self.max_namespaces:]}  # not read: counted as unread
         if over_cap - self.unreadable:  # once per namespace newly over it
@@ -49,7 +56,7 @@ class KernelCounters:
         unreadable: set[int] = set(over_cap)
         for ino, handle in found[: self.max_namespaces]:
             try:
-                ext = netns.tcpext(handle)
+                ext, cookie = self.cookies.read(ino, handle)
             except PermissionError as exc:
                 if ino not in self.unreadable:
                     log.warning("netns %s (%s): cannot read its counters: %s", ino, handle, exc.strerror)
@@ -58,16 +65,21 @@ class KernelCounters:
             except OSError as exc:  # namespace vanished between discovery and read
                 log.debug("netns %s: %s", ino, exc)
                 continue
-            out[ino] = {c: ext.get(c, 0) for c in KERNEL_COUNTERS}
+            out[ino] = ({c: ext.get(c, 0) for c in KERNEL_COUNTERS}, cookie)
+        self.cookies.done()
         self.unreadable = unreadable
         return out
 
-    def read(self) -> tuple[dict[int, dict[str, int]], set[int]]:
+    def read(self) -> tuple[dict[int, dict[str, int]], set[int], dict[int, int]]:
         """TFO/TIME-WAIT TcpExt counters of every namespace found, and of those gone less
-        than `grace` ago (their last values), bounded; and the namespaces retired now."""
-        live = self._read_live()
+        than `grace` ago (their last values), bounded; the namespaces retired now; and the
+        cookie of each namespace read (to tell a reused inode's new namespace from the old)."""
+        found = self._read_live()
+        live = {ino: counters for ino, (counters, _) in found.items()}
         now = time.monotonic()
         with self._lock:
+            for ino, (_, cookie) in found.items():
+                self._track(ino, cookie)
             self.live = set(live)
             self._last.update(live)
             for ino in live:
@@ -78,16 +90,31 @@ class KernelCounters:
             over = len(self._last) - len(retired) - self.max_namespaces
             retired |= set(sorted(self._gone_since, key=self._gone_since.__getitem__)[:max(0, over)])
             for ino in retired:
-                del self._last[ino], self._gone_since[ino]
-                self._baseline.pop(ino, None)
+                self._forget(ino)
             self.retired += len(retired)
-            return dict(self._last), retired
+            return dict(self._last), retired, {ino: cookie for ino, (_, cookie) in found.items()}
 
-    def start(self) -> None:
-        live = self._read_live()
+    def _track(self, ino: int, cookie: int) -> None:
+        """Another cookie at a known inode: the namespace read before is gone, and this one
+        was made after it, so after start: its baseline is 0 (under _lock)."""
+        if self._cookie.setdefault(ino, cookie) != cookie:
+            self._forget(ino)
+            self._cookie[ino] = cookie
+
+    def _forget(self, ino: int) -> None:
+        self._last.pop(ino, None)
+        self._gone_since.pop(ino, None)
+        self._baseline.pop(ino, None)
+        self._cookie.pop(ino, None)
+
+    def start(self) -> dict[int, int]:
+        """Read every namespace once, as the baseline; the cookie of each."""
+        found = self._read_live()
         with self._lock:
-            self._baseline = live
-            self._last = dict(live)
+            self._baseline = {ino: counters for ino, (counters, _) in found.items()}
+            self._last = dict(self._baseline)
+            self._cookie = {ino: cookie for ino, (_, cookie) in found.items()}
+            return dict(self._cookie)
 
     def deltas(self, now: dict[int, dict[str, int]]) -> dict[int, dict[str, int]]:
         """Kernel counter deltas since start, of the namespaces read just now (the live ones)."""

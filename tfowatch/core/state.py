@@ -30,7 +30,8 @@ class ExportState:
     totals: list[int] | None  # exact per-type counts from the kernel; None without BPF
     kernel: dict[int, dict[str, int]]
     unreadable: int  # namespaces found whose counters this process may not read
-    retired: int  # namespaces gone for the grace period, whose series went, since start
+    retired: dict[str, int]  # namespaces whose series went since start, by metrics.RETIRED_REASONS
+    late: int  # events of a namespace already replaced (its inode reused), counted in no series
     drift: dict[tuple[int, str], int]
     attached: list[tuple[str, str, str, bool]]  # point, target, tier, attached
     version: str

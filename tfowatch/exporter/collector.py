@@ -73,7 +73,7 @@ def kernel_families(st: ExportState) -> Iterator[Family]:
     yield _samples(m.KERNEL_TCPEXT, (([str(ino), name], value) for ino, counters in sorted(st.kernel.items())
                                      for name, value in sorted(counters.items())))
     yield family(m.NETNS_UNREADABLE, st.unreadable)
-    yield family(m.NETNS_RETIRED, st.retired)
+    yield _samples(m.NETNS_RETIRED, (([why], st.retired.get(why, 0)) for why in m.RETIRED_REASONS))
     if st.plan.reconciled and st.ok(PROBES):
         yield _samples(m.RECONCILE_DRIFT, (([str(ino), label], value)
                                            for (ino, label), value in sorted(st.drift.items())))
@@ -86,6 +86,7 @@ def self_families(st: ExportState) -> Iterator[Family]:
         totals = st.totals
         yield _samples(m.EVENTS, (([t.name.lower()], totals[t]) for t in sorted(st.plan.events)))
         yield family(m.EVENTS_LOST, st.snap.lost)
+        yield family(m.LATE_EVENTS, st.late)
     if st.plan.metrics and st.ok(PROBES):
         served = st.plan.metrics
         yield _samples(m.SERIES_DROPPED, (([f.name], st.snap.dropped.get(f.name, 0)) for f in served))
