@@ -106,7 +106,8 @@ class Lab:
         self._subnet += 1
         ia, ib = f"ta{self._subnet}{self.tag}", f"tb{self._subnet}{self.tag}"
         sh("ip", "link", "add", ia, "netns", a.name, "type", "veth", "peer", "name", ib, "netns", b.name)
-        net = f"10.231.{self._subnet}"
+        net = f"10.{231 + self._subnet // 250}.{self._subnet % 250}"  # never reused: a client caches
+        # a TFO cookie per address, which another server would reject
         for host, dev, addr in ((a, ia, f"{net}.1"), (b, ib, f"{net}.2")):
             sh("ip", "-n", host.name, "addr", "add", f"{addr}/24", "dev", dev)
             sh("ip", "-n", host.name, "link", "set", dev, "up")

@@ -33,6 +33,7 @@ def export_state(plan: Plan, agg: Aggregator, kernel: dict[int, dict[str, int]])
                        drift=drift(snap, kernel, plan.reconciled),
                        attached=[("tcp_twsk_unique", "kprobe:tcp_twsk_unique", "kprobe", True)],
                        version="0.1.0", kernel_release="6.1.0-56-amd64", series_cap=agg.series_cap,
+                       netns_limit=agg.netns_limit,
                        parts={p: Part(True, 0.001) for p in (PROBES, KERNEL, SELF)})
 
 

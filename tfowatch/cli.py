@@ -189,6 +189,7 @@ def describe(settings: Settings, web: WebConfig | None) -> str:
     host, port = settings.address
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     parts = [f"{scheme}://{where}/metrics", f"mode {settings.mode}", f"series_cap {settings.series_cap}",
+             f"netns_share {settings.netns_share}%",
              f"perf_pages {settings.perf_pages}", f"max_connections {settings.max_connections}",
              f"header_timeout {settings.header_timeout} s", f"netns_grace {settings.netns_grace} s",
              f"series_ttl {settings.series_ttl} s"]

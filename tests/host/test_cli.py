@@ -29,6 +29,7 @@ from tfowatch.core.kernel import detect
     (["run", "--series-cap", "many"], "invalid int value"),
     (["run", "--perf-pages", "100"], "must be a power of two"),
     (["run", "--header-timeout", "0", "--check-config"], "--header-timeout: must be from 1 to 60, not 0"),
+    (["run", "--netns-share", "101", "--check-config"], "--netns-share: must be from 1 to 100, not 101"),
     (["run", "--header-timeout", "3600", "--check-config"], "must be from 1 to 60"),
     (["run", "--listen", "no-such-host.invalid:9100"], "bad listen address"),
     (["run", "--web-config-file", "/nonexistent/web.yml"], "cannot read web config"),
@@ -63,7 +64,8 @@ def test_flags_override_the_file_and_check_config_says_what_it_would_run(tmp_pat
     res = tfowatch("run", "--config", str(cfg), "--series-cap", "70", "--check-config")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == ("tfowatch: config OK: http://127.0.0.1:9300/metrics, mode counters, "
-                                  "series_cap 70, perf_pages 64, max_connections 16, header_timeout 5 s, "
+                                  "series_cap 70, netns_share 50%, perf_pages 64, max_connections 16, "
+                                  "header_timeout 5 s, "
                                   "netns_grace 300 s, series_ttl 3600 s")
 
 

@@ -137,3 +137,35 @@ def test_idle_series_expire_and_free_their_place_under_the_cap() -> None:
     agg.add(Event(EventType.SYN_DATA_ACCEPTED, netns=5, port=80))  # back, but the cap is full again
     snap = agg.snapshot()
     assert snap.counters[SYN_DATA_ACCEPTED] == {("5", "81"): 2, ("5", "82"): 1, (OTHER, OTHER): 1}
+
+
+def test_a_noisy_namespace_folds_into_its_own_other_and_leaves_room_for_the_rest() -> None:
+    """Issue 16, case 4: a spray of ports and process names in one namespace used to fill the
+    cap, and every new series of every other namespace went to 'other' until a restart. Now the
+    namespace holds at most its share (50% of 100 here), its overflow stays attributed to it,
+    and a listener in another namespace opened after the spray still gets its own series."""
+    agg = Aggregator(series_cap=100, netns_share=50)
+    rng = random.Random(3)
+    for _ in range(5000):
+        agg.add(Event(EventType.SYN_DATA_SENT, netns=1, port=rng.randrange(65536),
+                      comm=f"p{rng.randrange(10**6)}"))
+    for _ in range(1000):
+        agg.add(Event(EventType.SYN_DATA_SENT, netns=2, port=853, comm="unbound"))
+    s = agg.snapshot()
+    series = s.counters[SYN_DATA_SENT]
+    noisy = {k: v for k, v in series.items() if k[0] == "1"}
+    assert len(noisy) == 50 + 1 and noisy[("1", OTHER, OTHER, OTHER)] == 5000 - 50
+    assert series[("2", "853", "unbound", "")] == 1000  # attributed, not in 'other'
+    assert s.dropped[SYN_DATA_SENT.name] == 5000 - 50
+    assert sum(series.values()) == 6000  # nothing lost, only folded
+
+
+def test_the_global_cap_still_bounds_many_namespaces_and_a_freed_series_makes_room() -> None:
+    agg = Aggregator(series_cap=10, netns_share=50)
+    for ns in range(1, 21):  # 20 namespaces, one listener each: the cap, not the share, bites
+        agg.add(Event(EventType.SYN_DATA_ACCEPTED, netns=ns, port=80))
+    series = agg.snapshot().counters[SYN_DATA_ACCEPTED]
+    assert len(series) == 10 + 1 and series[(OTHER, OTHER)] == 10
+    agg.retire_netns({1})
+    agg.add(Event(EventType.SYN_DATA_ACCEPTED, netns=21, port=80))
+    assert agg.snapshot().counters[SYN_DATA_ACCEPTED][("21", "80")] == 1

@@ -4,16 +4,19 @@ Which families an event feeds, with which labels, is the event table's (events.E
 histogram family observes the event's value. Each family holds at most `series_cap` label
 sets; an event that would open one more is folded into a series whose labels are all "other"
 and counted in `dropped`. Memory is therefore bounded whatever the traffic (random ports,
-short-lived processes, namespace churn). A series that has not moved for `ttl` seconds is
-removed (`expire`, counted in `expired`), so the cap is not held for ever by label sets that
-are gone (a spray of ports, a process that exited): new ones get in again.
+short-lived processes, namespace churn). One namespace holds at most `netns_share` percent of
+them: beyond it, its events fold into its own "other" series (its `netns`, every other label
+"other"), so a noisy namespace cannot starve the others, and stays attributed. A series that
+has not moved for `ttl` seconds is removed (`expire`, counted in `expired`), so the cap is not
+held for ever by label sets that are gone (a spray of ports, a process that exited): new ones
+get in again.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,10 +66,12 @@ class Snapshot:
 
 
 class Aggregator:
-    def __init__(self, series_cap: int = 1000) -> None:
-        if series_cap < 1:
-            raise ValueError("series cap must be at least 1")
+    def __init__(self, series_cap: int = 1000, netns_share: int = 100) -> None:
+        if series_cap < 1 or not 1 <= netns_share <= 100:
+            raise ValueError("series cap must be at least 1, a namespace's share 1 to 100 percent")
         self.series_cap = series_cap
+        self.netns_limit = max(1, series_cap * netns_share // 100)  # label sets per namespace
+        self._held: dict[Metric, Counter[str]] = defaultdict(Counter)  # label sets per netns label
         self._lock = threading.Lock()
         self._counters: dict[Metric, dict[Labels, int]] = defaultdict(dict)
         self._hist: dict[Metric, dict[Labels, Histogram]] = defaultdict(dict)
@@ -99,10 +104,24 @@ class Aggregator:
         return [(metric, tuple(values[name] for name in metric.labels)) for metric in spec.metrics]
 
     def _bounded(self, metric: Metric, series: Mapping[Labels, object], key: Labels, n: int) -> Labels:
-        if key in series or len(series) < self.series_cap:
+        """The label set to count `key` under; a new one is counted as held (the caller opens it)."""
+        if key in series:
             return key
-        self._dropped[metric.name] += n
-        return (OTHER,) * len(key)
+        held, other = self._held[metric], (OTHER,) * len(key)
+        full = len(series) - (other in series) >= self.series_cap  # 'other' is not one of them
+        if held[key[0]] >= self.netns_limit:  # netns is every probe family's first label
+            self._dropped[metric.name] += n
+            key = (key[0],) + other[1:]
+            if key in series:
+                return key
+        elif full:
+            self._dropped[metric.name] += n
+        if full:
+            key = other
+            if key in series:
+                return key
+        held[key[0]] += 1
+        return key
 
     def add(self, ev: Event, n: int = 1) -> None:
         """Count `ev` n times (n > 1: an in-kernel count)."""
@@ -162,6 +181,10 @@ class Aggregator:
     def _remove(self, metric: Metric, series: dict[Labels, Any], key: Labels) -> None:
         del series[key]
         self._marks[metric].pop(key, None)
+        held = self._held[metric]
+        held[key[0]] -= 1
+        if held[key[0]] <= 0:
+            del held[key[0]]
 
     def add_lost(self, count: int) -> None:
         with self._lock:

@@ -121,6 +121,9 @@ SCRAPE_PART_SUCCESS = Metric("tfowatch_scrape_collector_success", "gauge",
 SCRAPE_PART_DURATION = Metric("tfowatch_scrape_collector_duration_seconds", "gauge",
                               "Seconds this part of the scrape took to read.", ("collector",))
 SERIES_CAP = Metric("tfowatch_series_cap", "gauge", "Label sets a metric may hold (series_cap).")
+SERIES_CAP_PER_NETNS = Metric("tfowatch_series_cap_per_netns", "gauge",
+                              "Label sets one network namespace may hold per metric (netns_share percent "
+                              "of series_cap); beyond it, its events fold into its own 'other' series.")
 BUILD_INFO = Metric("tfowatch_build_info", "gauge",
                     "tfowatch version, kernel, probe mode, the tier running and the tier planned for this "
                     "kernel and mode.", ("version", "kernel", "mode", "tier", "planned_tier"))
@@ -145,7 +148,7 @@ FAMILIES = (COOKIE_REQUESTS, COOKIES_ISSUED, SYN_DATA_ACCEPTED, PASSIVE_FALLBACK
             SYN_DATA_ACKED, ACTIVE_FALLBACKS, BLACKHOLE_DISABLES, TW_REUSE, TW_REUSE_AGE,
             KERNEL_TCPEXT, NETNS_UNREADABLE, NETNS_RETIRED, RECONCILE_DRIFT,
             PROBE_ATTACHED, EVENTS, EVENTS_LOST, LATE_EVENTS, SERIES_DROPPED, SERIES_EXPIRED, SERIES,
-            SERIES_CAP, BUILD_INFO,
+            SERIES_CAP, SERIES_CAP_PER_NETNS, BUILD_INFO,
             TIER_DEGRADED, SCRAPE_PART_SUCCESS, SCRAPE_PART_DURATION,
             HTTP_REQUESTS, SCRAPE_DURATION, HTTP_CONNECTIONS_REFUSED)
 PROBE_METRICS = tuple(m for m in FAMILIES if m.source == PROBES)

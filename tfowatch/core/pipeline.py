@@ -95,7 +95,7 @@ class Pipeline:
                  keep: EventFilter | None = None, facts: KernelFacts | None = None,
                  variant: Variant = PLAIN_BUILD, strict: bool = False,
                  sink: EventSink | None = None, netns_grace: float = 300.0,
-                 series_ttl: float = 0.0) -> None:
+                 series_ttl: float = 0.0, netns_share: int = 100) -> None:
         """keep: events to aggregate (top's filters); sink: sees each kept event too (doctor's
         observation). variant.in_kernel_counts counts events per label set in a BPF map, read
         at each state(), instead of one perf sample per event (`run`; neither keep nor sink
@@ -105,7 +105,7 @@ class Pipeline:
         self.facts = facts or detect()
         self.variant = variant
         self.plan, self.probes = load_plan(self.facts, mode, variant, strict)
-        self.agg = Aggregator(series_cap)
+        self.agg = Aggregator(series_cap, netns_share)
         self._folded: dict[bytes, int] = {}  # in-kernel count already added, per key
         self._gained_at: dict[bytes, float] = {}  # when each key's count last moved
         self._released: set[bytes] = set()  # taken out of the map during this drain
@@ -240,7 +240,7 @@ class Pipeline:
             retired={"gone": self.counters.retired, "inode_reused": self.generations.reused},
             late=self.generations.late,
             drift=gap, attached=attached, version=__version__, kernel_release=self.facts.release,
-            series_cap=self.agg.series_cap, parts=parts,
+            series_cap=self.agg.series_cap, netns_limit=self.agg.netns_limit, parts=parts,
         )
 
     def close(self) -> None:

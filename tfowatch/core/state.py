@@ -37,6 +37,7 @@ class ExportState:
     version: str
     kernel_release: str
     series_cap: int
+    netns_limit: int  # label sets one namespace may hold per metric
     parts: dict[str, Part] = field(default_factory=dict)
 
     def ok(self, part: str) -> bool:

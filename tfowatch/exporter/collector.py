@@ -93,6 +93,7 @@ def self_families(st: ExportState) -> Iterator[Family]:
         yield _samples(m.SERIES_EXPIRED, (([f.name], st.snap.expired.get(f.name, 0)) for f in served))
         yield _samples(m.SERIES, (([f.name], len(st.snap.series(f))) for f in served))
     yield family(m.SERIES_CAP, st.series_cap)
+    yield family(m.SERIES_CAP_PER_NETNS, st.netns_limit)
     plan, why = st.plan, st.plan.degraded
     yield _samples(m.BUILD_INFO, [([st.version, st.kernel_release, plan.mode, plan.tier,
                                     plan.planned_tier], 1)])

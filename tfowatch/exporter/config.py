@@ -93,6 +93,7 @@ class Settings:
     listen: str = "127.0.0.1:19135"
     mode: str = "auto"
     series_cap: int = 1000
+    netns_share: int = 50
     perf_pages: int = 256
     log_level: str = "INFO"
     web_config_file: str | None = None
@@ -113,6 +114,8 @@ OPTIONS = (
            _one_of(MODES)),
     Option("series_cap", int, "label sets per metric; more are folded into an 'other' series",
            _at_least(1)),
+    Option("netns_share", int, "percent of series_cap one network namespace may hold per metric; "
+           "beyond it, its events fold into its own 'other' series", _between(1, 100)),
     Option("perf_pages", int, "perf buffer pages per CPU (a power of two, at most 16384)", _power_of_two),
     Option("log_level", str, "one of " + ", ".join(LOG_LEVELS), _one_of(LOG_LEVELS)),
     Option("web_config_file", str,

@@ -18,7 +18,8 @@ class Daemon:
     def __init__(self, settings: Settings, server: MetricsServer) -> None:
         self.pipeline = Pipeline(settings.mode, settings.series_cap, settings.perf_pages,
                                  variant=Variant(in_kernel_counts=True), strict=settings.strict,
-                                 netns_grace=settings.netns_grace, series_ttl=settings.series_ttl)
+                                 netns_grace=settings.netns_grace, series_ttl=settings.series_ttl,
+                                 netns_share=settings.netns_share)
         self.server = server
 
     def serve(self) -> None:
