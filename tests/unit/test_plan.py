@@ -64,6 +64,11 @@ def test_without_the_cgroup_tracepoint_the_names_say_what_is_lost() -> None:
     names = next(r for r in plan.points if r.point == "cgroup_mkdir")
     assert plan.tier == "tracepoint" and plan.defines["CGROUP_NAMES"] == 0
     assert names.attachments == [] and names.substitute and 'labelled cgroup=""' in names.why
+    # loud in tfowatch_probe_attached (and so TfowatchProbeDetached), not only in `probes`
+    assert ("cgroup_mkdir", "tracepoint:cgroup:cgroup_mkdir", "tracepoint", False) in \
+        plan.attachment_states(lambda _a: True)
+    off = resolve(f, "counters")
+    assert not [s for s in off.attachment_states(lambda _a: True) if s[0] == "cgroup_mkdir"]
 
 
 def test_explicit_kprobe_mode_without_kprobes_is_an_error() -> None:

@@ -111,7 +111,7 @@ class Aggregator:
         full = len(series) - (other in series) >= self.series_cap  # 'other' is not one of them
         if held[key[0]] >= self.netns_limit:  # netns is every probe family's first label
             self._dropped[metric.name] += n
-            key = (key[0],) + other[1:]
+            key = (key[0], *other[1:])
             if key in series:
                 return key
         elif full:

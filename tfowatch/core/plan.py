@@ -42,6 +42,7 @@ class Resolution:
     why: str
     events: list[E]
     counter: str = ""  # TcpExt counter that still carries the totals
+    missing: tuple[Attachment, ...] = ()  # what this tier would attach, absent from this kernel
 
 
 @dataclass(frozen=True)
@@ -113,11 +114,13 @@ class Plan:
         }
 
     def attachment_states(self, attached: Callable[[Attachment], bool]) -> list[tuple[str, str, str, bool]]:
-        """(point, kind:target, tier, attached) for every attachment of this plan, then each
-        one the planned plan had that this one lacks, as not attached: a degraded daemon
-        exports the probes it is missing as 0, not as absent series."""
+        """(point, kind:target, tier, attached) for every attachment of this plan, each one its
+        tier would use that this kernel lacks, then each one the planned plan had that this one
+        lacks, as not attached: a daemon exports the probes it is missing as 0, not as absent
+        series."""
         out = [(r.point, f"{a.kind}:{a.target}", r.tier, attached(a))
                for r in self.points for a in r.attachments]
+        out += [(r.point, f"{a.kind}:{a.target}", self.tier, False) for r in self.points for a in r.missing]
         have = {(point, target) for point, target, _, _ in out}
         if self.degraded is not None:
             out += [(r.point, f"{a.kind}:{a.target}", r.tier, False)
@@ -241,9 +244,10 @@ def _cgroup_names(facts: KernelFacts, tier: str) -> Resolution:
                           "extra point: each new cgroup's path, so a client whose cgroup is gone "
                           "before its counts are read keeps its cgroup label", [])
     lost = "BPF disabled" if tier == "counters" else "tracepoint missing"
+    missing = () if tier == "counters" else (Attachment("tracepoint", CGROUP_MKDIR),)
     return Resolution(point, "counters", [], True,
                       f"{lost}: cgroup names are read from the cgroup tree when counts are read; "
-                      "a cgroup removed before then is labelled cgroup=\"\"", [])
+                      "a cgroup removed before then is labelled cgroup=\"\"", [], missing=missing)
 
 
 def resolve(facts: KernelFacts, mode: str = "auto") -> Plan:
