@@ -153,19 +153,26 @@ def tier_metrics(facts: KernelFacts) -> dict[str, list[str] | str]:
 
 def cmd_probes(args: argparse.Namespace) -> int:
     from tfowatch.bpf.loader import BPF_DIR, DEGRADED_FIX, SOURCES
+    from tfowatch.core.netns import own_cookie
 
     facts = detect()
     plan = resolve(facts, args.mode)
     tiers = tier_metrics(facts)
     missing = [str(p) for p in SOURCES if not p.is_file()]
+    identity = "inode+cookie" if own_cookie() else "inode"
     if args.json:
         sources = {"dir": str(BPF_DIR), "missing": missing}
-        print(json.dumps(plan.as_dict() | {"tiers": tiers, "bpf_sources": sources}, indent=2))
+        extra = {"tiers": tiers, "bpf_sources": sources, "netns_identity": identity}
+        print(json.dumps(plan.as_dict() | extra, indent=2))
         return 0
     if missing and plan.tier != "counters":
         print(f"BPF SOURCES MISSING ({', '.join(missing)}): {DEGRADED_FIX['bpf_sources_missing']}; "
               f"`run` would fall back to the counters tier")
     print_plan(plan)
+    print("network namespaces: " + ("told apart by inode and cookie (a new one that gets a gone one's "
+                                    "inode starts from 0)" if identity != "inode" else
+                                    "by inode only (no SO_NETNS_COOKIE before Linux 5.14): a new one "
+                                    "that gets a gone one's inode inherits its series"))
     print("probe metrics per tier on this kernel (kernel_tcpext and self metrics in all):")
     for tier, metrics in tiers.items():
         print(f"  {tier:<10} " + (metrics if isinstance(metrics, str) else ", ".join(metrics) or "none"))

@@ -99,6 +99,8 @@ def test_installed_package_is_not_the_checkout(installed: Installed) -> None:
     plan = planned_plan(installed.binary, "/tmp")
     assert plan["bpf_sources"] == {"dir": str(installed.package / "bpf"), "missing": []}
     assert not str(installed.package).startswith(str(ROOT))
+    # every kernel of ours (6.1 and later) has SO_NETNS_COOKIE: a reused inode is told apart
+    assert plan["netns_identity"] == "inode+cookie"
     print(f"installed venv: {installed.size_mb} MB (BCC and LLVM come from the distribution)")
 
 
