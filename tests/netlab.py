@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,12 +121,23 @@ class Lab:
         srv.sysctl("net.ipv4.tcp_fastopen", tcp_fastopen)
         return srv, addr
 
-    def host_with_inode(self, ino: int, role: str, tries: int = 100) -> Host:
-        """A new namespace that the kernel gave the inode `ino` (one just deleted). Its freeing
-        is asynchronous, and the lowest free inode is given first: hosts that got another are
-        kept until one gets it."""
+    @staticmethod
+    def settle(seconds: float = 1.5) -> None:
+        """Let namespaces deleted before (an earlier test's) finish going: the kernel frees them
+        in the background, and a free landing between the making of a host and of its
+        successor changes which inodes the successor gets (host_with_inode)."""
+        time.sleep(seconds)
+
+    def host_with_inode(self, ino: int, role: str, make: Callable[[str], Host] | None = None,
+                        tries: int = 100) -> Host:
+        """A new namespace that the kernel gave the inode `ino` (one just deleted), made by
+        `make(role)` (default: a bare host). Its freeing is asynchronous, and namespace inodes
+        come from the same pool as /proc entries, lowest free first: candidates made like the
+        deleted one (same devices) are kept until one gets it: made in the same order as
+        the deleted one, with nothing else freed since it was made (settle() before it), the
+        first one usually does."""
         for n in range(tries):
-            host = self.host(f"{role}{n}")
+            host = (make or self.host)(f"{role}{n}")
             if host.inode == ino:
                 return host
             time.sleep(0.1)

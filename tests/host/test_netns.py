@@ -112,6 +112,7 @@ def test_a_reused_inode_is_a_new_namespace_with_baseline_zero() -> None:
     made after start, so its delta is its own counters."""
     lab = Lab()
     try:
+        lab.settle()
         old, addr = lab.server("o", "3")
         lab.start_server(old, "7107")
         lab.client.peer("client", addr, "7107", "4")
@@ -120,7 +121,7 @@ def test_a_reused_inode_is_a_new_namespace_with_baseline_zero() -> None:
         kc.start()
         _, _, before = kc.read()
         lab.close_host(old)
-        new = lab.host_with_inode(old.inode, "n")
+        new = lab.host_with_inode(old.inode, "n", lambda role: lab.server(role, "3")[0])
         kernel, retired, after = kc.read()
         assert after[new.inode] == cookie_inside(new.name) != before[old.inode]
         assert kc.deltas(kernel)[new.inode]["TCPFastOpenPassive"] == 0 == new.tcpext()["TCPFastOpenPassive"]

@@ -109,6 +109,7 @@ class Pipeline:
         self._folded: dict[bytes, int] = {}  # in-kernel count already added, per key
         self._gained_at: dict[bytes, float] = {}  # when each key's count last moved
         self._released: set[bytes] = set()  # taken out of the map during this drain
+        self._replaced_now: set[int] = set()  # inodes replaced during this state()
         self.series_ttl = series_ttl  # 0: series never expire
         self.counters = KernelCounters(max_namespaces=series_cap, grace=netns_grace)
         self.generations = Generations(self._replaced, enabled=self.counters.cookies.supported)
@@ -206,6 +207,7 @@ class Pipeline:
         and in-kernel counts go now; what they gained since last read is late (under _folding)."""
         log.info("netns %s: a new namespace took the inode of a gone one; the gone one's series "
                  "are retired", ino)
+        self._replaced_now.add(ino)
         older = []
         for raw in self._folded:
             key = CountKey.from_buffer_copy(raw)
@@ -229,8 +231,11 @@ class Pipeline:
         parts: dict[str, Part] = {}
         no_probes: tuple[Snapshot, list[int] | None] = (Snapshot.empty(), None)
         no_kernel: tuple[dict[int, dict[str, int]], int] = ({}, 0)
+        self._replaced_now.clear()
         snap, totals = take(parts, PROBES, self._probe_part, no_probes)
         kernel, unreadable = take(parts, KERNEL, self._kernel_part, no_kernel)
+        if self._replaced_now and parts[PROBES].ok:  # the kernel part found a namespace replaced:
+            snap = self.agg.snapshot()  # the snapshot must not hold the gone one's counts
         both = parts[PROBES].ok and parts[KERNEL].ok
         gap = drift(snap, self.counters.deltas(kernel), self.plan.reconciled) if both else {}
         no_attachments: list[tuple[str, str, str, bool]] = []
