@@ -76,3 +76,18 @@ def test_tracepoint_only_build_has_no_kprobe_functions() -> None:
             b.load_func(b"on_try_fastopen", bpfprog.import_bcc().BPF.KPROBE)
     finally:
         b.cleanup()
+
+
+# The sockops tier (issue 17): its one program passes the verifier in every build, and the two
+# tracepoints it replaces are not compiled (cgroup:cgroup_mkdir stays); the kernels before
+# fastopen_client_fail too.
+@pytest.mark.parametrize("variant", [{"IN_KERNEL_COUNTS": 1}, {}, {"PLAIN_CONNECTS": 1},
+                                     {"HAVE_CLIENT_FAIL": 0}])
+def test_sockops_program_passes_the_verifier(variant: dict[str, int]) -> None:
+    bcc = bpfprog.import_bcc()
+    b = compile_with({"SOCKOPS": 1} | variant)
+    try:
+        assert b.num_open_tracepoints() == 1
+        assert b.load_func(b"on_sock_ops", bcc.BPF.SOCK_OPS).fd >= 0
+    finally:
+        b.cleanup()

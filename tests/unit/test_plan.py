@@ -9,7 +9,7 @@ from support import facts
 
 from tfowatch.core.events import EVENTS
 from tfowatch.core.events import EventType as E
-from tfowatch.core.plan import PlanError, fall_back, resolve
+from tfowatch.core.plan import SOCK_OPS, PlanError, fall_back, resolve
 
 
 def targets(plan, point: str) -> set[str]:  # type: ignore[no-untyped-def]
@@ -30,7 +30,7 @@ def test_debian_kernels_get_the_kprobe_tier(release: str) -> None:
     assert plan.events == {s.type for s in EVENTS if s.metrics}  # plain connects are doctor's
     assert "tfowatch_tw_reuse_age_seconds" in {m.name for m in plan.metrics}
     assert plan.defines == {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 1, "TW_KPROBE": 1,
-                            "BLACKHOLE_KPROBE": 1, "CGROUP_NAMES": 1}
+                            "BLACKHOLE_KPROBE": 1, "CGROUP_NAMES": 1, "SOCKOPS": 0}
     assert targets(plan, "cgroup_mkdir") == {"tracepoint:cgroup:cgroup_mkdir"}
     # Substitutes say what they replace and why; tcp_twsk_unique is used as designed.
     subs = {r.point: r.substitute for r in plan.points}
@@ -39,6 +39,29 @@ def test_debian_kernels_get_the_kprobe_tier(release: str) -> None:
     assert set(plan.reconciled) == {"cookie_requests", "syn_data_accepted", "invalid_cookie",
                                     "queue_overflow", "syn_data_acked", "syn_data_not_acked",
                                     "tw_reuse_granted", "blackhole_disables"}
+
+
+@pytest.mark.parametrize("release", ["6.1.", "6.12.", "6.18."])
+def test_sockops_mode_sees_every_tfo_point_of_both_sides_with_one_program(release: str) -> None:
+    """Issue 17: without kprobes, the server side's cookie requests, cookies and fallbacks
+    too; TIME-WAIT and blackhole stay with the kernel's counters."""
+    plan = resolve(facts(release), "sockops")
+    assert plan.tier == "sockops" and plan.defines["SOCKOPS"] == 1
+    assert [a for a in plan.attachments if a.kind != "tracepoint"] == [SOCK_OPS]
+    for point in ("tcp_fastopen_cookie_gen", "tcp_fastopen_check", "tcp_send_syn_data"):
+        assert targets(plan, point) == {"sockops:cgroup2_root"}
+    assert plan.events == {s.type for s in EVENTS if s.point in (
+        "tcp_fastopen_cookie_gen", "tcp_fastopen_check", "tcp_send_syn_data")}
+    assert set(plan.reconciled) == {"cookie_requests", "syn_data_accepted", "invalid_cookie",
+                                    "queue_overflow", "syn_data_acked", "syn_data_not_acked"}
+    tw = next(r for r in plan.points if r.point == "tcp_twsk_unique")
+    assert (tw.tier, tw.counter) == ("counters", "TWRecycled")
+
+
+def test_sockops_mode_needs_the_header_option_callbacks() -> None:
+    old = dataclasses.replace(facts("6.18."), fields={**facts("6.18.").fields, "sock_ops_hdr_opt": False})
+    with pytest.raises(PlanError, match=r"Linux 5\.10"):
+        resolve(old, "sockops")
 
 
 def test_host_618_without_kprobes_gets_tracepoints() -> None:

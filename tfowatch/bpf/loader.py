@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tfowatch.core.btf import Btf, BtfError
+from tfowatch.core.cgroups import cgroup2_mount
 from tfowatch.core.events import EV_TYPE_MAX, CountKey, CountVal, struct_of
 from tfowatch.core.plan import PLAIN_BUILD, Attachment, Plan, Variant
 
@@ -52,6 +53,10 @@ OFFSETS = {
     "OFF_NET_BLACKHOLE_TIMEOUT": ("net", "ipv4.sysctl_tcp_fastopen_blackhole_timeout"),
     "OFF_NET_TW_REUSE": ("net", "ipv4.sysctl_tcp_tw_reuse"),
     "OFF_TW_TS_RECENT_STAMP": ("tcp_timewait_sock", "tw_ts_recent_stamp"),
+    "OFF_TP_FASTOPEN_RSK": ("tcp_sock", "fastopen_rsk"),
+    "OFF_REQ_LISTENER": ("request_sock", "__req_common.skc_listener"),
+    "OFF_REQ_NUM_RETRANS": ("request_sock", "num_retrans"),
+    "OFF_TREQ_TFO_LISTENER": ("tcp_request_sock", "tfo_listener"),
 }
 OPTIONAL_OFFSETS = {
     "OFF_TW_ENTRY_STAMP": ("inet_timewait_sock", "tw_entry_stamp", "HAVE_TW_ENTRY_STAMP"),
@@ -71,6 +76,7 @@ OPTIONAL_BITFIELDS = {"SYN_FASTOPEN_CHILD": "HAVE_SYN_FASTOPEN_CHILD",
                       "CLIENT_FAIL": "HAVE_CLIENT_FAIL"}
 
 MAX_CONNS = 65536
+MAX_LISTENERS = 16384  # sockops tier: (namespace, port)s whose listeners are flagged
 MAX_COUNTS = 16384  # label sets counted in the kernel; beyond, events go out as samples
 CGROUP_PATH_LEN = 256  # bytes of a cgroup's path kept from cgroup:cgroup_mkdir (longer: cut)
 MAX_CGROUP_PATHS = 8192  # cgroups remembered (LRU): 2 MiB of kernel memory
@@ -98,6 +104,8 @@ DEGRADED_FIX = {
                       "(/lib/modules/$(uname -r)/build) and run with -v for clang's messages",
     "attach_failed": "the kernel refused a probe: see `tfowatch probes`, and run with -v for "
                      "libbcc's messages",
+    "no_cgroup2": "mount cgroup v2 (the sockops tier attaches to its root): systemd does, as "
+                  "/sys/fs/cgroup or /sys/fs/cgroup/unified",
 }
 
 
@@ -150,7 +158,7 @@ def offset_defines(btf: Btf) -> dict[str, int]:
 def cflags(btf: Btf, plan: Plan, variant: Variant = PLAIN_BUILD) -> list[str]:
     defines = (offset_defines(btf) | plan.defines | variant.defines()
                | {"MAX_CONNS": MAX_CONNS, "MAX_COUNTS": MAX_COUNTS, "CGROUP_PATH_LEN": CGROUP_PATH_LEN,
-                  "MAX_CGROUP_PATHS": MAX_CGROUP_PATHS})
+                  "MAX_CGROUP_PATHS": MAX_CGROUP_PATHS, "MAX_LISTENERS": MAX_LISTENERS})
     return [f"-I{BPF_DIR}", "-Wno-pointer-arith", "-Wno-unused-function",
             "-Wno-unused-variable", "-Wno-unused-parameter"] + \
         [f"-D{k}={v}" for k, v in sorted(defines.items())]
@@ -243,6 +251,30 @@ class EventReader:
             self.bpf.perf_buffer_consume()
 
 
+BPF_CGROUP_SOCK_OPS = 3  # enum bpf_attach_type
+
+
+def attach_sock_ops(bpf: Any, fn_name: str) -> int:
+    """A BPF link of the sock_ops program `fn_name` to the cgroup v2 root, where it sees every
+    TCP socket of the host: a link sits beside any other sock_ops program (never replacing
+    one) and goes when its fd does, so a daemon killed with SIGKILL leaves nothing attached.
+    libbpf (Debian's libbpf1, which libbcc needs) makes it: BCC 0.26 has no link call."""
+    root = cgroup2_mount()
+    if root is None:
+        raise LoadError("no cgroup v2 mount: the sockops tier attaches to its root", "no_cgroup2")
+    fn = bpf.load_func(fn_name.encode(), bpf.SOCK_OPS)
+    libbpf = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    libbpf.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        link = libbpf.bpf_link_create(fn.fd, fd, BPF_CGROUP_SOCK_OPS, None)
+    finally:
+        os.close(fd)
+    if link < 0:
+        raise LoadError(f"cannot attach sock_ops to {root}: {os.strerror(-link)}", "attach_failed")
+    return int(link)
+
+
 class Probes:
     """The compiled programs, attached per plan, with their maps."""
 
@@ -254,6 +286,7 @@ class Probes:
         self.attached: dict[Attachment, bool] = {}
         self.reader: EventReader | None = None
         self._count_bufs: tuple[Any, Any] | None = None
+        self._links: list[int] = []  # BPF link fds (sock_ops): closing one detaches it
         try:
             with libbcc_stderr() as said:
                 self.bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags(btf, plan, variant))
@@ -265,17 +298,24 @@ class Probes:
             raise LoadError(f"BPF compile/load failed: {exc}") from exc
 
     def attach(self) -> None:
-        """Attach every kprobe of the plan; tracepoints were bound at load by BCC."""
+        """Attach every kprobe and the sock_ops program of the plan; tracepoints were bound at
+        load by BCC."""
         for a in self.plan.attachments:
             if a.kind == "tracepoint":
                 self.attached[a] = True
                 continue
             try:
                 with libbcc_stderr():
-                    if a.kind == "kprobe":
+                    if a.kind == "sockops":
+                        self._links.append(attach_sock_ops(self.bpf, a.fn))
+                    elif a.kind == "kprobe":
                         self.bpf.attach_kprobe(event=a.target, fn_name=a.fn)
                     else:
                         self.bpf.attach_kretprobe(event=a.target, fn_name=a.fn)
+            except LoadError:
+                self.attached[a] = False
+                self.close()
+                raise
             except Exception as exc:
                 self.attached[a] = False
                 self.close()
@@ -340,6 +380,10 @@ class Probes:
 
     def close(self) -> None:
         """Detach everything (BCC removes its kprobe_events entries)."""
+        for link in self._links:
+            with contextlib.suppress(OSError):
+                os.close(link)
+        self._links.clear()
         with contextlib.suppress(Exception):
             self.bpf.cleanup()
         for a in self.attached:

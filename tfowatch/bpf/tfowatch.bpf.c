@@ -17,6 +17,9 @@
  *                   need every event (pid, remote address) and leave it off
  *   CGROUP_NAMES    cgroup:cgroup_mkdir attached: the path of each new cgroup v2, so a
  *                   client whose cgroup is gone by the time its counts are read keeps its name
+ *   SOCKOPS         the sockops tier: one BPF sock_ops program on the cgroup v2 root sees
+ *                   every TFO point of both sides (on_sock_ops), in place of the two
+ *                   tracepoints, which are then not compiled
  *
  * Every event increments `totals` (exact, per CPU, never lost) and is also either
  * counted in `counts` or sent through the `events` perf buffer for attribution in Python.
@@ -51,6 +54,7 @@ struct conn {
 	u16 dport;
 	u8 attempted; /* MSG_FASTOPEN / TCP_FASTOPEN_CONNECT seen at connect time */
 	u8 pending;   /* SYN data sent, acked-or-not not yet known */
+	u8 flags_added; /* sockops tier: the callback flags tfowatch set on it, cleared at the end */
 	u16 family;
 	u8 daddr[16];
 	char comm[16];
@@ -170,14 +174,16 @@ static __always_inline void emit_client(void *ctx, u32 type, const struct conn *
 }
 
 /* The remote address of a socket (a TIME-WAIT one too: both start with sock_common). */
-static __always_inline void read_daddr(struct tfo_event *ev, const void *sk)
+static __always_inline void read_addr(u16 *family, u8 *daddr, const void *sk)
 {
-	ev->family = read_u16(sk + OFF_SKC_FAMILY);
-	if (ev->family == AF_INET6)
-		bpf_probe_read_kernel(ev->daddr, 16, sk + OFF_SKC_V6_DADDR);
+	*family = read_u16(sk + OFF_SKC_FAMILY);
+	if (*family == AF_INET6)
+		bpf_probe_read_kernel(daddr, 16, sk + OFF_SKC_V6_DADDR);
 	else
-		bpf_probe_read_kernel(ev->daddr, 4, sk + OFF_SKC_DADDR);
+		bpf_probe_read_kernel(daddr, 4, sk + OFF_SKC_DADDR);
 }
+
+#define read_daddr(ev, sk) read_addr(&(ev)->family, (ev)->daddr, (sk))
 
 static __always_inline u32 client_fail(const void *sk)
 {
@@ -227,6 +233,15 @@ static __always_inline int fastopen_attempted(const void *sk)
 	return read_u64(sk + OFF_TP_FASTOPEN_REQ) != 0 || TP_BIT(sk, FASTOPEN_CONNECT);
 }
 
+/* Who connects: the task in whose context the connect runs, and the socket's namespace. */
+static __always_inline void conn_task(struct conn *c, const void *sk)
+{
+	c->pid = bpf_get_current_pid_tgid() >> 32;
+	c->cgroup_id = bpf_get_current_cgroup_id();
+	SET_NETNS(c, sk_net(sk));
+	bpf_get_current_comm(&c->comm, sizeof(c->comm));
+}
+
 static __always_inline void track_connect(const void *sk, u16 dport, u16 family,
 					      const u8 *daddr4, const u8 *daddr6)
 {
@@ -238,12 +253,9 @@ static __always_inline void track_connect(const void *sk, u16 dport, u16 family,
 		__builtin_memcpy(c.daddr, daddr6, sizeof(c.daddr));
 	else
 		__builtin_memcpy(c.daddr, daddr4, 4);
-	c.pid = bpf_get_current_pid_tgid() >> 32;
-	c.cgroup_id = bpf_get_current_cgroup_id();
-	SET_NETNS(&c, sk_net(sk));
+	conn_task(&c, sk);
 	c.dport = dport;
 	c.attempted = fastopen_attempted(sk);
-	bpf_get_current_comm(&c.comm, sizeof(c.comm));
 	conns.update(&key, &c);
 }
 
@@ -262,6 +274,7 @@ static __always_inline void on_child_leaves_syn_recv(void *ctx, const void *sk, 
 #endif
 }
 
+#if !SOCKOPS
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
 	const void *sk = args->skaddr;
@@ -313,6 +326,7 @@ TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 	conns.delete(&key);
 	return 0;
 }
+#endif
 
 #if PASSIVE_KPROBE
 /* tcp_try_fastopen(sk, skb, req, foc, dst): sk is the listener, softirq context. */
@@ -503,6 +517,202 @@ int on_active_disable(struct pt_regs *ctx, const void *sk)
 	read_daddr(&ev, sk);
 	emit(ctx, &ev);
 	return 0;
+}
+#endif
+
+#if SOCKOPS
+/* BPF sock_ops on the cgroup v2 root (attached by loader.py with a BPF link, beside any other
+ * sock_ops program; it goes with the daemon). It only reads: it never reserves or writes a
+ * header option and never sets a reply, so no packet and no socket changes. It asks for the
+ * callbacks it reads in (bpf_sock_ops_cb_flags_set, OR-ed with the flags set already) and
+ * clears the ones it added once it has what it needs. */
+#define TCPHDR_SYN 0x02
+#define TCPHDR_ACK 0x10
+#define TFO_OPTION 34
+#define SYNACK_FLAG BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG
+#define CLIENT_FLAGS BPF_SOCK_OPS_STATE_CB_FLAG
+
+/* The kernel's struct sock of a callback: bpf_sock_ops_kern starts with it (the program's
+ * ctx pointer is that struct; the verifier forbids arithmetic on skops->sk itself). */
+static __always_inline const void *ops_sk(struct bpf_sock_ops *skops)
+{
+	return (const void *)read_u64((const void *)skops);
+}
+
+struct listener_key {
+	u64 netns_cookie;
+	u32 netns;
+	u16 port;
+	u16 pad;
+};
+/* Listeners flagged for their SYN-ACKs, per (namespace, port): 1 when tfowatch set the flag,
+ * so the children that inherit it have it cleared; 0 when one had it already (another
+ * program's, left alone). */
+BPF_TABLE("lru_hash", struct listener_key, u8, synack_listeners, MAX_LISTENERS);
+
+static __always_inline void listener_key(struct listener_key *k, const void *sk, u16 port)
+{
+	SET_NETNS(k, sk_net(sk));
+	k->port = port;
+}
+
+static __always_inline void ops_set_flags(struct bpf_sock_ops *skops, u32 add)
+{
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | add);
+}
+
+static __always_inline void ops_clear_flags(struct bpf_sock_ops *skops, u32 ours)
+{
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~ours);
+}
+
+/* listen(): ask for the SYN-ACKs of this listener (the only place the received SYN's TFO
+ * option can be read). Listeners opened before tfowatch started are not seen here. */
+static __always_inline void so_listen(struct bpf_sock_ops *skops)
+{
+	const void *sk = ops_sk(skops);
+	struct listener_key k = {};
+	u8 ours = !(skops->bpf_sock_ops_cb_flags & SYNACK_FLAG), *was;
+
+	listener_key(&k, sk, skops->local_port);
+	was = synack_listeners.lookup(&k);
+	if (was)
+		ours &= *was;
+	synack_listeners.update(&k, &ours);
+	ops_set_flags(skops, SYNACK_FLAG);
+}
+
+/* A listener's SYN-ACK (the request sock, in softirq, right after tcp_try_fastopen): what
+ * the SYN's TFO option asked, and what the kernel decided, as the kprobe tier reads it. */
+static __always_inline void so_synack(void *ctx, struct bpf_sock_ops *skops)
+{
+	const void *req = ops_sk(skops), *listener, *net;
+	u8 opt[20] = {};
+	long n;
+	s32 len_in;
+	u32 sysctl, max_qlen;
+	u16 port = skops->local_port;
+
+	if (skops->args[0] != 0 || (skops->skb_tcp_flags & (TCPHDR_SYN | TCPHDR_ACK)) != (TCPHDR_SYN | TCPHDR_ACK))
+		return; /* an MSS estimate, or a SYN-ACK in syncookie mode (TFO is off for it) */
+	if (READ_KERNEL(u8, req + OFF_TREQ_TFO_LISTENER))
+		return; /* an accepted TFO child's: counted at PASSIVE_ESTABLISHED */
+	if (READ_KERNEL(u8, req + OFF_REQ_NUM_RETRANS))
+		return; /* a retransmission: the first SYN-ACK was counted */
+	opt[0] = TFO_OPTION;
+	n = bpf_load_hdr_opt(skops, opt, sizeof(opt), BPF_LOAD_HDR_OPT_TCP_SYN);
+	if (n < 2)
+		return; /* no TFO option in the SYN (or no SYN to read, on a retransmission) */
+	len_in = n - 2; /* 0: a cookie request; more: the cookie's length */
+	listener = (const void *)read_u64(req + OFF_REQ_LISTENER);
+	net = sk_net(listener);
+	sysctl = read_u32(net + OFF_NET_TCP_FASTOPEN);
+	max_qlen = read_u32(listener + OFF_TP_FOQ_MAX_QLEN);
+	if (len_in == 0)
+		emit_server(ctx, EV_COOKIE_REQUEST, net, port);
+	if (!(sysctl & TFO_SERVER_ENABLE) || max_qlen == 0) {
+		emit_server(ctx, EV_SERVER_DISABLED, net, port);
+		return;
+	}
+	if (read_u32(listener + OFF_TP_FOQ_QLEN) >= max_qlen) {
+		emit_server(ctx, EV_QUEUE_OVERFLOW, net, port);
+		return;
+	}
+	if (len_in > 0)
+		emit_server(ctx, EV_INVALID_COOKIE, net, port);
+	emit_server(ctx, EV_COOKIE_ISSUED, net, port); /* a request, or a valid one for a bad cookie */
+}
+
+/* A passive child is made (a TFO child at SYN time): count it if TFO, and clear the SYN-ACK
+ * flag it inherited from a listener tfowatch flagged (else every segment it sends would run
+ * this program). */
+static __always_inline void so_passive(void *ctx, struct bpf_sock_ops *skops)
+{
+	const void *sk = ops_sk(skops);
+	struct listener_key k = {};
+	u8 *ours;
+
+	if (read_u64(sk + OFF_TP_FASTOPEN_RSK))
+		emit_server(ctx, EV_SYN_DATA_ACCEPTED, sk_net(sk), skops->local_port);
+	if (!(skops->bpf_sock_ops_cb_flags & SYNACK_FLAG))
+		return;
+	listener_key(&k, sk, skops->local_port);
+	ours = synack_listeners.lookup(&k);
+	if (ours && *ours)
+		ops_clear_flags(skops, SYNACK_FLAG);
+}
+
+/* connect() (or the first sendmsg of TCP_FASTOPEN_CONNECT), before the SYN is built: who
+ * connects where. Only TFO attempts are tracked, and asked for their state changes. */
+static __always_inline void so_connect(void *ctx, struct bpf_sock_ops *skops)
+{
+	const void *sk = ops_sk(skops);
+	u64 key = (u64)sk;
+	struct conn c = {};
+
+	c.attempted = fastopen_attempted(sk);
+	if (!c.attempted && !PLAIN_CONNECTS)
+		return;
+	conn_task(&c, sk);
+	c.dport = __builtin_bswap16(read_u16(sk + OFF_SKC_DPORT));
+	read_addr(&c.family, c.daddr, sk);
+	if (!c.attempted) {
+		emit_client(ctx, EV_PLAIN_CONNECT, &c);
+		return;
+	}
+	c.flags_added = CLIENT_FLAGS & ~skops->bpf_sock_ops_cb_flags;
+	conns.update(&key, &c);
+	ops_set_flags(skops, CLIENT_FLAGS);
+}
+
+/* The client's outcome, once the SYN-ACK is processed (ACTIVE_ESTABLISHED: before the
+ * kernel sets syn_data_acked, so the ack is read from snd_una) or the SYN gave up. */
+static __always_inline void so_client_done(void *ctx, struct bpf_sock_ops *skops, int established)
+{
+	const void *sk = ops_sk(skops);
+	u64 key = (u64)sk;
+	struct conn *c = conns.lookup(&key);
+
+	if (!c)
+		return;
+	client_syn_outcome(ctx, sk, c);
+	if (established && TP_BIT(sk, SYN_DATA)) {
+		if (skops->snd_una == skops->snd_nxt)
+			emit_client(ctx, EV_SYN_DATA_ACKED, c);
+		else if (skops->total_retrans)
+			emit_client(ctx, EV_SYN_RETRANSMITTED, c);
+		else
+			emit_client(ctx, EV_DATA_NOT_ACKED, c);
+	}
+	if (c->flags_added)
+		ops_clear_flags(skops, c->flags_added);
+	conns.delete(&key);
+}
+
+int on_sock_ops(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		so_listen(skops);
+		break;
+	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
+		so_synack(skops, skops);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		so_passive(skops, skops);
+		break;
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		so_connect(skops, skops);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		so_client_done(skops, skops, 1);
+		break;
+	case BPF_SOCK_OPS_STATE_CB: /* args[0]: old state, args[1]: new */
+		if (skops->args[0] == TCP_SYN_SENT && skops->args[1] == TCP_CLOSE)
+			so_client_done(skops, skops, 0);
+		break;
+	}
+	return 1;
 }
 #endif
 

@@ -39,6 +39,7 @@ OPTIONAL_FIELDS = {
     "tw_entry_stamp": ("inet_timewait_sock", "tw_entry_stamp"),
     "tcp_tw_reuse_delay": ("net", "ipv4.sysctl_tcp_tw_reuse_delay"),
     "fastopen_client_fail": ("tcp_sock", "fastopen_client_fail"),
+    "sock_ops_hdr_opt": ("bpf_sock_ops_kern", "remaining_opt_len"),  # 5.10: SYN-ACK callbacks
 }
 
 SYSCTLS = (

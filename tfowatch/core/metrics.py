@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TIERS = ("kprobe", "tracepoint", "counters")
+TIERS = ("kprobe", "sockops", "tracepoint", "counters")
 ALL = TIERS
-PROBED = ("kprobe", "tracepoint")
+PROBED = ("kprobe", "sockops", "tracepoint")
 KPROBE = ("kprobe",)
+LISTENER = ("kprobe", "sockops")  # the tiers that see the SYN's TFO option at a listener
 
 # The parts of a scrape, each collected on its own (`source` of a family).
 PROBES, KERNEL, SELF, HTTP = "probes", "kernel", "self", "http"
@@ -43,15 +44,15 @@ TW_AGE_BUCKETS = (0.01, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 # --- probe-derived: fed by events (events.EVENTS), each a series per label set ---
 COOKIE_REQUESTS = Metric("tfowatch_cookie_requests_total", "counter",
                          "SYNs with an empty TFO option (cookie requests), per listener port.", SERVER,
-                         KPROBE, PROBES, note="port: the listener's")
+                         LISTENER, PROBES, note="port: the listener's")
 COOKIES_ISSUED = Metric("tfowatch_cookies_issued_total", "counter",
-                        "SYN-ACKs carrying a TFO cookie, per listener port.", SERVER, KPROBE, PROBES)
+                        "SYN-ACKs carrying a TFO cookie, per listener port.", SERVER, LISTENER, PROBES)
 SYN_DATA_ACCEPTED = Metric("tfowatch_syn_data_accepted_total", "counter",
                            "TFO children created from a SYN (kernel TCPFastOpenPassive), per listener port.",
                            SERVER, PROBED, PROBES)
 PASSIVE_FALLBACKS = Metric("tfowatch_passive_fallbacks_total", "counter",
                            "Server-side TFO fallbacks to a normal handshake, by reason.", (*SERVER, "reason"),
-                           KPROBE, PROBES)
+                           LISTENER, PROBES)
 SYN_DATA_SENT = Metric("tfowatch_syn_data_sent_total", "counter",
                        "Client SYNs that carried data, per remote port and process.", CLIENT, PROBED, PROBES,
                        note="port: the remote one")

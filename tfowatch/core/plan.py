@@ -129,6 +129,10 @@ class Plan:
         return out
 
 
+# The sockops tier's one program, on the cgroup v2 root (a BPF link): every TFO point of both sides.
+SOCK_OPS = Attachment("sockops", "cgroup2_root", "on_sock_ops")
+
+
 def _probe_pair(symbol: str, fn: str) -> list[Attachment]:
     return [Attachment("kprobe", symbol, fn), Attachment("kretprobe", symbol, fn + "_ret")]
 
@@ -162,6 +166,11 @@ def choose_tier(facts: KernelFacts, mode: str) -> str:
         if tp_problem:
             raise PlanError(f"--mode tracepoint: {tp_problem}")
         return "tracepoint"
+    if mode == "sockops":
+        if not facts.fields.get("sock_ops_hdr_opt"):
+            raise PlanError("--mode sockops: this kernel has no sock_ops header-option callbacks "
+                            "(Linux 5.10)")
+        return "sockops"
     if tp_problem:
         return "counters"
     return "kprobe" if facts.kprobes else "tracepoint"
@@ -179,6 +188,14 @@ def _passive(facts: KernelFacts, tier: str) -> tuple[Resolution, Resolution]:
         return (Resolution("tcp_fastopen_cookie_gen", "kprobe", att, True, gen_absent + why,
                            events_of("tcp_fastopen_cookie_gen")),
                 Resolution("tcp_fastopen_check", "kprobe", att, True, check_absent + why,
+                           events_of("tcp_fastopen_check")))
+    if tier == "sockops":
+        return (Resolution("tcp_fastopen_cookie_gen", "sockops", [SOCK_OPS], True, gen_absent +
+                           "; sock_ops: each SYN-ACK of a listener opened since start reads the "
+                           "SYN's TFO option and what the kernel decided",
+                           events_of("tcp_fastopen_cookie_gen")),
+                Resolution("tcp_fastopen_check", "sockops", [SOCK_OPS], True, check_absent +
+                           "; sock_ops: each passive child as it is made, TFO ones by fastopen_rsk",
                            events_of("tcp_fastopen_check")))
     lost = "kprobes unavailable" if tier != "kprobe" else "tcp_try_fastopen not traceable"
     gen = Resolution("tcp_fastopen_cookie_gen", "counters", [], True,
@@ -199,6 +216,10 @@ def _active(facts: KernelFacts, tier: str) -> Resolution:
     completion = [Attachment("tracepoint", SET_STATE), Attachment("tracepoint", DESTROY)]
     if tier == "counters":
         return Resolution(point, "counters", [], True, "BPF disabled", [], counter="TCPFastOpenActive")
+    if tier == "sockops":
+        return Resolution(point, "sockops", [SOCK_OPS], True,
+                          "sock_ops: connect (TFO attempts tracked), outcome decided at the SYN-ACK "
+                          "(acked: snd_una == snd_nxt) or when the SYN gives up", events_of(point))
     if tier == "kprobe":
         if facts.traceable(point):
             return Resolution(point, "kprobe", _probe_pair(point, "on_connect") + completion, False,
@@ -263,6 +284,7 @@ def resolve(facts: KernelFacts, mode: str = "auto") -> Plan:
         "TW_KPROBE": int("on_twsk_unique" in kprobed),
         "BLACKHOLE_KPROBE": int("on_active_disable" in kprobed),
         "CGROUP_NAMES": int(bool(names.attachments)),
+        "SOCKOPS": int(tier == "sockops"),
     }
     return Plan(mode=mode, tier=tier, points=points, defines=defines, events=events)
 
