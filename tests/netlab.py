@@ -66,11 +66,11 @@ class Host:
     def _peer_cmd(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, sys.executable, str(PEER), *args]
 
-    def popen(self, *args: str, quiet: bool = False) -> subprocess.Popen[str]:
+    def popen(self, *args: str, quiet: bool = False, stdin: int | None = None) -> subprocess.Popen[str]:
         """The peer in the background; `quiet` discards its output (a long-running load that
-        would otherwise block on a full pipe)."""
+        would otherwise block on a full pipe); stdin=subprocess.PIPE to hold it (--hold)."""
         out = subprocess.DEVNULL if quiet else subprocess.PIPE
-        return subprocess.Popen(self._peer_cmd(*args), stdout=out, stderr=out, text=True)
+        return subprocess.Popen(self._peer_cmd(*args), stdin=stdin, stdout=out, stderr=out, text=True)
 
     def peer(self, *args: str, cgroup: Path | None = None) -> list[dict[str, object]]:
         """Run the peer to completion; inside `cgroup` (a v2 directory) when given."""

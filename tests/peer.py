@@ -3,8 +3,9 @@
 server PORT[:QLEN] ... --log FILE   listen with TCP_FASTOPEN; one JSON line per accepted
                                     connection: {port, syn_data, tfo_child}
 client HOST PORT COUNT [--comm C]   COUNT connections with MSG_FASTOPEN (or plain connect with
-        [--plain]                   --plain); prints one JSON line per connection with what the
-                                    client saw in tcp_info: {acked, client_fail}
+        [--plain] [--hold]          --plain); prints one JSON line per connection with what the
+                                    client saw in tcp_info: {acked, client_fail}; --hold keeps
+                                    each one open until stdin closes
 syn-hold HOST PORT COUNT [--comm C] COUNT non-blocking MSG_FASTOPEN SYNs, held open briefly and
                                     closed unanswered; one JSON line per SYN: {syn_data}
 tw-bind-reuse HOST PORT             TIME-WAIT reuse by bind()+connect() from the same port
@@ -72,7 +73,7 @@ def serve(specs: list[str], log_path: str) -> None:
                 conn.close()
 
 
-def client(host: str, port: int, count: int, plain: bool) -> None:
+def client(host: str, port: int, count: int, plain: bool, hold: bool = False) -> None:
     for _ in range(count):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -88,6 +89,8 @@ def client(host: str, port: int, count: int, plain: bool) -> None:
             options, fail = tcp_info(s)
             print(json.dumps({"acked": bool(options & TCPI_OPT_SYN_DATA), "client_fail": fail}),
                   flush=True)
+            if hold:
+                sys.stdin.read()
         finally:
             s.close()
 
@@ -204,6 +207,7 @@ def main() -> None:
     cl.add_argument("count", type=int)
     cl.add_argument("--comm")
     cl.add_argument("--plain", action="store_true")
+    cl.add_argument("--hold", action="store_true")
     sh = sub.add_parser("syn-hold")
     sh.add_argument("host")
     sh.add_argument("port", type=int)
@@ -219,7 +223,7 @@ def main() -> None:
     if a.cmd == "server":
         serve(a.ports, a.log)
     elif a.cmd == "client":
-        client(a.host, a.port, a.count, a.plain)
+        client(a.host, a.port, a.count, a.plain, a.hold)
     elif a.cmd == "syn-hold":
         syn_hold(a.host, a.port, a.count)
     elif a.cmd == "tw-bind-reuse":

@@ -93,8 +93,13 @@ def drive(lab: Lab, srv: Host, addr_s: str, addr_d: str) -> tuple[Seen, Rows, Ro
     return seen, held, reused
 
 
-@pytest.fixture(scope="module")
-def run() -> Iterator[Run]:
+# The tier auto picks here, and the sockops tier (issue 17) where auto does not pick it. In
+# the VM lab, auto only (the sockops tier there is for a later run).
+MODES = ["auto"] if os.environ.get("TFOWATCH_GUEST") else ["auto", "sockops"]
+
+
+@pytest.fixture(scope="module", params=MODES)
+def run(request: pytest.FixtureRequest) -> Iterator[Run]:
     skip_unless_root_bpf("integration test")
     lab = Lab()
     proc = None
@@ -107,11 +112,12 @@ def run() -> Iterator[Run]:
         _, addr_s_tw = lab.link(twc, srv)
         twc.sysctl("net.ipv4.ip_local_port_range", "40000 40000")
         twc.sysctl("net.ipv4.tcp_tw_reuse", "1")
-        log = lab.start_server(srv, str(PORT_A), str(PORT_B), str(PORT_TW), f"{PORT_Q}:1")
-        lab.start_server(dis, str(PORT_D))
         listen = f"127.0.0.1:{free_port()}"
         # The unit's capabilities plus sys-admin.conf: the client namespace has no process.
-        proc = start_daemon(listen, unit_caps("sys-admin.conf"))
+        # Started before the servers: the sockops tier sees listeners opened after it.
+        proc = start_daemon(listen, unit_caps("sys-admin.conf"), "--mode", request.param)
+        log = lab.start_server(srv, str(PORT_A), str(PORT_B), str(PORT_TW), f"{PORT_Q}:1")
+        lab.start_server(dis, str(PORT_D))
         hosts = {"client": lab.client, "server": srv, "disabled": dis, "tw": twc}
         before = {k: h.tcpext() for k, h in hosts.items()}
         seen, held, reused = drive(lab, srv, addr_s, addr_d)
@@ -213,13 +219,14 @@ def test_self_metrics(run: Run) -> None:
 
 def test_tier_specific_metrics(run: Run) -> None:
     s, d = run.server.inode, run.disabled.inode
-    assert run.tier == planned_plan()["tier"], "the daemon runs below the tier planned for this kernel"
+    if run.tier != "sockops":
+        assert run.tier == planned_plan()["tier"], "the daemon runs below the tier planned for this kernel"
     if run.tier == "tracepoint":
         for name in ("tfowatch_cookie_requests_total", "tfowatch_tw_reuse_total",
                      "tfowatch_passive_fallbacks_total"):
             assert not series(run.samples, name), f"{name} must be absent in the tracepoint tier"
         return
-    assert run.tier == "kprobe"
+    assert run.tier in ("kprobe", "sockops")
     assert value(run.samples, "tfowatch_cookie_requests_total", netns=s, port=PORT_A) == 1
     assert value(run.samples, "tfowatch_cookie_requests_total", netns=d, port=PORT_D) == 2
     assert value(run.samples, "tfowatch_cookies_issued_total", netns=s, port=PORT_A) == 2
@@ -232,6 +239,9 @@ def test_tier_specific_metrics(run: Run) -> None:
     assert overflow == run.deltas["server"]["TCPFastOpenListenOverflow"] == 1
     assert {dict(lab)["reason"] for lab in series(run.samples, fb)} == {
         "invalid_cookie", "server_disabled", "queue_overflow"}
+    if run.tier == "sockops":  # TIME-WAIT: the kernel's counters only
+        assert not series(run.samples, "tfowatch_tw_reuse_total")
+        return
     tw = "tfowatch_tw_reuse_total"
     for host, key in ((run.client, "client"), (run.tw_client, "tw")):
         granted = sum(v for lab, v in series(run.samples, tw).items()

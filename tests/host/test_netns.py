@@ -67,13 +67,13 @@ def test_a_vanished_namespace_keeps_its_last_counters_for_the_grace_then_is_reti
     kc = KernelCounters(grace=2.0)
     kc.start()
     ino = netns.inode(f"/run/netns/{bare_netns}")
-    kernel, retired, _ = kc.read()
+    kernel, retired, _, _ = kc.read()
     assert ino in kernel and ino in kc.deltas(kernel) and not retired
     subprocess.run(["ip", "netns", "del", bare_netns], check=True)
-    kernel, retired, _ = kc.read()
+    kernel, retired, _, _ = kc.read()
     assert ino in kernel and ino not in kc.deltas(kernel) and not retired
     time.sleep(2.1)
-    kernel, retired, _ = kc.read()
+    kernel, retired, _, _ = kc.read()
     assert ino not in kernel and ino in retired and kc.retired == 1
 
 
@@ -119,13 +119,38 @@ def test_a_reused_inode_is_a_new_namespace_with_baseline_zero() -> None:
         assert old.tcpext()["TCPFastOpenPassive"] == 3
         kc = KernelCounters()
         kc.start()
-        _, _, before = kc.read()
+        _, _, before, _ = kc.read()
         lab.close_host(old)
         new = lab.host_with_inode(old.inode, "n", lambda role: lab.server(role, "3")[0])
-        kernel, retired, after = kc.read()
+        kernel, retired, after, reborn = kc.read()
         assert after[new.inode] == cookie_inside(new.name) != before[old.inode]
         assert kc.deltas(kernel)[new.inode]["TCPFastOpenPassive"] == 0 == new.tcpext()["TCPFastOpenPassive"]
-        assert not retired  # replaced, not gone for the grace: Generations counts that one
+        assert not retired and not reborn  # replaced (told by the cookie), not gone for the grace
+    finally:
+        lab.close()
+
+
+@pytest.mark.usefixtures("root_bpf")
+def test_without_cookies_a_counter_that_went_down_says_the_namespace_is_new() -> None:
+    """Case 1 where the daemon may not enter namespaces (no CAP_SYS_ADMIN, so no cookie): the
+    new namespace's counters are below the gone one's last reading, which cannot happen in one
+    namespace, so it is taken as new (baseline 0) and reported for its series to be retired."""
+    lab = Lab()
+    try:
+        lab.settle()
+        old, addr = lab.server("o", "3")
+        lab.start_server(old, "7108")
+        kc = KernelCounters()
+        kc.cookies.supported = False
+        kc.start()
+        lab.client.peer("client", addr, "7108", "4")
+        _, _, _, reborn = kc.read()
+        assert not reborn
+        lab.close_host(old)
+        new = lab.host_with_inode(old.inode, "n", lambda role: lab.server(role, "3")[0])
+        kernel, _, cookies, reborn = kc.read()
+        assert cookies[new.inode] == 0 and reborn == {new.inode}
+        assert kc.deltas(kernel)[new.inode]["TCPFastOpenPassive"] == 0
     finally:
         lab.close()
 

@@ -59,7 +59,7 @@ def guest_script(out: Path) -> str:
     chosen = os.environ.get("TFOWATCH_GUEST_TESTS", "").split() or GUEST_TESTS
     tests = " ".join(shlex.quote(t) for t in chosen)
     return (f"cd {shlex.quote(str(ROOT))} && export PYTHONDONTWRITEBYTECODE=1 "
-            f"TFOWATCH_BPF_START_S={GUEST_BPF_START_S} && "
+            f"TFOWATCH_BPF_START_S={GUEST_BPF_START_S} TFOWATCH_GUEST=1 && "
             f"{tfw} facts > {o}/facts.json 2> {o}/facts.err; "
             f"{tfw} probes --json > {o}/probes.json 2> {o}/probes.err; "
             f"{py} -m pytest -p no:cacheprovider -v -rs --junitxml={o}/junit.xml {tests} "

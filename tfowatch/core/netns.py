@@ -11,6 +11,7 @@ programs read the same `net->net_cookie`), unique for the boot.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -21,6 +22,7 @@ from typing import TypeVar
 
 from tfowatch.core import procfs
 
+log = logging.getLogger(__name__)
 RUN_NETNS = Path("/run/netns")
 SO_NETNS_COOKIE = 71  # asm-generic/socket.h
 T = TypeVar("T")
@@ -150,6 +152,16 @@ class Generations:
             self.replaced(ino, cookie)
             return True
 
+    def retire(self, ino: int) -> None:
+        """The namespace at `ino` is gone, as something other than a cookie showed (its
+        counters went down): replace it by one not seen yet."""
+        with self.lock:
+            now = self._cookie.pop(ino, None)
+            if now is not None:
+                self._gone.setdefault(ino, deque(maxlen=self.GONE_KEPT)).append(now)
+            self.reused += 1
+            self.replaced(ino, 0)
+
     def forget(self, inodes: set[int]) -> None:
         with self.lock:
             for ino in inodes:
@@ -167,6 +179,7 @@ class Cookies:
 
     def __init__(self) -> None:
         self.supported = own_cookie() != 0
+        self.denied = False  # entering a namespace was refused
         self._seen: dict[tuple[int, int, int], int] = {}
         self._now: dict[tuple[int, int, int], int] = {}
 
@@ -180,11 +193,23 @@ class Cookies:
         if not self.supported:
             return counters, 0
         witness = (ino, pid, _start_time(pid))
-        cookie = self._seen.get(witness) or run_in(handle, own_cookie)
+        cookie = self._seen.get(witness) or self._ask(handle)
         if inode(handle) != ino:  # the witness moved while it was read: ask again next time
             raise FileNotFoundError(f"{handle} left namespace {ino}")
         self._now[witness] = cookie
         return counters, cookie
+
+    def _ask(self, handle: str) -> int:
+        """The cookie of the namespace at `handle`, by entering it; 0 without CAP_SYS_ADMIN
+        (then a reused inode is told apart by its events only: said once)."""
+        try:
+            return run_in(handle, own_cookie)
+        except PermissionError:
+            if not self.denied:
+                self.denied = True
+                log.warning("cannot enter network namespaces (no CAP_SYS_ADMIN) to read their cookies: "
+                            "a namespace that gets a gone one's inode is told apart by its events only")
+            return 0
 
     def done(self) -> None:
         """End of one read of every namespace: witnesses not seen in it are forgotten."""

@@ -194,10 +194,12 @@ class Pipeline:
         return self.agg.snapshot(), self.probes.totals() if self.probes is not None else None
 
     def _kernel_part(self) -> tuple[dict[int, dict[str, int]], int]:
-        kernel, retired, cookies = self.counters.read()
+        kernel, retired, cookies, reborn = self.counters.read()
         with self._folding:
             for ino, cookie in cookies.items():
                 self.generations.admit(ino, cookie)
+            for ino in reborn:  # no cookie to read there: its counters went down
+                self.generations.retire(ino)
         if retired:
             self.retire(retired)
         return kernel, len(self.counters.unreadable)
@@ -215,6 +217,7 @@ class Pipeline:
                 older.append(raw)
         self._release(older, time.monotonic())
         self.agg.retire_netns({ino})
+        self.counters.forget(ino)  # its baseline was the gone one's (it may not read cookies)
 
     def retire(self, inodes: set[int]) -> None:
         """Namespaces gone for the grace period: their series, and their in-kernel counts."""

@@ -70,16 +70,19 @@ class KernelCounters:
         self.unreadable = unreadable
         return out
 
-    def read(self) -> tuple[dict[int, dict[str, int]], set[int], dict[int, int]]:
+    def read(self) -> tuple[dict[int, dict[str, int]], set[int], dict[int, int], set[int]]:
         """TFO/TIME-WAIT TcpExt counters of every namespace found, and of those gone less
-        than `grace` ago (their last values), bounded; the namespaces retired now; and the
-        cookie of each namespace read (to tell a reused inode's new namespace from the old)."""
+        than `grace` ago (their last values), bounded; the namespaces retired now; the cookie
+        of each namespace read (to tell a reused inode's new namespace from the old); and the
+        inodes found to hold a new namespace by their counters alone (no cookie to say so)."""
         found = self._read_live()
         live = {ino: counters for ino, (counters, _) in found.items()}
         now = time.monotonic()
+        reborn: set[int] = set()
         with self._lock:
-            for ino, (_, cookie) in found.items():
-                self._track(ino, cookie)
+            for ino, (counters, cookie) in found.items():
+                if self._track(ino, cookie, counters):
+                    reborn.add(ino)
             self.live = set(live)
             self._last.update(live)
             for ino in live:
@@ -92,14 +95,24 @@ class KernelCounters:
             for ino in retired:
                 self._forget(ino)
             self.retired += len(retired)
-            return dict(self._last), retired, {ino: cookie for ino, (_, cookie) in found.items()}
+            return dict(self._last), retired, {ino: cookie for ino, (_, cookie) in found.items()}, reborn
 
-    def _track(self, ino: int, cookie: int) -> None:
-        """Another cookie at a known inode: the namespace read before is gone, and this one
-        was made after it, so after start: its baseline is 0 (under _lock)."""
-        if self._cookie.setdefault(ino, cookie) != cookie:
+    def _track(self, ino: int, cookie: int, counters: dict[str, int]) -> bool:
+        """Another cookie at a known inode, or a counter below its last reading (a namespace's
+        counters never go down): the namespace read before is gone, and this one was made after
+        it, so after start: its baseline is 0. True when the counters alone said so (under _lock)."""
+        last = self._last.get(ino, {})
+        regressed = any(v < last.get(c, 0) for c, v in counters.items())
+        if self._cookie.setdefault(ino, cookie) == cookie and not regressed:
+            return False
+        self._forget(ino)
+        self._cookie[ino] = cookie
+        return regressed and not cookie
+
+    def forget(self, ino: int) -> None:
+        """A new namespace holds this inode (its events said so): what was read is the old one's."""
+        with self._lock:
             self._forget(ino)
-            self._cookie[ino] = cookie
 
     def _forget(self, ino: int) -> None:
         self._last.pop(ino, None)

@@ -1,0 +1,80 @@
+"""The sockops tier (issue 17) on this kernel, beyond the integration scenarios it runs too:
+a client's TFO connection is counted at its SYN-ACK, while it is still open (the tracepoint
+tier counts it when it ends, so a long-lived one showed drift -1), exact against TcpExt; and
+its program hangs on a BPF link that goes with the daemon, even one killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+from netlab import Lab, free_port, scrape, series, sh, skip_unless_root_bpf, start_daemon, unit_caps, value
+
+from tfowatch.core.cgroups import cgroup2_mount
+
+PORT = 7601
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    skip_unless_root_bpf("sockops tests")
+    hosts = Lab()
+    try:
+        yield hosts
+    finally:
+        hosts.close()
+
+
+def sock_ops_programs() -> list[str]:
+    """Names of the sock_ops programs attached to the cgroup v2 root, as bpftool lists them."""
+    root = cgroup2_mount()
+    assert root is not None
+    out = json.loads(sh("bpftool", "-j", "cgroup", "show", str(root)).stdout or "[]")
+    return [p.get("name", "") for p in out if p.get("attach_type") == "sock_ops"]
+
+
+def test_an_open_tfo_connection_is_counted_at_its_syn_ack(lab: Lab) -> None:
+    listen = f"127.0.0.1:{free_port()}"
+    daemon = start_daemon(listen, unit_caps("sys-admin.conf"), "--mode", "sockops")
+    try:
+        srv, addr = lab.server("s", "3")
+        lab.start_server(srv, str(PORT))
+        before = lab.client.tcpext()["TCPFastOpenActive"]
+        lab.client.peer("client", addr, str(PORT), "1", "--comm", "tfo-first")  # asks for a cookie
+        held = lab.client.popen("client", addr, str(PORT), "1", "--comm", "tfo-held", "--hold",
+                                stdin=subprocess.PIPE)
+        assert held.stdout is not None
+        row = json.loads(held.stdout.readline())
+        assert row == {"acked": True, "client_fail": 0}
+        try:
+            samples = scrape(f"http://{listen}/metrics")  # the connection is still open
+            ns = lab.client.inode
+            acked = {dict(k)["comm"]: v for k, v in series(samples, "tfowatch_syn_data_acked_total").items()
+                     if dict(k)["netns"] == str(ns)}
+            assert acked == {"tfo-held": 1} == {"tfo-held": lab.client.tcpext()["TCPFastOpenActive"] - before}
+            assert value(samples, "tfowatch_reconcile_drift", netns=ns, metric="syn_data_acked") == 0
+        finally:
+            held.kill()
+            held.wait()
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+
+
+def test_the_program_goes_with_the_daemon_even_killed(lab: Lab) -> None:
+    assert "on_sock_ops" not in sock_ops_programs()
+    listen = f"127.0.0.1:{free_port()}"
+    daemon = start_daemon(listen, unit_caps("sys-admin.conf"), "--mode", "sockops")
+    try:
+        assert sock_ops_programs().count("on_sock_ops") == 1
+    finally:
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while "on_sock_ops" in sock_ops_programs() and time.monotonic() < deadline:
+        time.sleep(0.2)  # the link goes when the last fd of the killed process is released
+    assert "on_sock_ops" not in sock_ops_programs()
