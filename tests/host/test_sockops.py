@@ -33,8 +33,9 @@ def sock_ops_programs() -> list[str]:
     """Names of the sock_ops programs attached to the cgroup v2 root, as bpftool lists them."""
     root = cgroup2_mount()
     assert root is not None
-    out = json.loads(sh("bpftool", "-j", "cgroup", "show", str(root)).stdout or "[]")
-    return [p.get("name", "") for p in out if p.get("attach_type") == "sock_ops"]
+    lines = sh("bpftool", "-j", "cgroup", "show", str(root)).stdout.splitlines()
+    progs = [p for line in lines if line.strip() for p in json.loads(line)]
+    return [p.get("name", "") for p in progs if p.get("attach_type") == "cgroup_sock_ops"]
 
 
 def test_an_open_tfo_connection_is_counted_at_its_syn_ack(lab: Lab) -> None:

@@ -61,8 +61,13 @@ struct conn {
 };
 BPF_TABLE("lru_hash", u64, struct conn, conns, MAX_CONNS);
 
+/* Every kernel read. Called through its own pointer: when BCC's probe of the running kernel's
+ * helpers fails (as it does with only the unit's capabilities), BCC rewrites calls to
+ * bpf_probe_read_kernel into the legacy bpf_probe_read, which sock_ops programs may not call. */
+static long (*kread)(void *dst, u32 size, const void *unsafe_ptr) = (void *)BPF_FUNC_probe_read_kernel;
+
 /* A kernel value of `type` at address p (0 when unreadable). */
-#define READ_KERNEL(type, p) ({ type __v = 0; bpf_probe_read_kernel(&__v, sizeof(__v), (p)); __v; })
+#define READ_KERNEL(type, p) ({ type __v = 0; kread(&__v, sizeof(__v), (p)); __v; })
 #define read_u64(p) READ_KERNEL(u64, p)
 #define read_u32(p) READ_KERNEL(u32, p)
 #define read_u16(p) READ_KERNEL(u16, p)
@@ -72,7 +77,7 @@ BPF_TABLE("lru_hash", u64, struct conn, conns, MAX_CONNS);
 static __always_inline u32 read_bits(const void *base, u32 bit_off, u32 nbits)
 {
 	u16 v = 0;
-	bpf_probe_read_kernel(&v, sizeof(v), base + bit_off / 8);
+	kread(&v, sizeof(v), base + bit_off / 8);
 	return (v >> (bit_off % 8)) & ((1u << nbits) - 1);
 }
 
@@ -178,9 +183,9 @@ static __always_inline void read_addr(u16 *family, u8 *daddr, const void *sk)
 {
 	*family = read_u16(sk + OFF_SKC_FAMILY);
 	if (*family == AF_INET6)
-		bpf_probe_read_kernel(daddr, 16, sk + OFF_SKC_V6_DADDR);
+		kread(daddr, 16, sk + OFF_SKC_V6_DADDR);
 	else
-		bpf_probe_read_kernel(daddr, 4, sk + OFF_SKC_DADDR);
+		kread(daddr, 4, sk + OFF_SKC_DADDR);
 }
 
 #define read_daddr(ev, sk) read_addr(&(ev)->family, (ev)->daddr, (sk))
@@ -529,6 +534,8 @@ int on_active_disable(struct pt_regs *ctx, const void *sk)
 #define TCPHDR_SYN 0x02
 #define TCPHDR_ACK 0x10
 #define TFO_OPTION 34
+#define TCPOPT_EXP 254
+#define TFO_EXP_MAGIC 0xF989
 #define SYNACK_FLAG BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG
 #define CLIENT_FLAGS BPF_SOCK_OPS_STATE_CB_FLAG
 
@@ -582,13 +589,31 @@ static __always_inline void so_listen(struct bpf_sock_ops *skops)
 	ops_set_flags(skops, SYNACK_FLAG);
 }
 
+/* The length of the cookie in the received SYN's TFO option: 0 for a cookie request, -1 when
+ * the SYN has none. Both forms: RFC 7413's kind 34, and the experimental kind 254 with magic
+ * 0xF989, which a Linux client switches to (and back) each time a request got no cookie. */
+static __always_inline s32 syn_tfo_cookie_len(struct bpf_sock_ops *skops)
+{
+	u8 opt[20] = {};
+	long n;
+
+	opt[0] = TFO_OPTION;
+	n = bpf_load_hdr_opt(skops, opt, sizeof(opt), BPF_LOAD_HDR_OPT_TCP_SYN);
+	if (n >= 2)
+		return n - 2;
+	opt[0] = TCPOPT_EXP;
+	opt[1] = 4;
+	opt[2] = TFO_EXP_MAGIC >> 8;
+	opt[3] = TFO_EXP_MAGIC & 0xff;
+	n = bpf_load_hdr_opt(skops, opt, sizeof(opt), BPF_LOAD_HDR_OPT_TCP_SYN);
+	return n >= 4 ? n - 4 : -1;
+}
+
 /* A listener's SYN-ACK (the request sock, in softirq, right after tcp_try_fastopen): what
  * the SYN's TFO option asked, and what the kernel decided, as the kprobe tier reads it. */
 static __always_inline void so_synack(void *ctx, struct bpf_sock_ops *skops)
 {
 	const void *req = ops_sk(skops), *listener, *net;
-	u8 opt[20] = {};
-	long n;
 	s32 len_in;
 	u32 sysctl, max_qlen;
 	u16 port = skops->local_port;
@@ -599,11 +624,9 @@ static __always_inline void so_synack(void *ctx, struct bpf_sock_ops *skops)
 		return; /* an accepted TFO child's: counted at PASSIVE_ESTABLISHED */
 	if (READ_KERNEL(u8, req + OFF_REQ_NUM_RETRANS))
 		return; /* a retransmission: the first SYN-ACK was counted */
-	opt[0] = TFO_OPTION;
-	n = bpf_load_hdr_opt(skops, opt, sizeof(opt), BPF_LOAD_HDR_OPT_TCP_SYN);
-	if (n < 2)
+	len_in = syn_tfo_cookie_len(skops);
+	if (len_in < 0)
 		return; /* no TFO option in the SYN (or no SYN to read, on a retransmission) */
-	len_in = n - 2; /* 0: a cookie request; more: the cookie's length */
 	listener = (const void *)read_u64(req + OFF_REQ_LISTENER);
 	net = sk_net(listener);
 	sysctl = read_u32(net + OFF_NET_TCP_FASTOPEN);
