@@ -38,7 +38,7 @@ from netlab import (
 from tfowatch.core import netns
 from tfowatch.core.cgroups import cgroup2_mount
 
-CHURN_S = float(os.environ.get("TFOWATCH_CHURN_S", "240"))
+CHURN_S = float(os.environ.get("TFOWATCH_CHURN_S", "90"))
 WARMUP_S = min(60.0, CHURN_S / 4)
 GRACE_S, TTL_S, CAP = 3, 6, 60
 STEP_S = 1.0  # a step at most this often: about TTL_S / STEP_S live label sets per family and
