@@ -218,6 +218,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def rss_bytes(pid: int) -> int:
+    """A process's resident set, from /proc (not the daemon's word)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
 def scrape(url: str) -> Samples:
     text = urllib.request.urlopen(url, timeout=30).read().decode()  # a loaded TCG guest is slow
     out: Samples = {}

@@ -27,6 +27,7 @@ from netlab import (
     Lab,
     Samples,
     free_port,
+    rss_bytes,
     scrape,
     series,
     skip_unless_root_bpf,
@@ -44,13 +45,6 @@ GRACE_S, TTL_S, CAP = 3, 6, 60
 STEP_S = 1.0  # a step at most this often: about TTL_S / STEP_S live label sets per family and
 # namespace, well under the share (CAP / 2), so only the spray reaches it
 LOAD = Path(__file__).parents[1] / "soakload.py"
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def labelled(samples: Samples, **labels: str) -> dict[str, float]:

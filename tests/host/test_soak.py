@@ -19,6 +19,7 @@ from netlab import (
     Lab,
     Samples,
     free_port,
+    rss_bytes,
     scrape,
     series,
     skip_unless_root_bpf,
@@ -34,13 +35,6 @@ PORT = 7801
 FLOOD_PPS = "1000"
 SPRAY_PER_S = "20"
 LOAD = Path(__file__).parents[1] / "soakload.py"
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def exposed_series(samples: Samples, family: str) -> int:
