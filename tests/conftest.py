@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent / "vm"))
 
 import lab as vmlab
-from netlab import Lab, skip_unless_root_bpf
+from netlab import IN_GUEST, Lab, skip_unless_root_bpf
 
 collect_ignore = ["vm"]  # the lab's runner and its guest root filesystem hold no tests of ours
 
@@ -65,3 +65,19 @@ def pytest_report_teststatus(report: pytest.TestReport) -> Generator[None, Any, 
         took, at = now - _LAST_END, now - _RUN_START
         _LAST_END = now
         outcome.force_result((category, letter, f"{word} [{took:.0f}s, at {at / 60:.1f} min]"))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """In a guest, a failure is printed as it happens: a guest killed at its time bound never
+    reaches pytest's summary, and its failure would be lost."""
+    terminal = _CONFIG.pluginmanager.get_plugin("terminalreporter") if _CONFIG else None
+    if IN_GUEST and report.failed and terminal is not None:
+        terminal.write_line(f"\n--- {report.nodeid} ({report.when}) failed:\n{report.longreprtext}")
+
+
+_CONFIG: pytest.Config | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _CONFIG
+    _CONFIG = config

@@ -30,6 +30,8 @@ PEER = Path(__file__).with_name("peer.py")
 # How long a BPF program may take to compile and attach: ~5 s here, ~1 min in a VM lab guest under
 # software emulation, and several while the host tests run beside it (tests/vm/lab.py sets it).
 BPF_START_S = float(os.environ.get("TFOWATCH_BPF_START_S", "120"))
+# Set by tests/vm/lab.py in a kprobe guest, where every BCC compile costs minutes of emulation.
+IN_GUEST = bool(os.environ.get("TFOWATCH_GUEST"))
 TFOWATCH = Path(os.environ.get("VIRTUAL_ENV", Path(__file__).parents[1] / ".venv")) / "bin" / "tfowatch"
 
 

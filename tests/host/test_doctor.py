@@ -57,6 +57,7 @@ def lab() -> Iterator[Lab]:
         lab.close()
 
 
+@pytest.mark.host_only
 def test_server_with_client_only_sysctl(lab: Lab) -> None:
     srv, addr = lab.server("s", "1")  # client bit only: the listener asks for TFO in vain
     lab.start_server(srv, f"{PORT}:64")
@@ -70,6 +71,7 @@ def test_server_with_client_only_sysctl(lab: Lab) -> None:
     assert f["fix"] == f"ip netns exec {srv.name} sysctl -w net.ipv4.tcp_fastopen=3 (adds the server bit 0x2)"
 
 
+@pytest.mark.host_only
 def test_listener_without_tcp_fastopen(lab: Lab) -> None:
     srv, addr = lab.server("s", "3")  # server TFO on, but the application never asks for it
     lab.start_server(srv, f"{PORT}:0")
@@ -84,6 +86,7 @@ def test_listener_without_tcp_fastopen(lab: Lab) -> None:
     assert "TCP_FASTOPEN" in f["fix"]
 
 
+@pytest.mark.host_only
 def test_key_rotation(lab: Lab) -> None:
     srv, addr = lab.server("s", "3")
     lab.start_server(srv, f"{PORT}:64")
@@ -101,6 +104,7 @@ def test_key_rotation(lab: Lab) -> None:
     assert "NEW,OLD" in f["fix"]
 
 
+@pytest.mark.host_only
 @pytest.mark.parametrize("reuse", ["0", "2"])  # 2: loopback only, and this path is a veth
 def test_tw_reuse_blocks_the_only_port(lab: Lab, reuse: str) -> None:
     srv, addr = lab.server("s", "3")
@@ -118,6 +122,7 @@ def test_tw_reuse_blocks_the_only_port(lab: Lab, reuse: str) -> None:
     assert "tcp_tw_reuse=1" in f["fix"]
 
 
+@pytest.mark.host_only
 def test_healthy_namespaces_have_no_findings(lab: Lab) -> None:
     srv, addr = lab.server("s", "3")
     lab.start_server(srv, f"{PORT}:64")
@@ -174,6 +179,7 @@ def test_watch_names_the_plain_connecting_client_and_the_rotation(lab: Lab) -> N
     assert codes == {"plain_connect_to_tfo_server", "invalid_cookies"}, report["findings"]
 
 
+@pytest.mark.host_only
 def test_bad_input_is_one_line(lab: Lab) -> None:
     for args, needle in ((["--netns", "tfw-nosuch"], "no network namespace named"),
                          (["--watch", "0"], "must be a number of seconds above 0"),

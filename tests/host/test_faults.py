@@ -1,7 +1,8 @@
 """Faults mid-traffic: SIGTERM and SIGKILL leave no BPF program, no kprobe event and no pinned
 object behind; scrapes during shutdown are answered or refused, never left hanging; a restart
-on the same port serves at once. On the host (tracepoint tier) and in the VM lab's kprobe
-kernels, where a leaked kprobe_events entry would show."""
+on the same port serves at once (on the host only: that part is the web server's). On the host
+(tracepoint tier) and in the VM lab's kprobe kernels, where a leaked kprobe_events entry would
+show."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netlab import Lab, free_port, skip_unless_root_bpf, start_daemon, unit_caps
+from netlab import IN_GUEST, Lab, free_port, skip_unless_root_bpf, start_daemon, unit_caps
 
 PORT = 7701
 SCRAPE_TIMEOUT_S = 10.0
@@ -120,14 +121,17 @@ def test_signal_mid_traffic_leaves_nothing_and_restarts_at_once(
     slowest = max(d for d, _ in results)
     assert slowest < SCRAPE_TIMEOUT_S - 1, f"a scrape hung for {slowest:.1f} s: {results[-5:]}"
     assert_nothing_left(daemon.pid, ours)
+    print(f"{sig.name}: exit {exit_s:.2f} s, {len(results)} scrapes (slowest {slowest:.2f} s)")
+    if not IN_GUEST:  # the port's reuse is the web server's, not the tier's: one compile less there
+        assert_restarts_at_once(listen, url)
 
+
+def assert_restarts_at_once(listen: str, url: str) -> None:
     t0 = time.monotonic()
     again = start_daemon(listen, unit_caps("sys-admin.conf"))  # same port, at once
     try:
-        restart_s = time.monotonic() - t0
         assert urllib.request.urlopen(url, timeout=10).status == 200
-        print(f"{sig.name}: exit {exit_s:.2f} s, {len(results)} scrapes (slowest {slowest:.2f} s), "
-              f"restart to first scrape {restart_s:.1f} s")
+        print(f"restart to first scrape {time.monotonic() - t0:.1f} s")
     finally:
         again.send_signal(signal.SIGTERM)
         assert again.wait(timeout=30) == 0

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from netlab import (
+    IN_GUEST,
     Host,
     Lab,
     Samples,
@@ -95,7 +96,7 @@ def drive(lab: Lab, srv: Host, addr_s: str, addr_d: str) -> tuple[Seen, Rows, Ro
 
 # The tier auto picks here, and the sockops tier (issue 17) where auto does not pick it. In
 # the VM lab, auto only (the sockops tier there is for a later run).
-MODES = ["auto"] if os.environ.get("TFOWATCH_GUEST") else ["auto", "sockops"]
+MODES = ["auto"] if IN_GUEST else ["auto", "sockops"]
 
 
 @pytest.fixture(scope="module", params=MODES)
