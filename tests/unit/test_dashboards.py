@@ -123,3 +123,14 @@ def test_every_alert_has_severity_annotations_and_a_runbook() -> None:
         assert page.exists(), page
         text = page.read_text()
         assert text.startswith(f"# {a['alert']}\n") and "**Confirm:**" in text and "**Act:**" in text
+
+
+def test_the_degraded_runbook_and_readme_name_every_reason() -> None:
+    """Each bounded `reason` of tfowatch_tier_degraded has its row in the runbook and its name
+    in the README."""
+    from tfowatch.bpf.loader import DEGRADED_FIX
+    runbook = (RUNBOOKS / "TfowatchTierDegraded.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for reason in DEGRADED_FIX:
+        assert f"| `{reason}` |" in runbook, reason
+        assert f"`{reason}`" in readme, reason

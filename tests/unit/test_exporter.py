@@ -52,7 +52,7 @@ def test_kprobe_tier_exposes_every_contract_metric() -> None:
 
 
 def test_tracepoint_tier_leaves_what_it_cannot_see_absent() -> None:
-    text = exposition(resolve(facts("6.18."), "auto"), busy_aggregator(), {})
+    text = exposition(resolve(facts("6.18."), "tracepoint"), busy_aggregator(), {})
     for name in ["tfowatch_cookie_requests_total", "tfowatch_cookies_issued_total",
                  "tfowatch_passive_fallbacks_total", "tfowatch_tw_reuse_total",
                  "tfowatch_tw_reuse_age_seconds", "tfowatch_blackhole_disables_total"]:

@@ -9,6 +9,7 @@ from support import facts
 
 from tfowatch.core.events import EVENTS
 from tfowatch.core.events import EventType as E
+from tfowatch.core.kernel import KernelFacts
 from tfowatch.core.plan import SOCK_OPS, PlanError, fall_back, resolve
 
 
@@ -64,8 +65,20 @@ def test_sockops_mode_needs_the_header_option_callbacks() -> None:
         resolve(old, "sockops")
 
 
-def test_host_618_without_kprobes_gets_tracepoints() -> None:
+def test_host_618_without_kprobes_gets_sockops() -> None:
+    """auto: without kprobes, the sockops tier (a superset of the tracepoints' events)."""
     plan = resolve(facts("6.18."), "auto")
+    assert plan.tier == "sockops" and plan.mode == "auto"
+    assert plan.events > resolve(facts("6.18."), "tracepoint").events
+    assert E.COOKIE_REQUEST in plan.events and E.INVALID_COOKIE in plan.events
+
+
+def without_sockops(f: KernelFacts) -> KernelFacts:
+    return dataclasses.replace(f, fields={**f.fields, "sock_ops_hdr_opt": False})
+
+
+def test_without_kprobes_or_sock_ops_tracepoints() -> None:
+    plan = resolve(without_sockops(facts("6.18.")), "auto")
     assert plan.tier == "tracepoint"
     assert not any(a.kind.startswith("k") for a in plan.attachments)
     assert plan.events == {E.SYN_DATA_ACCEPTED, E.SYN_DATA_SENT, E.SYN_DATA_ACKED,
@@ -83,7 +96,7 @@ def test_host_618_without_kprobes_gets_tracepoints() -> None:
 def test_without_the_cgroup_tracepoint_the_names_say_what_is_lost() -> None:
     f = dataclasses.replace(facts("6.18."), tracepoints=[t for t in facts("6.18.").tracepoints
                                                          if t != "cgroup/cgroup_mkdir"])
-    plan = resolve(f, "auto")
+    plan = resolve(f, "tracepoint")
     names = next(r for r in plan.points if r.point == "cgroup_mkdir")
     assert plan.tier == "tracepoint" and plan.defines["CGROUP_NAMES"] == 0
     assert names.attachments == [] and names.substitute and 'labelled cgroup=""' in names.why
@@ -123,11 +136,27 @@ def test_named_symbol_is_used_where_it_exists() -> None:
     assert not r.substitute and "kprobe:tcp_send_syn_data" in {f"{a.kind}:{a.target}" for a in r.attachments}
 
 
-def test_missing_tracepoints_leave_counters_only() -> None:
+def test_missing_tracepoints_leave_sockops_or_else_counters_only() -> None:
     f = dataclasses.replace(facts("6.18."), tracepoints=[])
-    assert resolve(f, "auto").tier == "counters"
+    assert resolve(f, "auto").tier == "sockops"  # it needs none of them
+    assert resolve(without_sockops(f), "auto").tier == "counters"
     with pytest.raises(PlanError, match="tracepoint"):
         resolve(f, "tracepoint")
+
+
+def test_sockops_needs_btf_and_headers_like_any_bcc_tier() -> None:
+    for f in (dataclasses.replace(facts("6.18."), btf=False), dataclasses.replace(facts("6.18."), headers=False)):
+        assert resolve(f, "auto").tier == "counters"
+        with pytest.raises(PlanError, match="--mode sockops"):
+            resolve(f, "sockops")
+
+
+def test_a_sockops_plan_falls_back_to_the_tracepoints() -> None:
+    f = facts("6.18.")
+    once = fall_back(resolve(f, "auto"), f, "sockops_denied", "EPERM", "grant CAP_NET_ADMIN")
+    assert once.tier == "tracepoint" and once.planned_tier == "sockops" and once.mode == "auto"
+    states = once.attachment_states(lambda a: True)
+    assert ("tcp_send_syn_data", "sockops:cgroup2_root", "sockops", False) in states
 
 
 def test_fall_back_goes_one_tier_down_and_keeps_the_first_reason() -> None:

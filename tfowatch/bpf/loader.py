@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tfowatch.core.btf import Btf, BtfError
-from tfowatch.core.cgroups import cgroup2_mount
+from tfowatch.core.cgroups import host_cgroup2_root
 from tfowatch.core.events import EV_TYPE_MAX, CountKey, CountVal, struct_of
 from tfowatch.core.plan import PLAIN_BUILD, Attachment, Plan, Variant
 
@@ -104,8 +104,12 @@ DEGRADED_FIX = {
                       "(/lib/modules/$(uname -r)/build) and run with -v for clang's messages",
     "attach_failed": "the kernel refused a probe: see `tfowatch probes`, and run with -v for "
                      "libbcc's messages",
-    "no_cgroup2": "mount cgroup v2 (the sockops tier attaches to its root): systemd does, as "
-                  "/sys/fs/cgroup or /sys/fs/cgroup/unified",
+    "no_cgroup2": "let tfowatch see the host's cgroup v2 root (the sockops tier attaches there): "
+                  "systemd mounts it as /sys/fs/cgroup or /sys/fs/cgroup/unified; in a container, "
+                  "mount the host's /sys/fs/cgroup (the DaemonSet does) or use the host's cgroup "
+                  "namespace",
+    "sockops_denied": "the sockops tier needs CAP_NET_ADMIN to load and attach its sock_ops "
+                      "program: the unit and the DaemonSet shipped with tfowatch grant it",
 }
 
 
@@ -259,10 +263,14 @@ def attach_sock_ops(bpf: Any, fn_name: str) -> int:
     TCP socket of the host: a link sits beside any other sock_ops program (never replacing
     one) and goes when its fd does, so a daemon killed with SIGKILL leaves nothing attached.
     libbpf (Debian's libbpf1, which libbcc needs) makes it: BCC 0.26 has no link call."""
-    root = cgroup2_mount()
+    root, why = host_cgroup2_root()
     if root is None:
-        raise LoadError("no cgroup v2 mount: the sockops tier attaches to its root", "no_cgroup2")
-    fn = bpf.load_func(fn_name.encode(), bpf.SOCK_OPS)
+        raise LoadError(f"{why}: the sockops tier attaches to the host's root cgroup", "no_cgroup2")
+    try:
+        fn = bpf.load_func(fn_name.encode(), bpf.SOCK_OPS)
+    except Exception as exc:  # BCC raises bare Exception; EPERM without CAP_NET_ADMIN
+        reason = "sockops_denied" if "Operation not permitted" in str(exc) else "attach_failed"
+        raise LoadError(f"cannot load the sock_ops program: {exc}", reason) from exc
     libbpf = ctypes.CDLL("libbpf.so.1", use_errno=True)
     libbpf.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
@@ -271,7 +279,8 @@ def attach_sock_ops(bpf: Any, fn_name: str) -> int:
     finally:
         os.close(fd)
     if link < 0:
-        raise LoadError(f"cannot attach sock_ops to {root}: {os.strerror(-link)}", "attach_failed")
+        raise LoadError(f"cannot attach sock_ops to {root}: {os.strerror(-link)}",
+                        "sockops_denied" if -link == errno.EPERM else "attach_failed")
     return int(link)
 
 

@@ -19,16 +19,35 @@ from tfowatch.core import procfs
 WALK_INTERVAL_S = 1.0
 
 
-def cgroup2_mount(mounts: str = "") -> Path | None:
+def cgroup2_mounts(mounts: str = "") -> list[Path]:
     try:
         with open(mounts or procfs.path("self", "mounts")) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) > 2 and parts[2] == "cgroup2":
-                    return Path(parts[1])
+            return [Path(parts[1]) for parts in map(str.split, f) if len(parts) > 2 and parts[2] == "cgroup2"]
     except OSError:
-        pass
-    return None
+        return []
+
+
+def cgroup2_mount(mounts: str = "") -> Path | None:
+    found = cgroup2_mounts(mounts)
+    return found[0] if found else None
+
+
+def is_root_cgroup(path: Path) -> bool:
+    """The host's root cgroup has no cgroup.events (no cgroup but the root lacks it); the root
+    of a cgroup namespace (a container's /sys/fs/cgroup) is some cgroup below it, and has one."""
+    return path.is_dir() and not (path / "cgroup.events").exists()
+
+
+def host_cgroup2_root(mounts: str = "") -> tuple[Path | None, str]:
+    """The first cgroup v2 mount that shows the host's root cgroup, or None and why not."""
+    found = cgroup2_mounts(mounts)
+    for path in found:
+        if is_root_cgroup(path):
+            return path, ""
+    if found:
+        return None, (f"the cgroup v2 mount at {found[0]} is a cgroup namespace's, not the host's "
+                      "root cgroup: a program there would see only that cgroup's sockets")
+    return None, "no cgroup v2 mount"
 
 
 def proc_cgroup(pid: int) -> str:

@@ -137,17 +137,27 @@ def _probe_pair(symbol: str, fn: str) -> list[Attachment]:
     return [Attachment("kprobe", symbol, fn), Attachment("kretprobe", symbol, fn + "_ret")]
 
 
+def _bcc_ok(facts: KernelFacts) -> str:
+    if not facts.btf:
+        return "no kernel BTF (/sys/kernel/btf/vmlinux): field offsets cannot be resolved"
+    if not facts.headers:
+        return "no kernel headers for BCC (/lib/modules/$(uname -r)/build)"
+    return ""
+
+
 def _tracepoint_ok(facts: KernelFacts) -> str:
     if facts.tracefs_error:
         return facts.tracefs_error
     missing = [tp for tp in REQUIRED_TRACEPOINTS if tp not in facts.tracepoints]
     if missing:
         return "tracepoint(s) missing: " + ", ".join(missing)
-    if not facts.btf:
-        return "no kernel BTF (/sys/kernel/btf/vmlinux): field offsets cannot be resolved"
-    if not facts.headers:
-        return "no kernel headers for BCC (/lib/modules/$(uname -r)/build)"
-    return ""
+    return _bcc_ok(facts)
+
+
+def _sockops_ok(facts: KernelFacts) -> str:
+    if not facts.fields.get("sock_ops_hdr_opt"):
+        return "this kernel has no sock_ops header-option callbacks (Linux 5.10)"
+    return _bcc_ok(facts)
 
 
 def choose_tier(facts: KernelFacts, mode: str) -> str:
@@ -166,14 +176,18 @@ def choose_tier(facts: KernelFacts, mode: str) -> str:
         if tp_problem:
             raise PlanError(f"--mode tracepoint: {tp_problem}")
         return "tracepoint"
+    sockops_problem = _sockops_ok(facts)
     if mode == "sockops":
-        if not facts.fields.get("sock_ops_hdr_opt"):
-            raise PlanError("--mode sockops: this kernel has no sock_ops header-option callbacks "
-                            "(Linux 5.10)")
+        if sockops_problem:
+            raise PlanError(f"--mode sockops: {sockops_problem}")
         return "sockops"
-    if tp_problem:
-        return "counters"
-    return "kprobe" if facts.kprobes else "tracepoint"
+    # auto: the most complete tier this kernel allows. Without kprobes, sock_ops sees every
+    # TFO point the tracepoints see and the server side's cookies and fallbacks too.
+    if facts.kprobes and not tp_problem:
+        return "kprobe"
+    if not sockops_problem:
+        return "sockops"
+    return "counters" if tp_problem else "tracepoint"
 
 
 def _passive(facts: KernelFacts, tier: str) -> tuple[Resolution, Resolution]:
@@ -292,7 +306,7 @@ def resolve(facts: KernelFacts, mode: str = "auto") -> Plan:
 def fall_back(plan: Plan, facts: KernelFacts, reason: str, detail: str, fix: str) -> Plan:
     """The plan one tier down (auto mode, after a load or attach failure). The first
     failure is kept: it is why the planned tier does not run."""
-    lower = {"kprobe": "tracepoint", "tracepoint": "counters"}[plan.tier]
+    lower = {"kprobe": "tracepoint", "sockops": "tracepoint", "tracepoint": "counters"}[plan.tier]
     if lower == "tracepoint" and _tracepoint_ok(facts):
         lower = "counters"
     new = resolve(facts, lower)
