@@ -7,7 +7,7 @@ set -euo pipefail
 
 RUNTIME_PACKAGES=(python3-bpfcc python3-venv)
 DEV_PACKAGES=(bpfcc-tools bpftool linux-headers-amd64 iproute2 nftables prometheus tmux procps
-              bpftrace podman runc mmdebstrap)  # the last three: tests/host/test_container.py
+              bpftrace tcpdump podman runc mmdebstrap)  # the last three: tests/host/test_container.py
 here=$(dirname "$0")
 
 if [ "${1:-}" = --runtime ]; then

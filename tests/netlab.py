@@ -265,12 +265,12 @@ def start_daemon(listen: str, caps: list[str], *flags: str, binary: Path = TFOWA
     raise RuntimeError("tfowatch did not serve /metrics in time")
 
 
-def planned_plan(binary: Path = TFOWATCH, cwd: str | None = None) -> dict[str, Any]:
+def planned_plan(binary: Path = TFOWATCH, cwd: str | None = None, mode: str = "auto") -> dict[str, Any]:
     """`tfowatch probes --json` of `binary` (e.g. an installed one, run from `cwd`): the plan
-    this kernel resolves to (its tier, and the metrics of every tier). A daemon running below
-    that tier fell back, which tests must not accept."""
-    out = subprocess.run([str(binary), "probes", "--json"], capture_output=True, text=True, check=True,
-                         cwd=cwd)
+    this kernel resolves to in `mode` (its tier, and the metrics of every tier). A daemon
+    running below that tier fell back, which tests must not accept."""
+    out = subprocess.run([str(binary), "probes", "--json", "--mode", mode], capture_output=True,
+                         text=True, check=True, cwd=cwd)
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 

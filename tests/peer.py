@@ -10,6 +10,9 @@ syn-hold HOST PORT COUNT [--comm C] COUNT non-blocking MSG_FASTOPEN SYNs, held o
                                     closed unanswered; one JSON line per SYN: {syn_data}
 tw-bind-reuse HOST PORT             TIME-WAIT reuse by bind()+connect() from the same port
 tw-ephemeral HOST PORT              TIME-WAIT reuse of the only ephemeral port
+in-flight-listener PORT             a TFO listener no process holds: its only fd is in flight in
+                                    a unix socket's queue (SCM_RIGHTS); prints {ready} and waits
+                                    for stdin to close
 """
 
 from __future__ import annotations
@@ -195,6 +198,21 @@ def tw_ephemeral(host: str, port: int) -> None:
     print(json.dumps({"refused": refused, "granted_after_s": None}), flush=True)
 
 
+def in_flight_listener(port: int) -> None:
+    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, 16)
+    lst.bind(("0.0.0.0", port))
+    lst.listen(16)
+    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    socket.send_fds(here, [b"x"], [lst.fileno()])  # unread: the socket lives in `there`'s queue
+    lst.close()
+    print(json.dumps({"ready": True}), flush=True)
+    sys.stdin.read()
+    here.close()
+    there.close()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -217,6 +235,7 @@ def main() -> None:
         tw = sub.add_parser(name)
         tw.add_argument("host")
         tw.add_argument("port", type=int)
+    sub.add_parser("in-flight-listener").add_argument("port", type=int)
     a = p.parse_args()
     if getattr(a, "comm", None):
         set_comm(a.comm)
@@ -226,6 +245,8 @@ def main() -> None:
         client(a.host, a.port, a.count, a.plain, a.hold)
     elif a.cmd == "syn-hold":
         syn_hold(a.host, a.port, a.count)
+    elif a.cmd == "in-flight-listener":
+        in_flight_listener(a.port)
     elif a.cmd == "tw-bind-reuse":
         tw_bind_reuse(a.host, a.port)
     else:

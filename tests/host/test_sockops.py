@@ -1,7 +1,9 @@
 """The sockops tier (issue 17) on this kernel, beyond the integration scenarios it runs too:
 a client's TFO connection is counted at its SYN-ACK, while it is still open (the tracepoint
 tier counts it when it ends, so a long-lived one showed drift -1), exact against TcpExt; and
-its program hangs on a BPF link that goes with the daemon, even one killed with SIGKILL."""
+its program hangs on a BPF link that goes with the daemon, even one killed with SIGKILL.
+Listeners open before the daemon started are adopted (their SYN-ACKs seen, with the unit's
+capabilities plus sockops.conf), and one that cannot be is named and counted, not missed."""
 
 from __future__ import annotations
 
@@ -79,3 +81,50 @@ def test_the_program_goes_with_the_daemon_even_killed(lab: Lab) -> None:
     while "on_sock_ops" in sock_ops_programs() and time.monotonic() < deadline:
         time.sleep(0.2)  # the link goes when the last fd of the killed process is released
     assert "on_sock_ops" not in sock_ops_programs()
+
+
+def test_a_listener_open_before_the_daemon_is_watched(lab: Lab) -> None:
+    srv, addr = lab.server("s", "3")
+    lab.start_server(srv, str(PORT))  # before the daemon: it never sees this listen()
+    before = srv.tcpext()
+    listen = f"127.0.0.1:{free_port()}"
+    daemon = start_daemon(listen, unit_caps("sockops.conf"), "--mode", "sockops")
+    try:
+        lab.client.peer("client", addr, str(PORT), "3", "--comm", "early")  # a request, then 2 with it
+        srv.sysctl("net.ipv4.tcp_fastopen_key", "00000001-00000002-00000003-00000004")
+        lab.client.peer("client", addr, str(PORT), "1", "--comm", "early")  # its cookie is now invalid
+        time.sleep(0.5)
+        samples = scrape(f"http://{listen}/metrics")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+    after, ns = srv.tcpext(), srv.inode
+    delta = {k: after[k] - before[k] for k in ("TCPFastOpenCookieReqd", "TCPFastOpenPassiveFail")}
+    assert delta == {"TCPFastOpenCookieReqd": 1, "TCPFastOpenPassiveFail": 1}
+    assert value(samples, "tfowatch_cookie_requests_total", netns=ns, port=PORT) == 1
+    assert value(samples, "tfowatch_cookies_issued_total", netns=ns, port=PORT) == 2  # request, rotation
+    assert value(samples, "tfowatch_passive_fallbacks_total", netns=ns, port=PORT,
+                 reason="invalid_cookie") == 1
+    drifts = {dict(k)["metric"]: v for k, v in series(samples, "tfowatch_reconcile_drift").items()
+              if dict(k)["netns"] == str(ns)}
+    assert drifts and set(drifts.values()) == {0}, drifts
+    err = daemon.stderr.read() if daemon.stderr else ""
+    assert f"netns {ns} port" not in err, err  # not among the listeners it could not watch
+
+
+def test_a_listener_no_process_holds_is_named_and_counted(lab: Lab) -> None:
+    srv, _ = lab.server("s", "3")
+    orphan = srv.popen("in-flight-listener", str(PORT), stdin=subprocess.PIPE)
+    assert orphan.stdout is not None and json.loads(orphan.stdout.readline()) == {"ready": True}
+    listen = f"127.0.0.1:{free_port()}"
+    daemon = start_daemon(listen, unit_caps("sockops.conf"), "--mode", "sockops")
+    try:
+        samples = scrape(f"http://{listen}/metrics")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+        orphan.kill()
+        orphan.wait()
+    assert value(samples, "tfowatch_listeners_unwatched") >= 1
+    err = daemon.stderr.read() if daemon.stderr else ""
+    assert f"netns {srv.inode} port {PORT} (no process): no process holds it" in err, err

@@ -18,3 +18,8 @@ def test_folded_rows_and_failed_parts_are_named() -> None:
     lines = header_lines(frame(folded=7, failed=["kernel"]), Options(series_cap=3))
     assert any(line.startswith("FOLDED: 7 events") and "--series-cap 3" in line for line in lines)
     assert any(line.startswith("INCOMPLETE: could not read kernel") for line in lines), lines
+
+
+def test_unwatched_listeners_are_named() -> None:
+    lines = header_lines(frame(unwatched=2), Options())
+    assert any(line.startswith("UNWATCHED: 2 listeners open before start") for line in lines), lines

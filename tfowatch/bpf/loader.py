@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from tfowatch.bpf.adopt import Unwatched, adopt_listeners
 from tfowatch.core.btf import Btf, BtfError
 from tfowatch.core.cgroups import host_cgroup2_root
 from tfowatch.core.events import EV_TYPE_MAX, CountKey, CountVal, struct_of
@@ -109,7 +110,8 @@ DEGRADED_FIX = {
                   "mount the host's /sys/fs/cgroup (the DaemonSet does) or use the host's cgroup "
                   "namespace",
     "sockops_denied": "the sockops tier needs CAP_NET_ADMIN to load and attach its sock_ops "
-                      "program: the unit and the DaemonSet shipped with tfowatch grant it",
+                      "program: add deploy/systemd/dropins/sockops.conf to the unit (NET_ADMIN "
+                      "to the DaemonSet's capabilities)",
 }
 
 
@@ -258,30 +260,50 @@ class EventReader:
 BPF_CGROUP_SOCK_OPS = 3  # enum bpf_attach_type
 
 
-def attach_sock_ops(bpf: Any, fn_name: str) -> int:
-    """A BPF link of the sock_ops program `fn_name` to the cgroup v2 root, where it sees every
-    TCP socket of the host: a link sits beside any other sock_ops program (never replacing
-    one) and goes when its fd does, so a daemon killed with SIGKILL leaves nothing attached.
-    libbpf (Debian's libbpf1, which libbcc needs) makes it: BCC 0.26 has no link call."""
+def link_cgroup(prog_fd: int, cgroup: Path, attach_type: int) -> int:
+    """A BPF link of a program to a cgroup: it sits beside any other program there (never
+    replacing one) and goes when its fd does, so a daemon killed with SIGKILL leaves nothing
+    attached. libbpf (Debian's libbpf1, which libbcc needs) makes it: BCC 0.26 has no link call."""
+    libbpf = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    libbpf.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        link = libbpf.bpf_link_create(prog_fd, fd, attach_type, None)
+    finally:
+        os.close(fd)
+    if link < 0:
+        raise OSError(-link, f"cannot link a program to {cgroup}: {os.strerror(-link)}")
+    return int(link)
+
+
+def attach_sock_ops(bpf: Any, fn_name: str) -> tuple[int, Path]:
+    """The sock_ops program `fn_name` linked to the host's root cgroup, where it sees every
+    TCP socket of the host; (the link's fd, the root)."""
     root, why = host_cgroup2_root()
     if root is None:
         raise LoadError(f"{why}: the sockops tier attaches to the host's root cgroup", "no_cgroup2")
     try:
         fn = bpf.load_func(fn_name.encode(), bpf.SOCK_OPS)
     except Exception as exc:  # BCC raises bare Exception; EPERM without CAP_NET_ADMIN
-        reason = "sockops_denied" if "Operation not permitted" in str(exc) else "attach_failed"
-        raise LoadError(f"cannot load the sock_ops program: {exc}", reason) from exc
-    libbpf = ctypes.CDLL("libbpf.so.1", use_errno=True)
-    libbpf.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        # BCC words EPERM as "Need super-user privileges"
+        denied = ctypes.get_errno() == errno.EPERM or "privileges" in str(exc)
+        raise LoadError(f"cannot load the sock_ops program: {exc}",
+                        "sockops_denied" if denied else "attach_failed") from exc
     try:
-        link = libbpf.bpf_link_create(fn.fd, fd, BPF_CGROUP_SOCK_OPS, None)
-    finally:
-        os.close(fd)
-    if link < 0:
-        raise LoadError(f"cannot attach sock_ops to {root}: {os.strerror(-link)}",
-                        "sockops_denied" if -link == errno.EPERM else "attach_failed")
-    return int(link)
+        return link_cgroup(fn.fd, root, BPF_CGROUP_SOCK_OPS), root
+    except OSError as exc:
+        raise LoadError(f"cannot attach sock_ops: {exc.strerror}",
+                        "sockops_denied" if exc.errno == errno.EPERM else "attach_failed") from exc
+
+
+def say_adopted(adopted: int, unwatched: list[Unwatched]) -> None:
+    if adopted:
+        log.info("sockops: %d listening socket(s) open before start asked for their SYN-ACKs", adopted)
+    if unwatched:
+        log.warning("sockops: %d listener(s) open before start cannot be watched, so their cookie "
+                    "requests, cookies and passive fallbacks are not seen (their TFO children are; "
+                    "restarting them makes them watched): %s", len(unwatched),
+                    "; ".join(map(str, unwatched[:10])) + (" ..." if len(unwatched) > 10 else ""))
 
 
 class Probes:
@@ -296,6 +318,9 @@ class Probes:
         self.reader: EventReader | None = None
         self._count_bufs: tuple[Any, Any] | None = None
         self._links: list[int] = []  # BPF link fds (sock_ops): closing one detaches it
+        # sockops: listeners open before it attached, asked for their SYN-ACKs; and those left unseen
+        self.adopted = 0
+        self.unwatched: list[Unwatched] = []
         try:
             with libbcc_stderr() as said:
                 self.bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags(btf, plan, variant))
@@ -316,7 +341,10 @@ class Probes:
             try:
                 with libbcc_stderr():
                     if a.kind == "sockops":
-                        self._links.append(attach_sock_ops(self.bpf, a.fn))
+                        link, root = attach_sock_ops(self.bpf, a.fn)
+                        self._links.append(link)
+                        self.adopted, self.unwatched = adopt_listeners(self.bpf, root, link_cgroup)
+                        say_adopted(self.adopted, self.unwatched)
                     elif a.kind == "kprobe":
                         self.bpf.attach_kprobe(event=a.target, fn_name=a.fn)
                     else:

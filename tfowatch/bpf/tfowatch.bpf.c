@@ -712,6 +712,43 @@ static __always_inline void so_client_done(void *ctx, struct bpf_sock_ops *skops
 	conns.delete(&key);
 }
 
+#define LEVEL_TCP 6
+#define OPT_CB_FLAGS 1008 /* TCP_BPF_SOCK_OPS_CB_FLAGS (6.12): BPF's own, refused to userspace */
+/* tfowatch's pid: the only caller whose setsockopt() on_adopt acts on (adopt.py sets it). */
+BPF_ARRAY(adopter, u32, 1);
+
+/* A listener opened before tfowatch attached never passes TCP_LISTEN_CB. adopt.py calls
+ * setsockopt(SOL_TCP, 1008) on a duplicate of its fd (pidfd_getfd), which runs this cgroup
+ * setsockopt program on tfowatch's own cgroup for the few milliseconds it takes: the listener
+ * gets the SYN-ACK flag as if its listen() had been seen, and the kernel's setsockopt is
+ * skipped. Any other setsockopt() passes untouched. Before 6.12 bpf_setsockopt() knows no
+ * 1008, and the caller gets EPERM: the listener stays unwatched (and is counted so). */
+int on_adopt(struct bpf_sockopt *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct listener_key k = {};
+	int zero = 0, flags = 0;
+	u32 *tgid = adopter.lookup(&zero);
+	u8 ours;
+
+	if (ctx->level != LEVEL_TCP || ctx->optname != OPT_CB_FLAGS || !tgid ||
+	    (u32)(bpf_get_current_pid_tgid() >> 32) != *tgid)
+		return 1;
+	if (sk->state != BPF_TCP_LISTEN)
+		return 0;
+	if (bpf_getsockopt(sk, LEVEL_TCP, OPT_CB_FLAGS, &flags, sizeof(flags)))
+		return 0;
+	ours = !(flags & SYNACK_FLAG);
+	flags |= SYNACK_FLAG;
+	if (bpf_setsockopt(sk, LEVEL_TCP, OPT_CB_FLAGS, &flags, sizeof(flags)))
+		return 0;
+	/* bpf_sockopt_kern starts with the kernel's struct sock, as bpf_sock_ops_kern does */
+	listener_key(&k, (const void *)read_u64((const void *)ctx), sk->src_port);
+	synack_listeners.insert(&k, &ours); /* a listen() seen meanwhile keeps its own entry */
+	ctx->optlen = -1; /* handled: the kernel's setsockopt() is skipped */
+	return 1;
+}
+
 int on_sock_ops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {

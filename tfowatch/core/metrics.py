@@ -94,6 +94,11 @@ RECONCILE_DRIFT = Metric("tfowatch_reconcile_drift", "gauge",
                               "TIME-WAIT activity since start")
 
 # --- the daemon itself ---
+LISTENERS_UNWATCHED = Metric("tfowatch_listeners_unwatched", "gauge",
+                             "Listeners open when the sockops tier attached that it could not ask for "
+                             "their SYN-ACKs (before Linux 6.12, or no process to reach them through): "
+                             "their cookie requests, cookies and passive fallbacks are not seen, their "
+                             "TFO children are. Found at start.", (), ("sockops",))
 PROBE_ATTACHED = Metric("tfowatch_probe_attached", "gauge",
                         "1 when the probe is attached, per design-card point and target.",
                         ("point", "target", "tier"), ALL,
@@ -148,7 +153,8 @@ HTTP_CONNECTIONS_REFUSED = Metric("tfowatch_http_connections_refused_total", "co
 FAMILIES = (COOKIE_REQUESTS, COOKIES_ISSUED, SYN_DATA_ACCEPTED, PASSIVE_FALLBACKS, SYN_DATA_SENT,
             SYN_DATA_ACKED, ACTIVE_FALLBACKS, BLACKHOLE_DISABLES, TW_REUSE, TW_REUSE_AGE,
             KERNEL_TCPEXT, NETNS_UNREADABLE, NETNS_RETIRED, RECONCILE_DRIFT,
-            PROBE_ATTACHED, EVENTS, EVENTS_LOST, LATE_EVENTS, SERIES_DROPPED, SERIES_EXPIRED, SERIES,
+            PROBE_ATTACHED, LISTENERS_UNWATCHED, EVENTS, EVENTS_LOST, LATE_EVENTS, SERIES_DROPPED,
+            SERIES_EXPIRED, SERIES,
             SERIES_CAP, SERIES_CAP_PER_NETNS, BUILD_INFO,
             TIER_DEGRADED, SCRAPE_PART_SUCCESS, SCRAPE_PART_DURATION,
             HTTP_REQUESTS, SCRAPE_DURATION, HTTP_CONNECTIONS_REFUSED)

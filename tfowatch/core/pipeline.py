@@ -249,6 +249,7 @@ class Pipeline:
             late=self.generations.late,
             drift=gap, attached=attached, version=__version__, kernel_release=self.facts.release,
             series_cap=self.agg.series_cap, netns_limit=self.agg.netns_limit, parts=parts,
+            unwatched=len(self.probes.unwatched) if self.probes is not None else 0,
         )
 
     def close(self) -> None:

@@ -39,6 +39,7 @@ class ExportState:
     series_cap: int
     netns_limit: int  # label sets one namespace may hold per metric
     parts: dict[str, Part] = field(default_factory=dict)
+    unwatched: int = 0  # sockops: listeners open at start it could not ask for their SYN-ACKs
 
     def ok(self, part: str) -> bool:
         return self.parts.get(part, Part(True, 0.0)).ok

@@ -6,10 +6,12 @@ this module names the process, for `top` rows and for `doctor`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import socket
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from tfowatch.core import netns, procfs
@@ -52,24 +54,44 @@ def _comm(pid: int) -> str | None:
         return None
 
 
-def tfo_queue_len(pid: int, fd: int) -> int | None:
-    """A listener's TCP_FASTOPEN queue length, read with getsockopt() on a duplicate of its
-    fd (pidfd_getfd): the socket option is the only per-listener record of it the kernel
-    gives. None when the process or fd is gone, or the kernel refuses."""
+@contextlib.contextmanager
+def duplicate(pid: int, fd: int) -> Iterator[socket.socket | None]:
+    """A duplicate of process `pid`'s socket `fd` (pidfd_getfd, which needs ptrace access: the
+    unit's CAP_SYS_PTRACE), or None when the process or fd is gone or the kernel refuses.
+    Closing the duplicate leaves theirs open."""
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:
-        return None
+        yield None
+        return
     try:
         dup = ctypes.CDLL(None, use_errno=True).syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
-        if dup < 0:
-            return None
-        with socket.socket(fileno=dup) as sock:  # closing our duplicate leaves theirs open
-            return sock.getsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN)
-    except OSError:
-        return None
     finally:
         os.close(pidfd)
+    if dup < 0:
+        yield None
+        return
+    try:
+        sock = socket.socket(fileno=dup)
+    except OSError:  # the fd was closed and reused for something else meanwhile
+        os.close(dup)
+        yield None
+        return
+    with sock:
+        yield sock
+
+
+def tfo_queue_len(pid: int, fd: int) -> int | None:
+    """A listener's TCP_FASTOPEN queue length, read with getsockopt() on a duplicate of its
+    fd: the socket option is the only per-listener record of it the kernel gives. None when
+    the process or fd is gone, or the kernel refuses."""
+    with duplicate(pid, fd) as sock:
+        if sock is None:
+            return None
+        try:
+            return sock.getsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN)
+        except OSError:
+            return None
 
 
 def discover(only: set[int] | None = None,

@@ -60,6 +60,7 @@ def watch(seconds: float, only: set[int] | None, mode: str, stop: threading.Even
         obs.tier = pipe.plan.tier
         obs.degraded = pipe.plan.degraded.describe(obs.tier) if pipe.plan.degraded else ""
         obs.lost = pipe.agg.snapshot().lost
+        obs.unwatched = [str(u) for u in pipe.probes.unwatched] if pipe.probes is not None else []
         return before, survey(only), obs
     finally:
         pipe.close()
@@ -78,9 +79,15 @@ def diagnose(only: set[int] | None = None, seconds: float | None = None, mode: s
     report = Report(namespaces=now, findings=findings, watch=obs, probe_tier=obs.tier if obs else "")
     if obs and obs.degraded:
         report.notes.append(f"DEGRADED: {obs.degraded}")
-    if obs and obs.tier != "kprobe":
+    if obs and obs.tier == "sockops":
+        report.notes.append("watched in the sockops tier: no TIME-WAIT decisions (those need kprobes)")
+    elif obs and obs.tier != "kprobe":
         report.notes.append(f"watched in the {obs.tier} tier: no per-port server events and no "
                             "TIME-WAIT decisions (those need kprobes)")
+    if obs and obs.unwatched:
+        names = "; ".join(obs.unwatched)
+        report.notes.append(f"UNWATCHED: {len(obs.unwatched)} listeners open before the watch: their "
+                            f"cookie requests, cookies and fallbacks are not seen: {names}")
     if obs and obs.lost:
         report.notes.append(f"{obs.lost} events were lost during the watch: counts are low")
     return report

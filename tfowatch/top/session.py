@@ -57,6 +57,7 @@ class Frame:
     degraded: str = ""  # why the planned tier does not run, and the fix; "" when it does
     folded: int = 0  # events counted in 'other' rows: more label sets than opts.series_cap
     failed: list[str] = field(default_factory=list)  # state parts not read this interval
+    unwatched: int = 0  # sockops: listeners open at start whose SYN-ACKs it cannot see
 
 
 class TopSession:
@@ -134,6 +135,7 @@ class TopSession:
             degraded=st.plan.degraded.describe(st.plan.tier) if st.plan.degraded else "",
             folded=sum(st.snap.dropped.values()),
             failed=[name for name, part in st.parts.items() if not part.ok],
+            unwatched=st.unwatched,
         )
 
     def close(self) -> None:
@@ -208,6 +210,9 @@ def header_lines(frame: Frame, opts: Options) -> list[str]:
     if frame.folded:
         lines.append(f"FOLDED: {frame.folded} events are in 'other' rows: more label sets than "
                      f"--series-cap {opts.series_cap}")
+    if frame.unwatched:
+        lines.append(f"UNWATCHED: {frame.unwatched} listeners open before start: their cookie "
+                     "requests, cookies and passive fallbacks are not seen (the log names them)")
     lines += [namespace_line(ns, frame) for ns in frame.namespaces.values()]
     return lines
 
@@ -256,7 +261,7 @@ def json_frame(frame: Frame, opts: Options) -> str:
                        "kernel": frame.kernel, "mode": frame.mode, "tier": frame.tier,
                        "degraded": frame.degraded or None, "lost": frame.lost,
                        "series_cap": opts.series_cap, "folded": frame.folded,
-                       "failed_parts": frame.failed,
+                       "failed_parts": frame.failed, "unwatched_listeners": frame.unwatched,
                        "namespaces": spaces, "rows": rows})
 
 
