@@ -12,7 +12,7 @@ import pytest
 from support import facts
 
 from tfowatch.bpf import loader as bpfprog
-from tfowatch.bpf.adopt import BPF_CGROUP_SETSOCKOPT
+from tfowatch.bpf.adopt import BPF_CGROUP_SETSOCKOPT, BPF_PROG_TYPE_CGROUP_SOCKOPT
 from tfowatch.core.btf import Btf
 from tfowatch.core.kernel import detect
 from tfowatch.core.plan import resolve
@@ -91,6 +91,7 @@ def test_sockops_program_passes_the_verifier(variant: dict[str, int]) -> None:
         assert b.num_open_tracepoints() == 1
         assert b.load_func(b"on_sock_ops", bcc.BPF.SOCK_OPS).fd >= 0
         # the cgroup setsockopt program that adopts listeners open before the start (6.12+)
-        assert b.load_func(b"on_adopt", bcc.BPF.CGROUP_SOCKOPT, attach_type=BPF_CGROUP_SETSOCKOPT).fd >= 0
+        adopt = b.load_func(b"on_adopt", BPF_PROG_TYPE_CGROUP_SOCKOPT, attach_type=BPF_CGROUP_SETSOCKOPT)
+        assert adopt.fd >= 0
     finally:
         b.cleanup()

@@ -42,8 +42,9 @@ def veth_of(host: Host) -> str:
 def capture(lab: Lab, srv: Host, addr: str, out: Path) -> None:
     """The client's two exchanges, its TFO cookie cache emptied first, captured at the server."""
     sh("ip", "-n", lab.client.name, "tcp_metrics", "flush", "all")
-    dump = subprocess.Popen(["ip", "netns", "exec", srv.name, "tcpdump", "-i", veth_of(srv), "-U", "-n",
-                             "-w", str(out), f"tcp port {PORT}"], stderr=subprocess.PIPE, text=True)
+    tcpdump = ["tcpdump", "-i", veth_of(srv), "--immediate-mode", "-U", "-n", "-w", str(out),
+               f"tcp port {PORT}"]  # --immediate-mode: else a packet waits for its block's timeout
+    dump = subprocess.Popen(["ip", "netns", "exec", srv.name, *tcpdump], stderr=subprocess.PIPE, text=True)
     try:
         assert dump.stderr is not None
         assert "listening on" in dump.stderr.readline()

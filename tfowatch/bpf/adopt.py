@@ -26,6 +26,7 @@ from tfowatch.doctor import listeners
 log = logging.getLogger(__name__)
 
 OPT_CB_FLAGS = 1008  # TCP_BPF_SOCK_OPS_CB_FLAGS, as tfowatch.bpf.c has it
+BPF_PROG_TYPE_CGROUP_SOCKOPT = 25  # enum bpf_prog_type (BCC's BPF class does not name it)
 BPF_CGROUP_SETSOCKOPT = 22  # enum bpf_attach_type
 ADOPTED, REFUSED, UNSEEN = "adopted", "refused", "unseen"
 
@@ -61,11 +62,15 @@ def own_cgroup(root: Path) -> Path | None:
 def adopt_listeners(bpf: Any, root: Path, link: Any) -> tuple[int, list[Unwatched]]:
     """Adopt every listener open now; (adopted sockets, the listeners left unwatched).
     `link(prog_fd, cgroup_dir, attach_type)` returns a BPF link fd."""
-    found = listeners.discover()
+    try:
+        found = listeners.discover()
+    except OSError as exc:
+        log.warning("sockops: cannot list the listeners open now: %s", exc)
+        return 0, []
     if not found:
         return 0, []
     try:
-        fn = bpf.load_func(b"on_adopt", bpf.CGROUP_SOCKOPT, attach_type=BPF_CGROUP_SETSOCKOPT)
+        fn = bpf.load_func(b"on_adopt", BPF_PROG_TYPE_CGROUP_SOCKOPT, attach_type=BPF_CGROUP_SETSOCKOPT)
         bpf[b"adopter"][ctypes.c_int(0)] = ctypes.c_uint32(os.getpid())
         cgroup = own_cgroup(root)
         if cgroup is None:

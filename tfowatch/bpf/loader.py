@@ -319,6 +319,7 @@ class Probes:
         self._count_bufs: tuple[Any, Any] | None = None
         self._links: list[int] = []  # BPF link fds (sock_ops): closing one detaches it
         # sockops: listeners open before it attached, asked for their SYN-ACKs; and those left unseen
+        self._cgroup_root: Path | None = None  # sockops: where its program is linked
         self.adopted = 0
         self.unwatched: list[Unwatched] = []
         try:
@@ -341,10 +342,8 @@ class Probes:
             try:
                 with libbcc_stderr():
                     if a.kind == "sockops":
-                        link, root = attach_sock_ops(self.bpf, a.fn)
+                        link, self._cgroup_root = attach_sock_ops(self.bpf, a.fn)
                         self._links.append(link)
-                        self.adopted, self.unwatched = adopt_listeners(self.bpf, root, link_cgroup)
-                        say_adopted(self.adopted, self.unwatched)
                     elif a.kind == "kprobe":
                         self.bpf.attach_kprobe(event=a.target, fn_name=a.fn)
                     else:
@@ -358,6 +357,10 @@ class Probes:
                 self.close()
                 raise LoadError(f"cannot attach {a.kind} {a.target}: {exc}", "attach_failed") from exc
             self.attached[a] = True
+        if self._cgroup_root is not None:  # after the attach: a listen() from now on is seen
+            with libbcc_stderr():
+                self.adopted, self.unwatched = adopt_listeners(self.bpf, self._cgroup_root, link_cgroup)
+            say_adopted(self.adopted, self.unwatched)  # outside libbcc_stderr(), which holds fd 2
 
     def open_events(self, on_event: Callable[[int, Any, int], None],
                     on_lost: Callable[[int], None], pages: int = 256,
