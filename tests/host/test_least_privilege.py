@@ -121,3 +121,25 @@ def test_too_few_capabilities_is_a_one_line_error() -> None:
     assert "this process lacks CAP_PERFMON" in res.stderr  # it has CAP_BPF: not "neither"
     res = tfowatch("run", "--listen", f"127.0.0.1:{free_port()}", pre=with_caps(["sys_ptrace"]))
     one_line_error(res, 1, "this process lacks CAP_BPF and CAP_PERFMON")
+
+
+@pytest.mark.host_only
+def test_sockops_needs_net_admin_and_says_so() -> None:
+    """The unit's set lacks CAP_NET_ADMIN: --mode sockops stops with a one-line error naming
+    the drop-in that grants it; with the drop-in the daemon runs the sockops tier."""
+    skip_unless_root_bpf("sockops capability check", "setpriv")
+    res = tfowatch("run", "--mode", "sockops", "--listen", f"127.0.0.1:{free_port()}",
+                   pre=with_caps(unit_caps()))
+    one_line_error(res, 1, "cannot load the sock_ops program")
+    assert "deploy/systemd/dropins/sockops.conf" in res.stderr, res.stderr
+    listen = f"127.0.0.1:{free_port()}"
+    proc = start_daemon(listen, unit_caps("sockops.conf"), "--mode", "sockops")
+    try:
+        samples = scrape(f"http://{listen}/metrics")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    (build,) = series(samples, "tfowatch_build_info")
+    assert dict(build)["tier"] == "sockops"
+    attached = series(samples, "tfowatch_probe_attached")
+    assert attached and all(v == 1 for v in attached.values()), attached

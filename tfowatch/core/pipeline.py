@@ -54,9 +54,9 @@ def _attach_or_fall_back(plan: Plan, facts: KernelFacts, variant: Variant, stric
     except (LoadError, BtfError) as exc:
         if denied := perf_events_denied():  # every tier with probes would fail the same way
             raise PlanError(f"cannot attach probes: {denied}") from exc
-        if plan.mode != "auto":
-            raise PlanError(str(exc)) from exc
         reason = exc.reason if isinstance(exc, LoadError) else "kernel_btf"
+        if plan.mode != "auto":  # the tier asked for, or nothing
+            raise PlanError(f"{exc}: {DEGRADED_FIX[reason]}") from exc
         if strict:
             raise PlanError(f"strict: {plan.tier} tier unavailable ({exc}): {DEGRADED_FIX[reason]}") from exc
         if plan.degraded is not None:  # the first failure is the one reported
