@@ -1,6 +1,6 @@
 """`tfowatch doctor` against real misconfigurations in namespaces this test creates: each
 situation must be named with the kernel's own numbers as evidence, and a healthy namespace
-must get no finding at all. The --watch test runs in the host's tracepoint tier and in the
+must get no finding at all. The --watch test runs in the host's sockops tier and in the
 VM lab's kprobe tier (tests/vm/lab.py)."""
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def test_watch_names_the_plain_connecting_client_and_the_rotation(lab: Lab) -> N
     [rot] = findings(report, "invalid_cookies", srv)
     assert rot["evidence"]["TCPFastOpenPassiveFail"] == srv.tcpext()["TCPFastOpenPassiveFail"] == 1
     assert rot["evidence"]["key_changed_during_watch"] is True
-    if report["probe_tier"] == "kprobe":  # per-port attribution needs tcp_try_fastopen
+    if report["probe_tier"] in ("kprobe", "sockops"):  # per-port: the SYN's TFO option at the listener
         assert rot["evidence"]["invalid_cookies_per_port"] == {str(PORT): 1}
     codes = {f["code"] for f in report["findings"]}
     assert codes == {"plain_connect_to_tfo_server", "invalid_cookies"}, report["findings"]

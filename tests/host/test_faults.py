@@ -20,6 +20,9 @@ from netlab import IN_GUEST, Lab, free_port, skip_unless_root_bpf, start_daemon,
 
 PORT = 7701
 SCRAPE_TIMEOUT_S = 10.0
+# Under the unit's TimeoutStopSec, after which systemd would SIGKILL it. In a TCG guest each
+# kprobe's removal waits for an RCU grace period of emulated CPUs: 7.3 s there (6.12, CI).
+SIGTERM_EXIT_S = 15.0 if IN_GUEST else 5.0
 KPROBE_EVENTS = (Path("/sys/kernel/tracing/kprobe_events"), Path("/sys/kernel/debug/tracing/kprobe_events"))
 
 
@@ -115,7 +118,7 @@ def test_signal_mid_traffic_leaves_nothing_and_restarts_at_once(
     results = scraper.stop()
     assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL), daemon.stderr and daemon.stderr.read()
     if sig == signal.SIGTERM:
-        assert exit_s < 5, f"SIGTERM took {exit_s:.1f} s"
+        assert exit_s < SIGTERM_EXIT_S, f"SIGTERM took {exit_s:.1f} s"
         assert "Traceback" not in (daemon.stderr.read() if daemon.stderr else "")
     assert any(o == "200" for _, o in results), results[:5]
     slowest = max(d for d, _ in results)

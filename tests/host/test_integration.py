@@ -2,7 +2,7 @@
 a running `tfowatch run` scraped over HTTP, and every series compared with what the peers
 observed (tcp_info) and with the namespaces' own TcpExt deltas.
 
-On the host (6.18, no kprobes) this exercises the tracepoint tier auto picks and the sockops
+On the host (6.18, no kprobes) this exercises the sockops tier auto picks and the tracepoint
 tier; in the VM lab (kprobe kernels) the same scenarios check the kprobe tier's TIME-WAIT
 decisions too.
 """
@@ -96,9 +96,9 @@ def drive(lab: Lab, srv: Host, addr_s: str, addr_d: str) -> tuple[Seen, Rows, Ro
     return seen, held, reused
 
 
-# The tier auto picks (tracepoint on the 6.18 host, kprobe in the VM lab), and on the host the
-# sockops tier (issue 17), which auto does not pick yet.
-MODES = ["auto"] if IN_GUEST else ["auto", "sockops"]
+# The tier auto picks (sockops on the 6.18 host, kprobe in the VM lab), and on the host the
+# tracepoint tier too, which auto falls back to when sock_ops cannot be loaded.
+MODES = ["auto"] if IN_GUEST else ["auto", "tracepoint"]
 
 
 @pytest.fixture(scope="module", params=MODES)

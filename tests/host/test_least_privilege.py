@@ -124,22 +124,25 @@ def test_too_few_capabilities_is_a_one_line_error() -> None:
 
 
 @pytest.mark.host_only
-def test_sockops_needs_net_admin_and_says_so() -> None:
-    """The unit's set lacks CAP_NET_ADMIN: --mode sockops stops with a one-line error naming
-    the drop-in that grants it; with the drop-in the daemon runs the sockops tier."""
+def test_without_net_admin_auto_runs_the_tracepoints_and_says_why() -> None:
+    """The sockops tier auto picks here needs the unit's CAP_NET_ADMIN: without it, the daemon
+    degrades to the tracepoints, loudly; --mode sockops stops with a one-line error."""
     skip_unless_root_bpf("sockops capability check", "setpriv")
-    res = tfowatch("run", "--mode", "sockops", "--listen", f"127.0.0.1:{free_port()}",
-                   pre=with_caps(unit_caps()))
-    one_line_error(res, 1, "cannot load the sock_ops program")
-    assert "deploy/systemd/dropins/sockops.conf" in res.stderr, res.stderr
+    caps = [c for c in unit_caps() if c != "net_admin"]
+    assert len(caps) == len(unit_caps()) - 1
     listen = f"127.0.0.1:{free_port()}"
-    proc = start_daemon(listen, unit_caps("sockops.conf"), "--mode", "sockops")
+    proc = start_daemon(listen, caps)
     try:
         samples = scrape(f"http://{listen}/metrics")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     (build,) = series(samples, "tfowatch_build_info")
-    assert dict(build)["tier"] == "sockops"
-    attached = series(samples, "tfowatch_probe_attached")
-    assert attached and all(v == 1 for v in attached.values()), attached
+    assert (dict(build)["tier"], dict(build)["planned_tier"]) == ("tracepoint", "sockops")
+    assert value(samples, "tfowatch_tier_degraded", planned_tier="sockops", tier="tracepoint",
+                 reason="sockops_denied") == 1
+    err = proc.stderr.read() if proc.stderr else ""
+    assert " ERROR " in err and "CAP_NET_ADMIN" in err and "Traceback" not in err, err
+    res = tfowatch("run", "--mode", "sockops", "--listen", f"127.0.0.1:{free_port()}", pre=with_caps(caps))
+    one_line_error(res, 1, "cannot load the sock_ops program")
+    assert "CAP_NET_ADMIN" in res.stderr, res.stderr

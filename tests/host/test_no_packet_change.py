@@ -104,7 +104,7 @@ def test_sockops_changes_no_byte_of_a_tfo_exchange(lab: Lab, tmp_path: Path) -> 
                   if a.startswith("10.")).split("/")[0]
     capture(lab, srv, addr, tmp_path / "without.pcap")
     listen = f"127.0.0.1:{free_port()}"
-    daemon = start_daemon(listen, unit_caps("sockops.conf"), "--mode", "sockops")
+    daemon = start_daemon(listen, unit_caps(), "--mode", "sockops")
     try:
         capture(lab, srv, addr, tmp_path / "with.pcap")
         samples = scrape(f"http://{listen}/metrics")

@@ -3,7 +3,7 @@ a client's TFO connection is counted at its SYN-ACK, while it is still open (the
 tier counts it when it ends, so a long-lived one showed drift -1), exact against TcpExt; and
 its program hangs on a BPF link that goes with the daemon, even one killed with SIGKILL.
 Listeners open before the daemon started are adopted (their SYN-ACKs seen, with the unit's
-capabilities plus sockops.conf), and one that cannot be is named and counted, not missed."""
+capabilities), and one that cannot be is named and counted, not missed."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def test_a_listener_open_before_the_daemon_is_watched(lab: Lab) -> None:
     lab.start_server(srv, str(PORT))  # before the daemon: it never sees this listen()
     before = srv.tcpext()
     listen = f"127.0.0.1:{free_port()}"
-    daemon = start_daemon(listen, unit_caps("sockops.conf"), "--mode", "sockops")
+    daemon = start_daemon(listen, unit_caps(), "--mode", "sockops")
     try:
         lab.client.peer("client", addr, str(PORT), "3", "--comm", "early")  # a request, then 2 with it
         srv.sysctl("net.ipv4.tcp_fastopen_key", "00000001-00000002-00000003-00000004")
@@ -117,7 +117,7 @@ def test_a_listener_no_process_holds_is_named_and_counted(lab: Lab) -> None:
     orphan = srv.popen("in-flight-listener", str(PORT), stdin=subprocess.PIPE)
     assert orphan.stdout is not None and json.loads(orphan.stdout.readline()) == {"ready": True}
     listen = f"127.0.0.1:{free_port()}"
-    daemon = start_daemon(listen, unit_caps("sockops.conf"), "--mode", "sockops")
+    daemon = start_daemon(listen, unit_caps(), "--mode", "sockops")
     try:
         samples = scrape(f"http://{listen}/metrics")
     finally:

@@ -69,8 +69,16 @@ def without_sockops(f: KernelFacts) -> KernelFacts:
     return dataclasses.replace(f, fields={**f.fields, "sock_ops_hdr_opt": False})
 
 
-def test_host_618_without_kprobes_gets_tracepoints() -> None:
+def test_host_618_without_kprobes_gets_sockops() -> None:
+    """auto: without kprobes, the sockops tier (a superset of the tracepoints' events)."""
     plan = resolve(facts("6.18."), "auto")
+    assert plan.tier == "sockops" and plan.mode == "auto"
+    assert plan.events > resolve(facts("6.18."), "tracepoint").events
+    assert E.COOKIE_REQUEST in plan.events and E.INVALID_COOKIE in plan.events
+
+
+def test_without_kprobes_or_sock_ops_tracepoints() -> None:
+    plan = resolve(without_sockops(facts("6.18.")), "auto")
     assert plan.tier == "tracepoint"
     assert not any(a.kind.startswith("k") for a in plan.attachments)
     assert plan.events == {E.SYN_DATA_ACCEPTED, E.SYN_DATA_SENT, E.SYN_DATA_ACKED,
@@ -128,10 +136,10 @@ def test_named_symbol_is_used_where_it_exists() -> None:
     assert not r.substitute and "kprobe:tcp_send_syn_data" in {f"{a.kind}:{a.target}" for a in r.attachments}
 
 
-def test_missing_tracepoints_leave_counters_only() -> None:
+def test_missing_tracepoints_leave_sockops_or_else_counters_only() -> None:
     f = dataclasses.replace(facts("6.18."), tracepoints=[])
-    assert resolve(f, "auto").tier == "counters"
-    assert resolve(f, "sockops").tier == "sockops"  # it needs none of them
+    assert resolve(f, "auto").tier == "sockops"  # it needs none of them
+    assert resolve(without_sockops(f), "auto").tier == "counters"
     with pytest.raises(PlanError, match=r"Linux 5\.10"):
         resolve(without_sockops(f), "sockops")
     with pytest.raises(PlanError, match="tracepoint"):
@@ -141,14 +149,15 @@ def test_missing_tracepoints_leave_counters_only() -> None:
 def test_sockops_needs_btf_and_headers_like_any_bcc_tier() -> None:
     host = facts("6.18.")
     for f in (dataclasses.replace(host, btf=False), dataclasses.replace(host, headers=False)):
+        assert resolve(f, "auto").tier == "counters"
         with pytest.raises(PlanError, match="--mode sockops: no kernel"):
             resolve(f, "sockops")
 
 
 def test_a_sockops_plan_falls_back_to_the_tracepoints() -> None:
     f = facts("6.18.")
-    once = fall_back(resolve(f, "sockops"), f, "sockops_denied", "EPERM", "grant CAP_NET_ADMIN")
-    assert once.tier == "tracepoint" and once.planned_tier == "sockops" and once.mode == "sockops"
+    once = fall_back(resolve(f, "auto"), f, "sockops_denied", "EPERM", "grant CAP_NET_ADMIN")
+    assert once.tier == "tracepoint" and once.planned_tier == "sockops" and once.mode == "auto"
     states = once.attachment_states(lambda a: True)
     assert ("tcp_send_syn_data", "sockops:cgroup2_root", "sockops", False) in states
 

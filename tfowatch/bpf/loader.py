@@ -110,8 +110,7 @@ DEGRADED_FIX = {
                   "mount the host's /sys/fs/cgroup (the DaemonSet does) or use the host's cgroup "
                   "namespace",
     "sockops_denied": "the sockops tier needs CAP_NET_ADMIN to load and attach its sock_ops "
-                      "program: add deploy/systemd/dropins/sockops.conf to the unit (NET_ADMIN "
-                      "to the DaemonSet's capabilities)",
+                      "program: the unit and the DaemonSet shipped with tfowatch grant it",
 }
 
 

@@ -181,11 +181,13 @@ def choose_tier(facts: KernelFacts, mode: str) -> str:
         if sockops_problem:
             raise PlanError(f"--mode sockops: {sockops_problem}")
         return "sockops"
-    # auto does not pick sockops yet: it sees only the listeners opened after it attached
-    # (issue 17).
-    if tp_problem:
-        return "counters"
-    return "kprobe" if facts.kprobes else "tracepoint"
+    # auto: the most complete tier this kernel allows. Without kprobes, sock_ops sees every
+    # TFO point the tracepoints see, and the server side's cookies and fallbacks too.
+    if facts.kprobes and not tp_problem:
+        return "kprobe"
+    if not sockops_problem:
+        return "sockops"
+    return "counters" if tp_problem else "tracepoint"
 
 
 def _passive(facts: KernelFacts, tier: str) -> tuple[Resolution, Resolution]:
