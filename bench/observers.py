@@ -127,12 +127,17 @@ class Tfowatch(Observer):
         self.scrape()
 
 
+BPFTRACE_OF = {"sockops": "tracepoint"}
+
+
 class Bpftrace(Observer):
     name = "bpftrace"
 
     def __init__(self, tier: str, out: Path) -> None:
         super().__init__()
-        self.script = BENCH / "bpftrace" / f"{tier}.bt"
+        # bpftrace cannot load a sock_ops program: beside the sockops tier its nearest
+        # equivalent on a kernel without kprobes is the tracepoint one
+        self.script = BENCH / "bpftrace" / f"{BPFTRACE_OF.get(tier, tier)}.bt"
         self.out = out
 
     def _launch(self) -> None:

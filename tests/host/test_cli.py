@@ -139,7 +139,7 @@ def test_probes_json_names_every_design_card_point() -> None:
     assert {"tcp_fastopen_cookie_gen", "tcp_fastopen_check", "tcp_send_syn_data",
             "tcp_twsk_unique"} <= points
     for p in plan["points"]:
-        assert p["why"] and p["tier"] in ("kprobe", "tracepoint", "counters")
+        assert p["why"] and p["tier"] in ("kprobe", "sockops", "tracepoint", "counters")
         assert p["attachments"] or p["counter"]
     tiers = plan["tiers"]
     assert tiers["counters"] == []
