@@ -159,8 +159,8 @@ class Bpftrace(Observer):
 def make(name: str, tier: str, scratch: Path) -> Observer:
     if name == "tfowatch":
         return Tfowatch()
-    if name == "counters":
-        return Tfowatch(mode="counters")
+    if name in ("counters", "tracepoint"):
+        return Tfowatch(mode=name)
     if name == "bpftrace":
         return Bpftrace(tier, scratch / "bpftrace.out")
     return Observer()

@@ -3,8 +3,9 @@
     bench/run.py [--reps N] [--seconds S] [--rate R] [--quick] [--json FILE] [--doc]
 
 In namespaces of its own (a client and a server joined by a veth pair) it measures, with
-every condition interleaved in each repetition (none, tfowatch, bpftrace, counters only):
-connection rate at saturation (TFO and plain TCP), CPU per 1k connections at a fixed rate,
+every condition interleaved in each repetition (none, tfowatch, tfowatch in the tracepoint
+tier, bpftrace, counters only): connection rate at saturation (TFO and plain TCP), CPU and BPF
+run time per 1k connections at a fixed rate (BPF also for plain connections),
 tfowatch's startup, RSS and exactness (drift against TcpExt, events lost); then scrape
 latency at 1k and 10k series, and the aggregator's capacity with synthetic events. The JSON
 goes to --json; --doc also rewrites docs/PERFORMANCE.md from every bench/results/*.json.
@@ -41,7 +42,9 @@ from netlab import Host, Lab  # noqa: E402
 
 LOAD = BENCH / "load.py"
 PORT = 9000
-CONDITIONS = ("none", "tfowatch", "bpftrace", "counters")
+# tfowatch as auto plans it, and in the tracepoint tier (the one auto picked on kernels without
+# kprobes before the sockops tier): their costs side by side in one run.
+CONDITIONS = ("none", "tfowatch", "tracepoint", "bpftrace", "counters")
 WORKLOADS = ("tfo", "plain")
 
 
@@ -174,6 +177,9 @@ def one_condition(name: str, wl: Workload, tier: str, args: argparse.Namespace,
         k = fixed["conns"] / 1000
         row.update(fixed_conns=fixed["conns"], cpu_ms_per_1k=(obs.cpu_s() - cpu0) * 1000 / k,
                    bpf_ms_per_1k=(obs.bpf_run_ns() - bpf0) / 1e6 / k)
+        bpf0 = obs.bpf_run_ns()  # what a connection that never tries TFO costs in the kernel
+        plain = wl.run("plain", args.seconds, rate=args.rate, workers=2)
+        row["bpf_ms_per_1k_plain"] = (obs.bpf_run_ns() - bpf0) / 1e6 / (plain["conns"] / 1000)
         if isinstance(obs, observers.Tfowatch):
             row["rss_bytes"] = obs.rss_bytes()
             if obs.name == "tfowatch":
@@ -207,7 +213,7 @@ def summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
             cond[key] = spread([r[key] for r in rows])
             cond[f"{workload}_ratio"] = spread([r[key] / b["rows"]["none"][key]
                                                 for r, b in zip(rows, reps, strict=True)])
-        for key in ("cpu_ms_per_1k", "bpf_ms_per_1k", "startup_s"):
+        for key in ("cpu_ms_per_1k", "bpf_ms_per_1k", "bpf_ms_per_1k_plain", "startup_s"):
             cond[key] = spread([r[key] for r in rows])
         if "rss_bytes" in rows[0]:
             cond["rss_bytes"] = spread([r["rss_bytes"] for r in rows])

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import report  # noqa: E402
 from run import CONDITIONS, WORKLOADS  # noqa: E402
 
-PER_CONDITION = ["startup_s", "cpu_ms_per_1k", "bpf_ms_per_1k"] + \
+PER_CONDITION = ["startup_s", "cpu_ms_per_1k", "bpf_ms_per_1k", "bpf_ms_per_1k_plain"] + \
     [f"{w}_{k}" for w in WORKLOADS for k in ("rate", "ratio")]
 
 
@@ -39,11 +39,12 @@ def test_every_condition_has_every_figure(result: dict[str, Any]) -> None:
         for key in PER_CONDITION:
             assert summary[name][key]["n"] == 1, (name, key)
         assert summary[name]["tfo_rate"]["median"] > 0, name
-    for name in ("tfowatch", "counters"):
+    for name in ("tfowatch", "tracepoint", "counters"):
         assert summary[name]["rss_bytes"]["median"] > 0
-    # Programs of their own: tfowatch and bpftrace load some, counters-only and nothing none.
+    # Programs of their own: tfowatch (both tiers) and bpftrace load some, counters-only and nothing none.
     rows = result["overhead"]["reps"][0]["rows"]
     assert rows["tfowatch"]["bpf_programs"] > 0 and rows["bpftrace"]["bpf_programs"] > 0
+    assert rows["tracepoint"]["bpf_programs"] > 0
     assert rows["none"]["bpf_programs"] == rows["counters"]["bpf_programs"] == 0
 
 
