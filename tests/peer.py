@@ -43,17 +43,22 @@ def set_comm(name: str) -> None:
     ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
+def listener(port: int, tfo_qlen: int) -> socket.socket:
+    """A listener on every address; TCP_FASTOPEN with this queue length unless 0."""
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if tfo_qlen:
+        ls.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, tfo_qlen)
+    ls.bind(("0.0.0.0", port))
+    ls.listen(128)
+    return ls
+
+
 def serve(specs: list[str], log_path: str) -> None:
     sel = selectors.DefaultSelector()
     for spec in specs:
         port, _, qlen = spec.partition(":")
-        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if qlen != "0":
-            ls.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, int(qlen or 64))
-        ls.bind(("0.0.0.0", int(port)))
-        ls.listen(128)
-        sel.register(ls, selectors.EVENT_READ, int(port))
+        sel.register(listener(int(port), int(qlen or 64)), selectors.EVENT_READ, int(port))
     print("ready", flush=True)
     with open(log_path, "a", buffering=1) as log:
         while True:
@@ -199,11 +204,7 @@ def tw_ephemeral(host: str, port: int) -> None:
 
 
 def in_flight_listener(port: int) -> None:
-    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lst.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, 16)
-    lst.bind(("0.0.0.0", port))
-    lst.listen(16)
+    lst = listener(port, 16)
     here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     socket.send_fds(here, [b"x"], [lst.fileno()])  # unread: the socket lives in `there`'s queue
     lst.close()
