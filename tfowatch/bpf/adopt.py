@@ -92,11 +92,12 @@ def _adopt_all(found: dict[tuple[int, int], listeners.Listener]) -> tuple[int, l
         outcome = "no process holds it (or no ptrace access to one that does)"
         for pid, fd in sorted(lst.fds):
             with listeners.duplicate(pid, fd) as sock:
-                if sock is None or os.fstat(sock.fileno()).st_ino in done:
+                inode = os.fstat(sock.fileno()).st_ino if sock is not None else 0
+                if sock is None or inode in done:
                     continue
                 result = ask(sock)
                 if result == ADOPTED:
-                    done.add(os.fstat(sock.fileno()).st_ino)
+                    done.add(inode)
                 else:
                     outcome = ("this kernel cannot set sock_ops flags from BPF (Linux 6.12)"
                                if result == REFUSED else "the adoption program did not run")

@@ -317,8 +317,8 @@ class Probes:
         self.reader: EventReader | None = None
         self._count_bufs: tuple[Any, Any] | None = None
         self._links: list[int] = []  # BPF link fds (sock_ops): closing one detaches it
-        # sockops: listeners open before it attached, asked for their SYN-ACKs; and those left unseen
         self._cgroup_root: Path | None = None  # sockops: where its program is linked
+        # sockops: listeners open before it attached, asked for their SYN-ACKs; and those left unseen
         self.adopted = 0
         self.unwatched: list[Unwatched] = []
         try:
