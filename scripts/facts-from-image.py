@@ -44,12 +44,19 @@ def btf_of(vmlinux: bytes) -> Btf:
         return Btf(sect.read_bytes())
 
 
-def facts_from_btf(btf: Btf, release: str, kprobes: bool) -> KernelFacts:
+def _has_tracepoint(btf: Btf, tp: str, syscalls: bool) -> bool:
+    """Syscall events are made by ftrace (CONFIG_FTRACE_SYSCALLS), not by TRACE_EVENT: they
+    have no btf_trace_ typedef."""
+    category, name = tp.split("/")
+    return syscalls if category == "syscalls" else f"btf_trace_{name}" in btf.typedefs
+
+
+def facts_from_btf(btf: Btf, release: str, kprobes: bool, syscalls: bool = True) -> KernelFacts:
     present = {s: s in btf.functions for s in SYMBOLS}
     return KernelFacts(
         release=release, kprobes=kprobes, kprobes_why="", btf=True, headers=True,
         symbols={s: kprobes and p for s, p in present.items()}, present=present,
-        tracepoints=[tp for tp in TRACEPOINTS if f"btf_trace_{tp.split('/')[1]}" in btf.typedefs],
+        tracepoints=[tp for tp in TRACEPOINTS if _has_tracepoint(btf, tp, syscalls)],
         fields={k: btf.has_field(*v) for k, v in OPTIONAL_FIELDS.items()}, sysctls={},
     )
 
@@ -59,7 +66,8 @@ def main() -> None:
     boot = root / "boot"
     config = (boot / f"config-{release}").read_text()
     btf = btf_of(decompress((boot / f"vmlinuz-{release}").read_bytes()))
-    print(facts_from_btf(btf, release, "CONFIG_KPROBES=y" in config).to_json())
+    print(facts_from_btf(btf, release, "CONFIG_KPROBES=y" in config,
+                         "CONFIG_FTRACE_SYSCALLS=y" in config).to_json())
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ client HOST PORT COUNT [--comm C]   COUNT connections with MSG_FASTOPEN (or plai
 syn-hold HOST PORT COUNT [--comm C] COUNT non-blocking MSG_FASTOPEN SYNs, held open briefly and
                                     closed unanswered; one JSON line per SYN: {syn_data}
 tw-bind-reuse HOST PORT             TIME-WAIT reuse by bind()+connect() from the same port
-tw-ephemeral HOST PORT              TIME-WAIT reuse of the only ephemeral port
+tw-ephemeral HOST PORT [--comm C]   TIME-WAIT reuse of the only ephemeral port
 in-flight-listener PORT             a TFO listener no process holds: its only fd is in flight in
                                     a unix socket's queue (SCM_RIGHTS); prints {ready} and waits
                                     for stdin to close
@@ -236,6 +236,7 @@ def main() -> None:
         tw = sub.add_parser(name)
         tw.add_argument("host")
         tw.add_argument("port", type=int)
+        tw.add_argument("--comm")
     sub.add_parser("in-flight-listener").add_argument("port", type=int)
     a = p.parse_args()
     if getattr(a, "comm", None):

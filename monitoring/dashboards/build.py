@@ -110,10 +110,13 @@ def panels() -> list[Panel]:
                                  "{{instance}} {{netns}} kernel", "B"),
                       ])
     tw = panel("timeseries", "TIME-WAIT reuse granted vs refused",
-               "connect() taking over a TIME-WAIT 4-tuple, by result and refusal reason (kprobe tier); the "
-               "kernel's TWRecycled and TCPTimeWaitOverflow per netns.", [
+               "connect() taking over a TIME-WAIT 4-tuple, by result and refusal reason (kprobe tier; the "
+               "sockops tier sees grants only); connect() failing with EADDRNOTAVAIL (no local port, "
+               "every BPF tier); the kernel's TWRecycled and TCPTimeWaitOverflow per netns.", [
                    target(srate("tfowatch_tw_reuse_total", "instance, result, reason", f"{PORT},{COMM}"),
                           "{{result}} {{reason}} {{instance}}", "A"),
+                   target(srate("tfowatch_connect_eaddrnotavail_total", "instance, comm", f"{PORT},{COMM}"),
+                          "EADDRNOTAVAIL {{comm}} {{instance}}", "C"),
                    target(krate("TWRecycled|TCPTimeWaitOverflow", "instance, counter"),
                           "{{counter}} {{instance}}", "B"),
                ], unit="ops")

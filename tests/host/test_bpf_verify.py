@@ -35,10 +35,12 @@ def compile_with(overrides: dict[str, int]) -> Any:
     return bcc.BPF(src_file=str(bpfprog.SOURCE).encode(), cflags=flags)
 
 
-# run (counts in the kernel); top; doctor --watch; a kernel without cgroup:cgroup_mkdir.
-# Bound by BCC at load: sock:inet_sock_set_state, tcp:tcp_destroy_sock, cgroup:cgroup_mkdir.
-@pytest.mark.parametrize(("variant", "tracepoints"), [({"IN_KERNEL_COUNTS": 1}, 3), ({}, 3),
-                                                      ({"PLAIN_CONNECTS": 1}, 3), ({"CGROUP_NAMES": 0}, 2)])
+# run (counts in the kernel); top; doctor --watch; a kernel without cgroup:cgroup_mkdir; one
+# without syscall tracepoints. Bound by BCC at load: sock:inet_sock_set_state,
+# tcp:tcp_destroy_sock, cgroup:cgroup_mkdir, syscalls:sys_enter_connect and sys_exit_connect.
+@pytest.mark.parametrize(("variant", "tracepoints"), [({"IN_KERNEL_COUNTS": 1}, 5), ({}, 5),
+                                                      ({"PLAIN_CONNECTS": 1}, 5), ({"CGROUP_NAMES": 0}, 4),
+                                                      ({"CONNECT_ERRORS": 0}, 3)])
 def test_tracepoint_tier_loads(variant: dict[str, int], tracepoints: int) -> None:
     b = compile_with(variant)
     try:
@@ -80,15 +82,15 @@ def test_tracepoint_only_build_has_no_kprobe_functions() -> None:
 
 
 # The sockops tier (issue 17): its one program passes the verifier in every build, and the two
-# tracepoints it replaces are not compiled (cgroup:cgroup_mkdir stays); the kernels before
-# fastopen_client_fail too.
+# tracepoints it replaces are not compiled (cgroup:cgroup_mkdir and the connect syscalls stay);
+# the kernels before fastopen_client_fail too.
 @pytest.mark.parametrize("variant", [{"IN_KERNEL_COUNTS": 1}, {}, {"PLAIN_CONNECTS": 1},
                                      {"HAVE_CLIENT_FAIL": 0}])
 def test_sockops_program_passes_the_verifier(variant: dict[str, int]) -> None:
     bcc = bpfprog.import_bcc()
     b = compile_with({"SOCKOPS": 1} | variant)
     try:
-        assert b.num_open_tracepoints() == 1
+        assert b.num_open_tracepoints() == 3
         assert b.load_func(b"on_sock_ops", bcc.BPF.SOCK_OPS).fd >= 0
         # the cgroup setsockopt program that adopts listeners open before the start (6.12+)
         adopt = b.load_func(b"on_adopt", BPF_PROG_TYPE_CGROUP_SOCKOPT, attach_type=BPF_CGROUP_SETSOCKOPT)

@@ -37,7 +37,7 @@ from netlab import (
 from tfowatch.core.cgroups import proc_cgroup
 
 PORT_A, PORT_B, PORT_D, PORT_TW, PORT_Q = 7001, 7002, 7003, 7004, 7005
-Q_COMM = "tfo-q"
+Q_COMM, TW_COMM = "tfo-q", "tfo-tw"
 COUNTERS = ("TCPFastOpenActive", "TCPFastOpenActiveFail", "TCPFastOpenPassive",
             "TCPFastOpenPassiveFail", "TCPFastOpenCookieReqd", "TCPFastOpenListenOverflow",
             "TWRecycled")
@@ -124,7 +124,7 @@ def run(request: pytest.FixtureRequest) -> Iterator[Run]:
         hosts = {"client": lab.client, "server": srv, "disabled": dis, "tw": twc}
         before = {k: h.tcpext() for k, h in hosts.items()}
         seen, held, reused = drive(lab, srv, addr_s, addr_d)
-        (ephemeral,) = twc.peer("tw-ephemeral", addr_s_tw, str(PORT_TW))
+        (ephemeral,) = twc.peer("tw-ephemeral", addr_s_tw, str(PORT_TW), "--comm", TW_COMM)
         time.sleep(0.5)  # let the last FIN/ACKs settle before reading the truth
         after = {k: h.tcpext() for k, h in hosts.items()}
         samples = scrape(f"http://{listen}/metrics")
@@ -242,9 +242,6 @@ def test_tier_specific_metrics(run: Run) -> None:
     assert overflow == run.deltas["server"]["TCPFastOpenListenOverflow"] == 1
     assert {dict(lab)["reason"] for lab in series(run.samples, fb)} == {
         "invalid_cookie", "server_disabled", "queue_overflow"}
-    if run.tier == "sockops":  # TIME-WAIT: the kernel's counters only
-        assert not series(run.samples, "tfowatch_tw_reuse_total")
-        return
     tw = "tfowatch_tw_reuse_total"
     for host, key in ((run.client, "client"), (run.tw_client, "tw")):
         granted = sum(v for lab, v in series(run.samples, tw).items()
@@ -253,12 +250,28 @@ def test_tier_specific_metrics(run: Run) -> None:
     t = run.tw_client.inode
     refused = {dict(lab)["reason"]: v for lab, v in series(run.samples, tw).items()
                if dict(lab)["netns"] == str(t) and dict(lab)["result"] == "refused"}
-    assert refused == {"too_recent": run.ephemeral["refused"]}
-    # Ages: refused while younger than the 1 s reuse delay, granted once older.
     age = "tfowatch_tw_reuse_age_seconds_bucket"
-    assert value(run.samples, age, netns=t, result="refused", le="1.0") == run.ephemeral["refused"]
+    # Granted once older than the 1 s reuse delay.
     assert value(run.samples, age, netns=t, result="granted", le="0.5") == 0
     assert value(run.samples, age, netns=t, result="granted", le="+Inf") == 1
+    if run.tier == "sockops":  # grants only: the refusals are the failed connects
+        assert refused == {} and not [lab for lab in series(run.samples, tw)
+                                      if dict(lab)["result"] == "refused"]
+        return
+    assert refused == {"too_recent": run.ephemeral["refused"]}
+    assert value(run.samples, age, netns=t, result="refused", le="1.0") == run.ephemeral["refused"]
+
+
+def test_failed_connects_per_process_and_port(run: Run) -> None:
+    """Every connect() the TIME-WAIT client's peer saw fail with EADDRNOTAVAIL, per process and
+    remote port, in its namespace; none anywhere else."""
+    name = "tfowatch_connect_eaddrnotavail_total"
+    got = series(run.samples, name)
+    assert got, f"{name} absent in the {run.tier} tier"
+    labels = {"netns": run.tw_client.inode, "port": PORT_TW, "comm": TW_COMM,
+              "cgroup": proc_cgroup(os.getpid())}
+    assert value(run.samples, name, **labels) == run.ephemeral["refused"] >= 1
+    assert sum(got.values()) == run.ephemeral["refused"], got
 
 
 def test_clean_shutdown(run: Run) -> None:

@@ -31,7 +31,9 @@ def test_debian_kernels_get_the_kprobe_tier(release: str) -> None:
     assert plan.events == {s.type for s in EVENTS if s.metrics}  # plain connects are doctor's
     assert "tfowatch_tw_reuse_age_seconds" in {m.name for m in plan.metrics}
     assert plan.defines == {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 1, "TW_KPROBE": 1,
-                            "BLACKHOLE_KPROBE": 1, "CGROUP_NAMES": 1, "SOCKOPS": 0}
+                            "BLACKHOLE_KPROBE": 1, "CGROUP_NAMES": 1, "CONNECT_ERRORS": 1, "SOCKOPS": 0}
+    assert targets(plan, "connect_eaddrnotavail") == {"tracepoint:syscalls:sys_enter_connect",
+                                                      "tracepoint:syscalls:sys_exit_connect"}
     assert targets(plan, "cgroup_mkdir") == {"tracepoint:cgroup:cgroup_mkdir"}
     # Substitutes say what they replace and why; tcp_twsk_unique is used as designed.
     subs = {r.point: r.substitute for r in plan.points}
@@ -45,18 +47,23 @@ def test_debian_kernels_get_the_kprobe_tier(release: str) -> None:
 @pytest.mark.parametrize("release", ["6.1.", "6.12.", "6.18."])
 def test_sockops_mode_sees_every_tfo_point_of_both_sides_with_one_program(release: str) -> None:
     """Issue 17: without kprobes, the server side's cookie requests, cookies and fallbacks
-    too; TIME-WAIT and blackhole stay with the kernel's counters."""
+    too, and TIME-WAIT takeovers (grants only; refusals as the connects they fail); blackhole
+    stays with the kernel's counters."""
     plan = resolve(facts(release), "sockops")
     assert plan.tier == "sockops" and plan.defines["SOCKOPS"] == 1
     assert [a for a in plan.attachments if a.kind != "tracepoint"] == [SOCK_OPS]
-    for point in ("tcp_fastopen_cookie_gen", "tcp_fastopen_check", "tcp_send_syn_data"):
+    for point in ("tcp_fastopen_cookie_gen", "tcp_fastopen_check", "tcp_send_syn_data", "tcp_twsk_unique"):
         assert targets(plan, point) == {"sockops:cgroup2_root"}
     assert plan.events == {s.type for s in EVENTS if s.point in (
-        "tcp_fastopen_cookie_gen", "tcp_fastopen_check", "tcp_send_syn_data")}
+        "tcp_fastopen_cookie_gen", "tcp_fastopen_check", "tcp_send_syn_data",
+        "connect_eaddrnotavail")} | {E.TW_REUSE_GRANTED}
     assert set(plan.reconciled) == {"cookie_requests", "syn_data_accepted", "invalid_cookie",
-                                    "queue_overflow", "syn_data_acked", "syn_data_not_acked"}
-    tw = next(r for r in plan.points if r.point == "tcp_twsk_unique")
-    assert (tw.tier, tw.counter) == ("counters", "TWRecycled")
+                                    "queue_overflow", "syn_data_acked", "syn_data_not_acked",
+                                    "tw_reuse_granted"}
+    assert targets(plan, "connect_eaddrnotavail") == {"tracepoint:syscalls:sys_enter_connect",
+                                                      "tracepoint:syscalls:sys_exit_connect"}
+    blackhole = next(r for r in plan.points if r.point == "tcp_fastopen_active_disable")
+    assert (blackhole.tier, blackhole.counter) == ("counters", "TCPFastOpenBlackhole")
 
 
 def test_sockops_mode_needs_the_header_option_callbacks() -> None:
@@ -83,7 +90,7 @@ def test_without_kprobes_or_sock_ops_tracepoints() -> None:
     assert not any(a.kind.startswith("k") for a in plan.attachments)
     assert plan.events == {E.SYN_DATA_ACCEPTED, E.SYN_DATA_SENT, E.SYN_DATA_ACKED,
                            E.COOKIE_UNAVAILABLE, E.DATA_NOT_ACKED, E.SYN_RETRANSMITTED,
-                           E.TFO_DISABLED}
+                           E.TFO_DISABLED, E.CONNECT_EADDRNOTAVAIL}
     names = {m.name for m in plan.metrics}
     assert "tfowatch_cookie_requests_total" not in names  # absent, not zero
     assert "tfowatch_tw_reuse_total" not in names
@@ -102,6 +109,17 @@ def test_without_the_cgroup_tracepoint_the_names_say_what_is_lost() -> None:
     assert names.attachments == [] and names.substitute and 'labelled cgroup=""' in names.why
     # loud in tfowatch_probe_attached (and so TfowatchProbeDetached), not only in `probes`
     assert ("cgroup_mkdir", "tracepoint:cgroup:cgroup_mkdir", "tracepoint", False) in \
+        plan.attachment_states(lambda _a: True)
+
+
+def test_without_syscall_tracepoints_connect_errors_are_missing_not_silent() -> None:
+    f = dataclasses.replace(facts("6.18."), tracepoints=[t for t in facts("6.18.").tracepoints
+                                                         if not t.startswith("syscalls/")])
+    plan = resolve(f, "sockops")
+    errors = next(r for r in plan.points if r.point == "connect_eaddrnotavail")
+    assert plan.defines["CONNECT_ERRORS"] == 0 and errors.tier == "counters"
+    assert "tfowatch_connect_eaddrnotavail_total" not in {m.name for m in plan.metrics}
+    assert ("connect_eaddrnotavail", "tracepoint:syscalls:sys_exit_connect", "sockops", False) in \
         plan.attachment_states(lambda _a: True)
     off = resolve(f, "counters")
     assert not [s for s in off.attachment_states(lambda _a: True) if s[0] == "cgroup_mkdir"]

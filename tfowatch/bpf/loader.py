@@ -58,6 +58,14 @@ OFFSETS = {
     "OFF_REQ_LISTENER": ("request_sock", "__req_common.skc_listener"),
     "OFF_REQ_NUM_RETRANS": ("request_sock", "num_retrans"),
     "OFF_TREQ_TFO_LISTENER": ("tcp_request_sock", "tfo_listener"),
+    "OFF_TP_TS_RECENT_STAMP": ("tcp_sock", "rx_opt.ts_recent_stamp"),
+    "OFF_SK_PROTOCOL": ("sock", "sk_protocol"),
+    "OFF_TASK_FILES": ("task_struct", "files"),
+    "OFF_FILES_FDT": ("files_struct", "fdt"),
+    "OFF_FDT_FD": ("fdtable", "fd"),
+    "OFF_FDT_MAX_FDS": ("fdtable", "max_fds"),
+    "OFF_FILE_PRIVATE": ("file", "private_data"),
+    "OFF_SOCKET_SK": ("socket", "sk"),
 }
 OPTIONAL_OFFSETS = {
     "OFF_TW_ENTRY_STAMP": ("inet_timewait_sock", "tw_entry_stamp", "HAVE_TW_ENTRY_STAMP"),

@@ -17,6 +17,8 @@
  *                   need every event (pid, remote address) and leave it off
  *   CGROUP_NAMES    cgroup:cgroup_mkdir attached: the path of each new cgroup v2, so a
  *                   client whose cgroup is gone by the time its counts are read keeps its name
+ *   CONNECT_ERRORS  syscalls:sys_{enter,exit}_connect attached: TCP connect()s that fail with
+ *                   EADDRNOTAVAIL, per process and remote port
  *   SOCKOPS         the sockops tier: one BPF sock_ops program on the cgroup v2 root sees
  *                   every TFO point of both sides (on_sock_ops), in place of the two
  *                   tracepoints, which are then not compiled
@@ -665,6 +667,30 @@ static __always_inline void so_passive(void *ctx, struct bpf_sock_ops *skops)
 		ops_clear_flags(skops, SYNACK_FLAG);
 }
 
+/* A connect that took over a TIME-WAIT socket's 4-tuple: tcp_twsk_unique() granted it and
+ * copied the TIME-WAIT socket's timestamp state, so the new socket has a ts_recent_stamp
+ * before its SYN is sent (a new socket has none; TWRecycled counts the same grants). The age
+ * is the TIME-WAIT socket's, from its last timestamp, in whole seconds (CLOCK_MONOTONIC, as
+ * the kernel stamps it). Refusals are not seen here: see CONNECT_ERRORS. */
+static __always_inline void so_tw_takeover(void *ctx, const void *sk)
+{
+	u32 stamp = read_u32(sk + OFF_TP_TS_RECENT_STAMP);
+	struct tfo_event ev = {};
+
+	if (!stamp)
+		return;
+	ev.type = EV_TW_REUSE_GRANTED;
+	ev.age_res = 1;
+	ev.age_ms = ((u32)(bpf_ktime_get_ns() / 1000000000) - stamp) * 1000;
+	SET_NETNS(&ev, sk_net(sk));
+	ev.port = __builtin_bswap16(read_u16(sk + OFF_SKC_DPORT));
+	read_daddr(&ev, sk);
+	ev.pid = bpf_get_current_pid_tgid() >> 32;
+	ev.cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+	emit(ctx, &ev);
+}
+
 /* connect() (or the first sendmsg of TCP_FASTOPEN_CONNECT), before the SYN is built: who
  * connects where. Only TFO attempts are tracked, and asked for their state changes. */
 static __always_inline void so_connect(void *ctx, struct bpf_sock_ops *skops)
@@ -673,6 +699,7 @@ static __always_inline void so_connect(void *ctx, struct bpf_sock_ops *skops)
 	u64 key = (u64)sk;
 	struct conn c = {};
 
+	so_tw_takeover(ctx, sk);
 	c.attempted = fastopen_attempted(sk);
 	if (!c.attempted && !PLAIN_CONNECTS)
 		return;
@@ -773,6 +800,79 @@ int on_sock_ops(struct bpf_sock_ops *skops)
 		break;
 	}
 	return 1;
+}
+#endif
+
+#if CONNECT_ERRORS
+/* connect(2) failing with EADDRNOTAVAIL on a TCP socket: no local port could be found for the
+ * 4-tuple (every ephemeral port in use for that destination, or held by TIME-WAIT sockets that
+ * may not be reused). The refusal signal of the tiers that do not see tcp_twsk_unique, per
+ * process and remote port; io_uring's connect and 32-bit socketcall() are not seen. */
+#define EADDRNOTAVAIL 99
+struct connect_call {
+	u64 uservaddr;
+	u32 fd;
+};
+BPF_HASH(connect_calls, u64, struct connect_call, 4096);
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	struct connect_call call = {};
+
+	call.uservaddr = (u64)args->uservaddr;
+	call.fd = args->fd;
+	connect_calls.update(&id, &call);
+	return 0;
+}
+
+/* The struct sock of this task's file descriptor fd (0 when there is none). */
+static __always_inline const void *fd_sock(u32 fd)
+{
+	const void *task = (const void *)bpf_get_current_task();
+	const void *files = (const void *)read_u64(task + OFF_TASK_FILES);
+	const void *fdt = (const void *)read_u64(files + OFF_FILES_FDT);
+	const void *file;
+
+	if (!fdt || fd >= read_u32(fdt + OFF_FDT_MAX_FDS))
+		return 0;
+	file = (const void *)read_u64((const void *)read_u64(fdt + OFF_FDT_FD) + fd * sizeof(u64));
+	if (!file)
+		return 0;
+	return (const void *)read_u64((const void *)read_u64(file + OFF_FILE_PRIVATE) + OFF_SOCKET_SK);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	struct connect_call *call = connect_calls.lookup(&id);
+	struct tfo_event ev = {};
+	const void *sk;
+	u8 addr[8] = {};
+
+	if (!call)
+		return 0;
+	if (args->ret != -EADDRNOTAVAIL)
+		goto out;
+	sk = fd_sock(call->fd); /* a socket: connect() on anything else fails with ENOTSOCK */
+	if (!sk || read_u16(sk + OFF_SK_PROTOCOL) != PROTO_TCP)
+		goto out;
+	bpf_probe_read_user(addr, sizeof(addr), (const void *)call->uservaddr);
+	ev.family = *(u16 *)addr;
+	if (ev.family == AF_INET6)
+		bpf_probe_read_user(ev.daddr, 16, (const void *)(call->uservaddr + 8));
+	else
+		__builtin_memcpy(ev.daddr, addr + 4, 4);
+	ev.type = EV_CONNECT_EADDRNOTAVAIL;
+	ev.port = ((u16)addr[2] << 8) | addr[3];
+	SET_NETNS(&ev, sk_net(sk));
+	ev.pid = id >> 32;
+	ev.cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+	emit(args, &ev);
+out:
+	connect_calls.delete(&id);
+	return 0;
 }
 #endif
 

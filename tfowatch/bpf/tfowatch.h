@@ -21,7 +21,8 @@ enum tfo_event_type {
 	EV_TW_REUSE_GRANTED = 14,    /* connect() took over a TIME-WAIT socket */
 	EV_TW_REUSE_REFUSED = 15,    /* connect() could not reuse a TIME-WAIT socket */
 	EV_PLAIN_CONNECT = 16,       /* client: connect() without TFO (doctor --watch only) */
-	EV_TYPE_MAX = 17,
+	EV_CONNECT_EADDRNOTAVAIL = 17, /* client: TCP connect() failed: no local port for the 4-tuple */
+	EV_TYPE_MAX = 18,
 };
 
 /* Why a TIME-WAIT reuse was refused (tfo_event.reason for EV_TW_REUSE_REFUSED). */
@@ -42,7 +43,7 @@ struct tfo_event {
 	__u32 age_ms;    /* TIME-WAIT events: age of the TIME-WAIT socket */
 	__u16 port;      /* server: listener port; client/TIME-WAIT: remote port */
 	__u8 reason;     /* enum tw_refuse_reason */
-	__u8 age_res;    /* age resolution: 0 = ms, 1 = whole seconds (pre-6.14) */
+	__u8 age_res;    /* age resolution: 0 = ms, 1 = whole seconds (pre-6.14, sockops tier) */
 	char comm[16];   /* client events: task comm; empty for server */
 	__u8 daddr[16];  /* client events: remote address (IPv4 in the first 4 bytes) */
 	__u16 family;    /* client events: AF_INET or AF_INET6; 0 for server */

@@ -37,9 +37,10 @@ class EventType(enum.IntEnum):
     TW_REUSE_GRANTED = 14
     TW_REUSE_REFUSED = 15
     PLAIN_CONNECT = 16
+    CONNECT_EADDRNOTAVAIL = 17
 
 
-EV_TYPE_MAX = 17
+EV_TYPE_MAX = 18
 
 
 class RefuseReason(enum.IntEnum):
@@ -139,6 +140,8 @@ EVENTS = (
               column=Column("tw_granted", "TW_OK"), reconcile=("tw_reuse_granted", "TWRecycled")),
     EventSpec(E.TW_REUSE_REFUSED, TW, "client", (m.TW_REUSE, m.TW_REUSE_AGE), REFUSED, "refused",
               column=Column("tw_refused", "TW_REFUSED")),
+    EventSpec(E.CONNECT_EADDRNOTAVAIL, "connect_eaddrnotavail", "client", (m.CONNECT_EADDRNOTAVAIL,),
+              column=Column("eaddrnotavail", "NOPORT")),
     # A connect without TFO: only `doctor --watch` builds the programs that report it.
     EventSpec(E.PLAIN_CONNECT, "", "client"),
 )

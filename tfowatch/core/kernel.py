@@ -31,7 +31,7 @@ SYMBOLS = (
     "tcp_fastopen_active_disable",
 )
 TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_destroy_sock", "tcp/tcp_retransmit_synack",
-               "cgroup/cgroup_mkdir")
+               "cgroup/cgroup_mkdir", "syscalls/sys_enter_connect", "syscalls/sys_exit_connect")
 
 # BTF members whose presence changes what the programs read.
 OPTIONAL_FIELDS = {

@@ -15,6 +15,7 @@ ALL = TIERS
 PROBED = ("kprobe", "sockops", "tracepoint")
 KPROBE = ("kprobe",)
 LISTENER = ("kprobe", "sockops")  # the tiers that see the SYN's TFO option at a listener
+TIME_WAIT = ("kprobe", "sockops")  # the tiers that see TIME-WAIT reuse (sockops: grants only)
 
 # The parts of a scrape, each collected on its own (`source` of a family).
 PROBES, KERNEL, SELF, HTTP = "probes", "kernel", "self", "http"
@@ -65,12 +66,19 @@ BLACKHOLE_DISABLES = Metric("tfowatch_blackhole_disables_total", "counter",
                             "Times the kernel disabled active TFO after suspected middlebox blackholing.",
                             ("netns", "port"), KPROBE, PROBES)
 TW_REUSE = Metric("tfowatch_tw_reuse_total", "counter",
-                  "TIME-WAIT reuse decisions at connect(), by result and refusal reason.",
-                  ("netns", "port", "comm", "cgroup", "result", "reason"), KPROBE, PROBES,
+                  "TIME-WAIT reuse decisions at connect(), by result and refusal reason (the sockops "
+                  "tier sees only grants: connects that took over a TIME-WAIT 4-tuple).",
+                  ("netns", "port", "comm", "cgroup", "result", "reason"), TIME_WAIT, PROBES,
                   note="reason: empty when granted")
 TW_REUSE_AGE = Metric("tfowatch_tw_reuse_age_seconds", "histogram",
-                      "Age of the TIME-WAIT socket when its reuse was decided.", ("netns", "result"),
-                      KPROBE, PROBES, TW_AGE_BUCKETS)
+                      "Age of the TIME-WAIT socket when its reuse was decided (whole seconds before "
+                      "Linux 6.14 and in the sockops tier).", ("netns", "result"),
+                      TIME_WAIT, PROBES, TW_AGE_BUCKETS)
+CONNECT_EADDRNOTAVAIL = Metric("tfowatch_connect_eaddrnotavail_total", "counter",
+                               "TCP connect() calls that failed with EADDRNOTAVAIL: no local port for "
+                               "the destination (all in use, or held by TIME-WAIT sockets that may not "
+                               "be reused), per remote port and process.", CLIENT, PROBED, PROBES,
+                               note="port: the remote one")
 
 # --- the kernel's own counters, and the probes against them ---
 KERNEL_TCPEXT = Metric("tfowatch_kernel_tcpext_total", "counter",
@@ -152,6 +160,7 @@ HTTP_CONNECTIONS_REFUSED = Metric("tfowatch_http_connections_refused_total", "co
 
 FAMILIES = (COOKIE_REQUESTS, COOKIES_ISSUED, SYN_DATA_ACCEPTED, PASSIVE_FALLBACKS, SYN_DATA_SENT,
             SYN_DATA_ACKED, ACTIVE_FALLBACKS, BLACKHOLE_DISABLES, TW_REUSE, TW_REUSE_AGE,
+            CONNECT_EADDRNOTAVAIL,
             KERNEL_TCPEXT, NETNS_UNREADABLE, NETNS_RETIRED, RECONCILE_DRIFT,
             PROBE_ATTACHED, LISTENERS_UNWATCHED, EVENTS, EVENTS_LOST, LATE_EVENTS, SERIES_DROPPED,
             SERIES_EXPIRED, SERIES,

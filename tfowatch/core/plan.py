@@ -19,6 +19,7 @@ MODES = ("auto", *TIERS)
 SET_STATE = "sock:inet_sock_set_state"
 DESTROY = "tcp:tcp_destroy_sock"
 CGROUP_MKDIR = "cgroup:cgroup_mkdir"
+CONNECT_SYSCALL = ("syscalls:sys_enter_connect", "syscalls:sys_exit_connect")
 REQUIRED_TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_destroy_sock")
 
 
@@ -255,9 +256,30 @@ def _tw(facts: KernelFacts, tier: str) -> Resolution:
     if tier == "kprobe" and facts.traceable(point):
         return Resolution(point, "kprobe", _probe_pair(point, "on_twsk_unique"), False,
                           "traceable", events_of(point))
+    if tier == "sockops":
+        return Resolution(point, "sockops", [SOCK_OPS], True,
+                          "kprobes unavailable; sock_ops: each connect that took over a TIME-WAIT "
+                          "4-tuple (granted, == TWRecycled), its age in whole seconds; refusals are "
+                          "not seen (connect_eaddrnotavail counts the connects they fail)",
+                          [E.TW_REUSE_GRANTED])
     why = ("kprobes unavailable" if tier != "kprobe" else "not traceable") + \
         "; no tracepoint sees TIME-WAIT sockets: per-namespace totals only"
     return Resolution(point, "counters", [], True, why, [], counter="TWRecycled")
+
+
+def _connect_errors(facts: KernelFacts, tier: str) -> Resolution:
+    """Not a design-card point: TCP connect()s failing with EADDRNOTAVAIL (no local port)."""
+    point = "connect_eaddrnotavail"
+    atts = [Attachment("tracepoint", tp) for tp in CONNECT_SYSCALL]
+    if tier == "counters":
+        return Resolution(point, "counters", [], True, "BPF disabled; no kernel counter", [])
+    if not all(a.target.replace(":", "/") in facts.tracepoints for a in atts):
+        return Resolution(point, "counters", [], True, "syscall tracepoints missing "
+                          "(CONFIG_FTRACE_SYSCALLS); no kernel counter", [], missing=tuple(atts))
+    return Resolution(point, tier, atts, False,
+                      "extra point: each TCP connect(2) that fails with EADDRNOTAVAIL (every local "
+                      "port taken for the destination, or held by TIME-WAIT sockets), per process "
+                      "and remote port", events_of(point))
 
 
 def _blackhole(facts: KernelFacts, tier: str) -> Resolution:
@@ -289,7 +311,8 @@ def resolve(facts: KernelFacts, mode: str = "auto") -> Plan:
     tier = choose_tier(facts, mode)
     gen, check = _passive(facts, tier)
     names = _cgroup_names(facts, tier)
-    points = [gen, check, _active(facts, tier), _tw(facts, tier), _blackhole(facts, tier), names]
+    errors = _connect_errors(facts, tier)
+    points = [gen, check, _active(facts, tier), _tw(facts, tier), _blackhole(facts, tier), errors, names]
     events = {e for r in points for e in r.events}
     kprobed = {a.fn for r in points for a in r.attachments if a.kind == "kprobe"}
     defines = {
@@ -298,6 +321,7 @@ def resolve(facts: KernelFacts, mode: str = "auto") -> Plan:
         "TW_KPROBE": int("on_twsk_unique" in kprobed),
         "BLACKHOLE_KPROBE": int("on_active_disable" in kprobed),
         "CGROUP_NAMES": int(bool(names.attachments)),
+        "CONNECT_ERRORS": int(bool(errors.attachments)),
         "SOCKOPS": int(tier == "sockops"),
     }
     return Plan(mode=mode, tier=tier, points=points, defines=defines, events=events)
