@@ -10,6 +10,8 @@ syn-hold HOST PORT COUNT [--comm C] COUNT non-blocking MSG_FASTOPEN SYNs, held o
                                     closed unanswered; one JSON line per SYN: {syn_data}
 tw-bind-reuse HOST PORT             TIME-WAIT reuse by bind()+connect() from the same port
 tw-ephemeral HOST PORT [--comm C]   TIME-WAIT reuse of the only ephemeral port
+connect-fail HOST PORT COUNT        COUNT plain connects expected to fail; one JSON line each:
+        [--comm C]                  {errno}
 in-flight-listener PORT             a TFO listener no process holds: its only fd is in flight in
                                     a unix socket's queue (SCM_RIGHTS); prints {ready} and waits
                                     for stdin to close
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import json
 import selectors
 import socket
@@ -203,6 +206,17 @@ def tw_ephemeral(host: str, port: int) -> None:
     print(json.dumps({"refused": refused, "granted_after_s": None}), flush=True)
 
 
+def connect_fail(host: str, port: int, count: int) -> None:
+    """COUNT plain connects, each expected to fail; one JSON line per attempt: {errno}."""
+    for _ in range(count):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.connect((host, port))
+                print(json.dumps({"errno": None}), flush=True)
+            except OSError as exc:
+                print(json.dumps({"errno": errno.errorcode.get(exc.errno or 0, str(exc.errno))}), flush=True)
+
+
 def in_flight_listener(port: int) -> None:
     lst = listener(port, 16)
     here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -238,6 +252,11 @@ def main() -> None:
         tw.add_argument("port", type=int)
         tw.add_argument("--comm")
     sub.add_parser("in-flight-listener").add_argument("port", type=int)
+    cf = sub.add_parser("connect-fail")
+    cf.add_argument("host")
+    cf.add_argument("port", type=int)
+    cf.add_argument("count", type=int)
+    cf.add_argument("--comm")
     a = p.parse_args()
     if getattr(a, "comm", None):
         set_comm(a.comm)
@@ -247,6 +266,8 @@ def main() -> None:
         client(a.host, a.port, a.count, a.plain, a.hold)
     elif a.cmd == "syn-hold":
         syn_hold(a.host, a.port, a.count)
+    elif a.cmd == "connect-fail":
+        connect_fail(a.host, a.port, a.count)
     elif a.cmd == "in-flight-listener":
         in_flight_listener(a.port)
     elif a.cmd == "tw-bind-reuse":

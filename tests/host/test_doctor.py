@@ -137,14 +137,21 @@ def test_healthy_namespaces_have_no_findings(lab: Lab) -> None:
 
 def test_watch_names_the_plain_connecting_client_and_the_rotation(lab: Lab) -> None:
     """The resolver case: one process uses TFO, another (its TLS library) plain connect()s
-    to the same server; and the key rotates during the window."""
+    to the same server; and the key rotates during the window. Beside it, a client whose only
+    local port is held by a TIME-WAIT socket it may not take over: its connects fail."""
     srv, addr = lab.server("s", "3")
     lab.start_server(srv, f"{PORT}:64")
     srv.sysctl("net.ipv4.tcp_fastopen_key", KEY.format(1))
     lab.client.peer("client", addr, str(PORT), "1", "--comm", "tfo-app")  # cookie cached
+    twc = lab.host("t")
+    _, addr_tw = lab.link(twc, srv)
+    twc.sysctl("net.ipv4.ip_local_port_range", "40000 40000")
+    twc.sysctl("net.ipv4.tcp_tw_reuse", "0")
+    twc.peer("client", addr_tw, str(PORT), "1", "--plain")  # we close first: TIME-WAIT here
+    wait_for_time_wait(twc)
     # A long window, ended by SIGINT once the traffic is done: doctor then reports what it saw.
     proc = subprocess.Popen([str(TFOWATCH), "doctor", "-o", "json", "--watch", "600",
-                             "--netns", srv.name, "--netns", lab.client.name],
+                             "--netns", srv.name, "--netns", lab.client.name, "--netns", twc.name],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
@@ -156,6 +163,7 @@ def test_watch_names_the_plain_connecting_client_and_the_rotation(lab: Lab) -> N
         lab.client.peer("client", addr, str(PORT), "2", "--comm", "tls-app", "--plain")
         srv.sysctl("net.ipv4.tcp_fastopen_key", KEY.format(2))
         lab.client.peer("client", addr, str(PORT), "1", "--comm", "tfo-app")
+        failed = twc.peer("connect-fail", addr_tw, str(PORT), "3", "--comm", "tw-app")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=BPF_START_S)
     finally:
@@ -175,8 +183,14 @@ def test_watch_names_the_plain_connecting_client_and_the_rotation(lab: Lab) -> N
     assert rot["evidence"]["key_changed_during_watch"] is True
     if report["probe_tier"] in ("kprobe", "sockops"):  # per-port: the SYN's TFO option at the listener
         assert rot["evidence"]["invalid_cookies_per_port"] == {str(PORT): 1}
+    assert failed == [{"errno": "EADDRNOTAVAIL"}] * 3
+    [noport] = findings(report, "connect_no_local_port", twc)
+    assert noport["evidence"] | {"pids": []} == {
+        "comm": "tw-app", "pids": [], "destination": f"{addr_tw}:{PORT}", "eaddrnotavail": 3,
+        "time_wait": 1, "ephemeral_ports": 1, "tcp_tw_reuse": 0}
     codes = {f["code"] for f in report["findings"]}
-    assert codes == {"plain_connect_to_tfo_server", "invalid_cookies"}, report["findings"]
+    assert codes == {"plain_connect_to_tfo_server", "invalid_cookies", "connect_no_local_port",
+                     "time_wait_blocks_ports"}, report["findings"]
 
 
 @pytest.mark.host_only

@@ -269,6 +269,27 @@ def _tw_refusal_fix(v: View, only_recent: bool, delay: int | None) -> str:
             "its last segment")
 
 
+def no_local_port(v: View) -> Iterator[Finding]:
+    """connect() failing with EADDRNOTAVAIL during the watch, per process and destination."""
+    if not v.obs:
+        return
+    for key, seen in v.obs.client.items():
+        failed = seen[EventType.CONNECT_EADDRNOTAVAIL]
+        if key.netns != v.now.netns or not failed:
+            continue
+        held = v.now.time_wait.get((key.daddr, key.port), 0)
+        yield v.finding(
+            "warning", "connect_no_local_port",
+            f"{key.comm or '?'}'s connect() to {key.daddr}:{key.port} failed {failed} times {v.span} "
+            f"with EADDRNOTAVAIL: no local port was free for it ({held} TIME-WAIT sockets to it now, "
+            f"{v.now.port_range or '?'} ephemeral ports)",
+            {"comm": key.comm, "pids": sorted(v.obs.pids[key]), "destination": f"{key.daddr}:{key.port}",
+             "eaddrnotavail": failed, "time_wait": held, "ephemeral_ports": v.now.port_range,
+             "tcp_tw_reuse": v.now.config.tw_reuse},
+            (v.sysctl("tcp_tw_reuse", 1) + " if the peers use timestamps" if held else
+             "widen net.ipv4.ip_local_port_range") + ", or reuse connections (keep-alive, pools)")
+
+
 def tw_overflow(v: View) -> Iterator[Finding]:
     n = v.counter("TCPTimeWaitOverflow")
     if n:
@@ -282,7 +303,7 @@ def tw_overflow(v: View) -> Iterator[Finding]:
 
 RULES: tuple[Callable[[View], Iterator[Finding]], ...] = (
     server_tfo_disabled, listener_without_tfo, invalid_cookies, blackhole, plain_connects,
-    time_wait, tw_overflow)
+    time_wait, no_local_port, tw_overflow)
 
 
 def evaluate(v: View) -> list[Finding]:

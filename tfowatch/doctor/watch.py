@@ -80,7 +80,8 @@ def diagnose(only: set[int] | None = None, seconds: float | None = None, mode: s
     if obs and obs.degraded:
         report.notes.append(f"DEGRADED: {obs.degraded}")
     if obs and obs.tier == "sockops":
-        report.notes.append("watched in the sockops tier: no TIME-WAIT decisions (those need kprobes)")
+        report.notes.append("watched in the sockops tier: TIME-WAIT takeovers but no refusals (those "
+                            "need kprobes); connects failing with EADDRNOTAVAIL are seen")
     elif obs and obs.tier != "kprobe":
         report.notes.append(f"watched in the {obs.tier} tier: no per-port server events and no "
                             "TIME-WAIT decisions (those need kprobes)")
