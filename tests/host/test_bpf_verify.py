@@ -21,14 +21,21 @@ pytestmark = pytest.mark.usefixtures("root_bpf")
 
 # Every function the kprobe plans attach (Debian 6.1 and 6.12, from the recorded facts): the
 # names come from the plan, so a plan that names a function the C lacks fails here.
-KPROBE_FUNCS = sorted({a.fn for release in ("6.1.", "6.12.")
-                       for a in resolve(facts(release), "kprobe").attachments if a.kind != "tracepoint"})
+def kprobe_funcs(**resolve_args: bool) -> list[str]:
+    return sorted({a.fn for release in ("6.1.", "6.12.")
+                   for a in resolve(facts(release), "kprobe", **resolve_args).attachments
+                   if a.kind in ("kprobe", "kretprobe")})
+
+
+KPROBE_FUNCS = kprobe_funcs(sockops=False)  # every one: tcp_connect's too, when sock_ops cannot load
 ALL_KPROBES = {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 1, "TW_KPROBE": 1, "BLACKHOLE_KPROBE": 1}
+# The kprobe tier where the kernel has sock_ops: its client side from the sock_ops program.
+KPROBE_TIER = resolve(facts("6.12."), "kprobe").defines
 
 
-def compile_with(overrides: dict[str, int]) -> Any:
+def compile_with(overrides: dict[str, int], mode: str = "tracepoint") -> Any:
     bcc = bpfprog.import_bcc()
-    plan = resolve(detect(), "tracepoint")
+    plan = resolve(detect(), mode)
     flags = [f for f in bpfprog.cflags(Btf.load(), plan)
              if not any(f.startswith(f"-D{k}=") for k in overrides)]
     flags += [f"-D{k}={v}" for k, v in overrides.items()]
@@ -70,6 +77,24 @@ def test_kprobe_programs_pass_the_verifier(variant: dict[str, int]) -> None:
 
 def test_the_plans_attach_every_kprobe_program() -> None:
     assert len(KPROBE_FUNCS) == 7, KPROBE_FUNCS  # entry+return of 3 points, and the blackhole
+    assert len(kprobe_funcs()) == 5  # with sock_ops for the client side: not tcp_connect's
+
+
+@pytest.mark.parametrize("variant", [{}, {"PLAIN_CONNECTS": 1}, {"IN_KERNEL_COUNTS": 1}])
+def test_kprobe_tier_with_its_sock_ops_client_side_passes_the_verifier(variant: dict[str, int]) -> None:
+    """The kprobe tier as auto plans it on 6.1 and 6.12: kprobes for the server side and
+    TIME-WAIT, sock_ops for the client side, and neither per-transition tracepoint."""
+    bcc = bpfprog.import_bcc()
+    b = compile_with(KPROBE_TIER | variant)
+    try:
+        assert b.num_open_tracepoints() == 3  # cgroup:cgroup_mkdir and the connect syscalls
+        assert b.load_func(b"on_sock_ops", bcc.BPF.SOCK_OPS).fd >= 0
+        for fn in kprobe_funcs():
+            assert b.load_func(fn.encode(), bcc.BPF.KPROBE).fd >= 0
+        with pytest.raises(Exception, match="on_adopt"):  # adoption is the sockops tier's
+            b.load_func(b"on_adopt", BPF_PROG_TYPE_CGROUP_SOCKOPT, attach_type=BPF_CGROUP_SETSOCKOPT)
+    finally:
+        b.cleanup()
 
 
 def test_tracepoint_only_build_has_no_kprobe_functions() -> None:
@@ -88,7 +113,7 @@ def test_tracepoint_only_build_has_no_kprobe_functions() -> None:
                                      {"HAVE_CLIENT_FAIL": 0}])
 def test_sockops_program_passes_the_verifier(variant: dict[str, int]) -> None:
     bcc = bpfprog.import_bcc()
-    b = compile_with({"SOCKOPS": 1} | variant)
+    b = compile_with(variant, mode="sockops")
     try:
         assert b.num_open_tracepoints() == 3
         assert b.load_func(b"on_sock_ops", bcc.BPF.SOCK_OPS).fd >= 0

@@ -9,8 +9,10 @@ decisions too.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -37,7 +39,7 @@ from netlab import (
 from tfowatch.core.cgroups import proc_cgroup
 
 PORT_A, PORT_B, PORT_D, PORT_TW, PORT_Q = 7001, 7002, 7003, 7004, 7005
-Q_COMM, TW_COMM = "tfo-q", "tfo-tw"
+Q_COMM, TW_COMM, HELD_COMM = "tfo-q", "tfo-tw", "tfo-held"
 COUNTERS = ("TCPFastOpenActive", "TCPFastOpenActiveFail", "TCPFastOpenPassive",
             "TCPFastOpenPassiveFail", "TCPFastOpenCookieReqd", "TCPFastOpenListenOverflow",
             "TWRecycled")
@@ -96,6 +98,24 @@ def drive(lab: Lab, srv: Host, addr_s: str, addr_d: str) -> tuple[Seen, Rows, Ro
     return seen, held, reused
 
 
+def client_at_syn_ack(mode: str) -> bool:
+    """Whether the plan of `mode` decides a client's outcome at the SYN-ACK (sock_ops): then a
+    connection left open through the scrape must be counted already."""
+    plan = planned_plan(mode=mode)
+    return any(p["point"] == "tcp_send_syn_data" and p["tier"] == "sockops" for p in plan["points"])
+
+
+def hold_open(lab: Lab, addr: str, seen: Seen) -> subprocess.Popen[str]:
+    """One more TFO connection (it has the cookie), kept open until the caller closes it."""
+    held = lab.client.popen("client", addr, str(PORT_B), "1", "--comm", HELD_COMM, "--hold",
+                            stdin=subprocess.PIPE)
+    assert held.stdout is not None
+    row = json.loads(held.stdout.readline())
+    assert row == {"acked": True, "client_fail": 0}, row
+    seen[(PORT_B, HELD_COMM, proc_cgroup(os.getpid()))] = [row]
+    return held
+
+
 # The tier auto picks (sockops on the 6.18 host, kprobe in the VM lab), and on the host the
 # tracepoint tier too, which auto falls back to when sock_ops cannot be loaded.
 MODES = ["auto"] if IN_GUEST else ["auto", "tracepoint"]
@@ -105,7 +125,7 @@ MODES = ["auto"] if IN_GUEST else ["auto", "tracepoint"]
 def run(request: pytest.FixtureRequest) -> Iterator[Run]:
     skip_unless_root_bpf("integration test")
     lab = Lab()
-    proc = None
+    proc = held = None
     try:
         srv, addr_s = lab.server("s", "3")
         dis, addr_d = lab.server("d", "1")
@@ -123,7 +143,9 @@ def run(request: pytest.FixtureRequest) -> Iterator[Run]:
         lab.start_server(dis, str(PORT_D))
         hosts = {"client": lab.client, "server": srv, "disabled": dis, "tw": twc}
         before = {k: h.tcpext() for k, h in hosts.items()}
-        seen, held, reused = drive(lab, srv, addr_s, addr_d)
+        seen, syn_held, reused = drive(lab, srv, addr_s, addr_d)
+        if client_at_syn_ack(request.param):
+            held = hold_open(lab, addr_s, seen)
         (ephemeral,) = twc.peer("tw-ephemeral", addr_s_tw, str(PORT_TW), "--comm", TW_COMM)
         time.sleep(0.5)  # let the last FIN/ACKs settle before reading the truth
         after = {k: h.tcpext() for k, h in hosts.items()}
@@ -135,18 +157,21 @@ def run(request: pytest.FixtureRequest) -> Iterator[Run]:
                   disabled=dis, tw_client=twc,
                   client_seen=seen, accepted=lab.accepted(log),
                   deltas={k: {c: after[k][c] - before[k][c] for c in COUNTERS} for k in hosts},
-                  absolute=after, reused=reused, held=held, ephemeral=ephemeral,
+                  absolute=after, reused=reused, held=syn_held, ephemeral=ephemeral,
                   stderr=proc.stderr.read() if proc.stderr else "", exit_code=code)
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
+        for p in (held, proc):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
         lab.close()
 
 
 def test_traffic_did_what_the_scenarios_say(run: Run) -> None:
     """Guards the other tests: the kernel saw the intended mix."""
     assert run.deltas["server"]["TCPFastOpenCookieReqd"] == 1
-    assert run.deltas["server"]["TCPFastOpenPassive"] == 3 + 5 + 1 + 1
+    held = 1 if client_at_syn_ack(run.mode) else 0  # the connection open through the scrape
+    assert run.deltas["server"]["TCPFastOpenPassive"] == 3 + 5 + 1 + 1 + held
     assert run.held == [{"syn_data": True}] * 2
     assert run.deltas["server"]["TCPFastOpenListenOverflow"] == 1
     assert run.deltas["server"]["TCPFastOpenPassiveFail"] == 1

@@ -25,13 +25,18 @@ def test_debian_kernels_get_the_kprobe_tier(release: str) -> None:
     assert targets(plan, "tcp_fastopen_cookie_gen") == {"kprobe:tcp_try_fastopen",
                                                          "kretprobe:tcp_try_fastopen"}
     assert targets(plan, "tcp_fastopen_check") == targets(plan, "tcp_fastopen_cookie_gen")
-    assert {"kprobe:tcp_connect", "kretprobe:tcp_connect",
-            "tracepoint:sock:inet_sock_set_state"} <= targets(plan, "tcp_send_syn_data")
+    # The client side from sock_ops (outcomes at the SYN-ACK: exact while a connection is
+    # open), so neither tcp_connect nor the two per-transition tracepoints are attached.
+    assert targets(plan, "tcp_send_syn_data") == {"sockops:cgroup2_root"}
+    assert not {a.target for a in plan.attachments} & {"tcp_connect", "sock:inet_sock_set_state",
+                                                       "tcp:tcp_destroy_sock"}
     assert targets(plan, "tcp_twsk_unique") == {"kprobe:tcp_twsk_unique", "kretprobe:tcp_twsk_unique"}
     assert plan.events == {s.type for s in EVENTS if s.metrics}  # plain connects are doctor's
     assert "tfowatch_tw_reuse_age_seconds" in {m.name for m in plan.metrics}
-    assert plan.defines == {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 1, "TW_KPROBE": 1,
-                            "BLACKHOLE_KPROBE": 1, "CGROUP_NAMES": 1, "CONNECT_ERRORS": 1, "SOCKOPS": 0}
+    assert plan.defines == {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 0, "TW_KPROBE": 1,
+                            "BLACKHOLE_KPROBE": 1, "CGROUP_NAMES": 1, "CONNECT_ERRORS": 1,
+                            "STATE_TRACEPOINTS": 0, "SOCKOPS": 1, "SOCKOPS_PASSIVE": 0,
+                            "SOCKOPS_ACTIVE": 1, "TW_SOCKOPS": 0}
     assert targets(plan, "connect_eaddrnotavail") == {"tracepoint:syscalls:sys_enter_connect",
                                                       "tracepoint:syscalls:sys_exit_connect"}
     assert targets(plan, "cgroup_mkdir") == {"tracepoint:cgroup:cgroup_mkdir"}
@@ -147,10 +152,32 @@ def test_untraceable_symbol_falls_back_per_point() -> None:
     assert "data-less" in check.why
 
 
+@pytest.mark.parametrize("release", ["6.1.", "6.12."])
+def test_kprobe_tier_without_sock_ops_reads_the_client_side_from_kprobes_and_tracepoints(
+        release: str) -> None:
+    """What the kprobe tier runs when its sock_ops part cannot load (e.g. no cgroup v2): a
+    step down, loud, that keeps the kprobes."""
+    f = facts(release)
+    planned = resolve(f, "auto")
+    running = fall_back(planned, f, "no_cgroup2", "no cgroup2 mount", "mount it", sockops_failed=True)
+    assert running.tier == "kprobe" and running.degraded is not None
+    assert running.degraded.reason == "no_cgroup2" and running.degraded.planned is planned
+    assert {"kprobe:tcp_connect", "kretprobe:tcp_connect", "tracepoint:sock:inet_sock_set_state",
+            "tracepoint:tcp:tcp_destroy_sock"} == targets(running, "tcp_send_syn_data")
+    assert running.defines["SOCKOPS"] == 0 and running.defines["STATE_TRACEPOINTS"] == 1
+    assert running.events == planned.events
+    assert "when it ends" in running.degraded.describe(running.tier)
+    # the sock_ops attachment it lacks is exported as not attached
+    assert ("tcp_send_syn_data", "sockops:cgroup2_root", "sockops", False) in \
+        running.attachment_states(lambda a: True)
+    # any other failure of the kprobe tier goes one tier down, as before
+    assert fall_back(planned, f, "attach_failed", "x", "y").tier == "tracepoint"
+
+
 def test_named_symbol_is_used_where_it_exists() -> None:
     f = facts("6.1.")
     f = dataclasses.replace(f, symbols=dict(f.symbols, tcp_send_syn_data=True))
-    r = next(r for r in resolve(f).points if r.point == "tcp_send_syn_data")
+    r = next(r for r in resolve(f, sockops=False).points if r.point == "tcp_send_syn_data")
     assert not r.substitute and "kprobe:tcp_send_syn_data" in {f"{a.kind}:{a.target}" for a in r.attachments}
 
 
@@ -201,7 +228,7 @@ def test_a_degraded_plan_lists_the_planned_probes_it_lacks_as_not_attached() -> 
     states = running.attachment_states(lambda a: True)
     missing = {(p, t, tier) for p, t, tier, ok in states if not ok}
     # every kprobe of the plan is reported 0, under its planned point and tier
-    want = {(r.point, f"{a.kind}:{a.target}", "kprobe") for r in planned.points
+    want = {(r.point, f"{a.kind}:{a.target}", r.tier) for r in planned.points
             for a in r.attachments if a.kind != "tracepoint"}
     assert want and want <= missing
     # the tracepoints the running tier does attach are reported once, as attached

@@ -126,10 +126,11 @@ class LoadError(Exception):
     """BPF could not be compiled, loaded or attached; the message says why, `reason` is a
     key of DEGRADED_FIX."""
 
-    def __init__(self, message: str, reason: str = "compile_failed") -> None:
+    def __init__(self, message: str, reason: str = "compile_failed", sockops: bool = False) -> None:
         assert reason in DEGRADED_FIX, reason
         super().__init__(message)
         self.reason = reason
+        self.sockops = sockops  # the sock_ops program failed (the rest may load without it)
 
     @property
     def fix(self) -> str:
@@ -288,19 +289,19 @@ def attach_sock_ops(bpf: Any, fn_name: str) -> tuple[int, Path]:
     TCP socket of the host; (the link's fd, the root)."""
     root, why = host_cgroup2_root()
     if root is None:
-        raise LoadError(f"{why}: the sockops tier attaches to the host's root cgroup", "no_cgroup2")
+        raise LoadError(f"{why}: sock_ops attaches to the host's root cgroup", "no_cgroup2", True)
     try:
         fn = bpf.load_func(fn_name.encode(), bpf.SOCK_OPS)
     except Exception as exc:  # BCC raises bare Exception; EPERM without CAP_NET_ADMIN
         # BCC words EPERM as "Need super-user privileges"
         denied = ctypes.get_errno() == errno.EPERM or "privileges" in str(exc)
         raise LoadError(f"cannot load the sock_ops program: {exc}",
-                        "sockops_denied" if denied else "attach_failed") from exc
+                        "sockops_denied" if denied else "attach_failed", True) from exc
     try:
         return link_cgroup(fn.fd, root, BPF_CGROUP_SOCK_OPS), root
     except OSError as exc:
         raise LoadError(f"cannot attach sock_ops: {exc.strerror}",
-                        "sockops_denied" if exc.errno == errno.EPERM else "attach_failed") from exc
+                        "sockops_denied" if exc.errno == errno.EPERM else "attach_failed", True) from exc
 
 
 def say_adopted(adopted: int, unwatched: list[Unwatched]) -> None:
@@ -364,7 +365,8 @@ class Probes:
                 self.close()
                 raise LoadError(f"cannot attach {a.kind} {a.target}: {exc}", "attach_failed") from exc
             self.attached[a] = True
-        if self._cgroup_root is not None:  # after the attach: a listen() from now on is seen
+        if self._cgroup_root is not None and self.plan.defines.get("SOCKOPS_PASSIVE"):
+            # after the attach: a listen() from now on is seen
             with libbcc_stderr():
                 self.adopted, self.unwatched = adopt_listeners(self.bpf, self._cgroup_root, link_cgroup)
             say_adopted(self.adopted, self.unwatched)  # outside libbcc_stderr(), which holds fd 2

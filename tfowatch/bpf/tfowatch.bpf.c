@@ -19,9 +19,13 @@
  *                   client whose cgroup is gone by the time its counts are read keeps its name
  *   CONNECT_ERRORS  syscalls:sys_{enter,exit}_connect attached: TCP connect()s that fail with
  *                   EADDRNOTAVAIL, per process and remote port
- *   SOCKOPS         the sockops tier: one BPF sock_ops program on the cgroup v2 root sees
- *                   every TFO point of both sides (on_sock_ops), in place of the two
- *                   tracepoints, which are then not compiled
+ *   SOCKOPS         one BPF sock_ops program on the cgroup v2 root (on_sock_ops), for:
+ *   SOCKOPS_PASSIVE   the server side (the sockops tier: listeners, SYN-ACKs, children)
+ *   SOCKOPS_ACTIVE    the client side (the sockops tier, and the kprobe tier where the
+ *                     kernel has sock_ops: outcomes at the SYN-ACK)
+ *   TW_SOCKOPS        connects that took over a TIME-WAIT 4-tuple (the sockops tier)
+ *   STATE_TRACEPOINTS sock:inet_sock_set_state and tcp:tcp_destroy_sock attached (a side
+ *                   neither kprobes nor sock_ops cover)
  *
  * Every event increments `totals` (exact, per CPU, never lost) and is also either
  * counted in `counts` or sent through the `events` perf buffer for attribution in Python.
@@ -281,7 +285,7 @@ static __always_inline void on_child_leaves_syn_recv(void *ctx, const void *sk, 
 #endif
 }
 
-#if !SOCKOPS
+#if STATE_TRACEPOINTS
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
 	const void *sk = args->skaddr;
@@ -548,6 +552,17 @@ static __always_inline const void *ops_sk(struct bpf_sock_ops *skops)
 	return (const void *)read_u64((const void *)skops);
 }
 
+static __always_inline void ops_set_flags(struct bpf_sock_ops *skops, u32 add)
+{
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | add);
+}
+
+static __always_inline void ops_clear_flags(struct bpf_sock_ops *skops, u32 ours)
+{
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~ours);
+}
+
+#if SOCKOPS_PASSIVE
 struct listener_key {
 	u64 netns_cookie;
 	u32 netns;
@@ -563,16 +578,6 @@ static __always_inline void listener_key(struct listener_key *k, const void *sk,
 {
 	SET_NETNS(k, sk_net(sk));
 	k->port = port;
-}
-
-static __always_inline void ops_set_flags(struct bpf_sock_ops *skops, u32 add)
-{
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | add);
-}
-
-static __always_inline void ops_clear_flags(struct bpf_sock_ops *skops, u32 ours)
-{
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~ours);
 }
 
 /* listen(): ask for the SYN-ACKs of this listener (the only place the received SYN's TFO
@@ -667,6 +672,8 @@ static __always_inline void so_passive(void *ctx, struct bpf_sock_ops *skops)
 		ops_clear_flags(skops, SYNACK_FLAG);
 }
 
+#endif /* SOCKOPS_PASSIVE */
+
 /* A connect that took over a TIME-WAIT socket's 4-tuple: tcp_twsk_unique() granted it and
  * copied the TIME-WAIT socket's timestamp state, so the new socket has a ts_recent_stamp
  * before its SYN is sent (a new socket has none; TWRecycled counts the same grants). The age
@@ -699,7 +706,9 @@ static __always_inline void so_connect(void *ctx, struct bpf_sock_ops *skops)
 	u64 key = (u64)sk;
 	struct conn c = {};
 
+#if TW_SOCKOPS
 	so_tw_takeover(ctx, sk);
+#endif
 	c.attempted = fastopen_attempted(sk);
 	if (!c.attempted && !PLAIN_CONNECTS)
 		return;
@@ -739,6 +748,7 @@ static __always_inline void so_client_done(void *ctx, struct bpf_sock_ops *skops
 	conns.delete(&key);
 }
 
+#if SOCKOPS_PASSIVE
 #define LEVEL_TCP 6
 #define OPT_CB_FLAGS 1008 /* TCP_BPF_SOCK_OPS_CB_FLAGS (6.12): BPF's own, refused to userspace */
 /* tfowatch's pid: the only caller whose setsockopt() on_adopt acts on (adopt.py sets it). */
@@ -775,10 +785,12 @@ int on_adopt(struct bpf_sockopt *ctx)
 	ctx->optlen = -1; /* handled: the kernel's setsockopt() is skipped */
 	return 1;
 }
+#endif
 
 int on_sock_ops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
+#if SOCKOPS_PASSIVE
 	case BPF_SOCK_OPS_TCP_LISTEN_CB:
 		so_listen(skops);
 		break;
@@ -788,6 +800,8 @@ int on_sock_ops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		so_passive(skops, skops);
 		break;
+#endif
+#if SOCKOPS_ACTIVE
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		so_connect(skops, skops);
 		break;
@@ -798,6 +812,7 @@ int on_sock_ops(struct bpf_sock_ops *skops)
 		if (skops->args[0] == TCP_SYN_SENT && skops->args[1] == TCP_CLOSE)
 			so_client_done(skops, skops, 0);
 		break;
+#endif
 	}
 	return 1;
 }

@@ -61,7 +61,8 @@ def _attach_or_fall_back(plan: Plan, facts: KernelFacts, variant: Variant, stric
             raise PlanError(f"strict: {plan.tier} tier unavailable ({exc}): {DEGRADED_FIX[reason]}") from exc
         if plan.degraded is not None:  # the first failure is the one reported
             log.warning("%s tier unavailable too (%s)", plan.tier, exc)
-        return fall_back(plan, facts, reason, str(exc), DEGRADED_FIX[reason]), None
+        sockops_failed = isinstance(exc, LoadError) and exc.sockops
+        return fall_back(plan, facts, reason, str(exc), DEGRADED_FIX[reason], sockops_failed), None
 
 
 class Ingest:

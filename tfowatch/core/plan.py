@@ -55,6 +55,10 @@ class Degraded:
     fix: str
 
     def describe(self, tier: str) -> str:
+        if tier == self.planned.tier:  # the kprobe tier without its sock_ops client side
+            return (f"sock_ops unavailable ({self.detail}): {self.fix}; running the {tier} tier "
+                    "with kprobes and tracepoints for the client side, which count a TFO "
+                    "connection's outcome when it ends")
         return (f"{self.planned.tier} tier unavailable ({self.detail}): {self.fix}; "
                 f"running the {tier} tier")
 
@@ -226,15 +230,26 @@ def _passive(facts: KernelFacts, tier: str) -> tuple[Resolution, Resolution]:
                            events_of("tcp_fastopen_check"))
 
 
-def _active(facts: KernelFacts, tier: str) -> Resolution:
+def client_by_sockops(facts: KernelFacts, tier: str) -> bool:
+    """Whether the client side comes from sock_ops: always in the sockops tier, and in the kprobe
+    tier too where the kernel has the callbacks. It decides each outcome at the SYN-ACK, so a
+    connection is exact while it is open; the tcp_connect kprobe and the tracepoints can only
+    resolve it at its next state change (its end), and run for every socket's transitions."""
+    return tier == "sockops" or (tier == "kprobe" and not _sockops_ok(facts))
+
+
+def _active(facts: KernelFacts, tier: str, sockops: bool) -> Resolution:
     point = "tcp_send_syn_data"
     completion = [Attachment("tracepoint", SET_STATE), Attachment("tracepoint", DESTROY)]
     if tier == "counters":
         return Resolution(point, "counters", [], True, "BPF disabled", [], counter="TCPFastOpenActive")
-    if tier == "sockops":
+    if sockops:
+        lead = "" if tier == "sockops" else (
+            "sock_ops where the kernel has it, beside the kprobes: exact while a connection is open "
+            "(tcp_connect and the tracepoints resolve it when it ends); ")
         return Resolution(point, "sockops", [SOCK_OPS], True,
-                          "sock_ops: connect (TFO attempts tracked), outcome decided at the SYN-ACK "
-                          "(acked: snd_una == snd_nxt) or when the SYN gives up", events_of(point))
+                          lead + "sock_ops: connect (TFO attempts tracked), outcome decided at the "
+                          "SYN-ACK (acked: snd_una == snd_nxt) or when the SYN gives up", events_of(point))
     if tier == "kprobe":
         if facts.traceable(point):
             return Resolution(point, "kprobe", _probe_pair(point, "on_connect") + completion, False,
@@ -307,14 +322,18 @@ def _cgroup_names(facts: KernelFacts, tier: str) -> Resolution:
                       "a cgroup removed before then is labelled cgroup=\"\"", [], missing=missing)
 
 
-def resolve(facts: KernelFacts, mode: str = "auto") -> Plan:
+def resolve(facts: KernelFacts, mode: str = "auto", sockops: bool = True) -> Plan:
+    """sockops=False: the kprobe tier without its sock_ops client side (after it failed)."""
     tier = choose_tier(facts, mode)
     gen, check = _passive(facts, tier)
     names = _cgroup_names(facts, tier)
     errors = _connect_errors(facts, tier)
-    points = [gen, check, _active(facts, tier), _tw(facts, tier), _blackhole(facts, tier), errors, names]
+    active = _active(facts, tier, sockops and client_by_sockops(facts, tier))
+    tw = _tw(facts, tier)
+    points = [gen, check, active, tw, _blackhole(facts, tier), errors, names]
     events = {e for r in points for e in r.events}
     kprobed = {a.fn for r in points for a in r.attachments if a.kind == "kprobe"}
+    traced = {a.target for r in points for a in r.attachments if a.kind == "tracepoint"}
     defines = {
         "PASSIVE_KPROBE": int("on_try_fastopen" in kprobed),
         "ACTIVE_KPROBE": int("on_connect" in kprobed),
@@ -322,18 +341,27 @@ def resolve(facts: KernelFacts, mode: str = "auto") -> Plan:
         "BLACKHOLE_KPROBE": int("on_active_disable" in kprobed),
         "CGROUP_NAMES": int(bool(names.attachments)),
         "CONNECT_ERRORS": int(bool(errors.attachments)),
-        "SOCKOPS": int(tier == "sockops"),
+        "STATE_TRACEPOINTS": int(SET_STATE in traced),
+        "SOCKOPS": int(any(SOCK_OPS in r.attachments for r in points)),
+        "SOCKOPS_PASSIVE": int(gen.tier == "sockops"),
+        "SOCKOPS_ACTIVE": int(active.tier == "sockops"),
+        "TW_SOCKOPS": int(tw.tier == "sockops"),
     }
     return Plan(mode=mode, tier=tier, points=points, defines=defines, events=events)
 
 
-def fall_back(plan: Plan, facts: KernelFacts, reason: str, detail: str, fix: str) -> Plan:
-    """The plan one tier down (auto mode, after a load or attach failure). The first
-    failure is kept: it is why the planned tier does not run."""
-    lower = {"kprobe": "tracepoint", "sockops": "tracepoint", "tracepoint": "counters"}[plan.tier]
-    if lower == "tracepoint" and _tracepoint_ok(facts):
-        lower = "counters"
-    new = resolve(facts, lower)
+def fall_back(plan: Plan, facts: KernelFacts, reason: str, detail: str, fix: str,
+              sockops_failed: bool = False) -> Plan:
+    """The plan one step down (auto mode, after a load or attach failure): the kprobe tier
+    without sock_ops when that part failed, else one tier down. The first failure is kept:
+    it is why the planned plan does not run."""
+    if sockops_failed and plan.tier == "kprobe" and plan.defines.get("SOCKOPS"):
+        new = resolve(facts, "kprobe", sockops=False)
+    else:
+        lower = {"kprobe": "tracepoint", "sockops": "tracepoint", "tracepoint": "counters"}[plan.tier]
+        if lower == "tracepoint" and _tracepoint_ok(facts):
+            lower = "counters"
+        new = resolve(facts, lower)
     new.mode = plan.mode
     new.degraded = plan.degraded or Degraded(plan, reason, detail, fix)
     return new
