@@ -293,8 +293,8 @@ def test_failed_connects_per_process_and_port(run: Run) -> None:
     name = "tfowatch_connect_eaddrnotavail_total"
     got = series(run.samples, name)
     assert got, f"{name} absent in the {run.tier} tier"
-    labels = {"netns": run.tw_client.inode, "port": PORT_TW, "comm": TW_COMM,
-              "cgroup": proc_cgroup(os.getpid())}
+    labels: dict[str, str | int] = {"netns": run.tw_client.inode, "port": PORT_TW, "comm": TW_COMM,
+                                    "cgroup": proc_cgroup(os.getpid())}
     assert value(run.samples, name, **labels) == run.ephemeral["refused"] >= 1
     assert sum(got.values()) == run.ephemeral["refused"], got
 
