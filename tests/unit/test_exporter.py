@@ -103,3 +103,44 @@ def test_a_failed_part_costs_its_own_series_not_the_scrape(monkeypatch: pytest.M
     assert "tfowatch_build_info" in fams and "tfowatch_probe_attached" in fams
     durations = fams["tfowatch_scrape_collector_duration_seconds"].samples
     assert {s.labels["collector"] for s in durations} == {PROBES, KERNEL, SELF}
+
+
+def _outcomes(acked: int, not_acked: int) -> Aggregator:
+    agg = Aggregator()
+    for t, n in ((EventType.SYN_DATA_SENT, acked + not_acked + 2), (EventType.SYN_DATA_ACKED, acked),
+                 (EventType.DATA_NOT_ACKED, not_acked)):
+        for _ in range(n):
+            agg.add(Event(t, netns=7, port=53, comm="unbound"))
+    return agg
+
+
+@pytest.mark.parametrize(("acked", "not_acked", "pending", "want"), [
+    (3, 1, 0, {"syn_data_acked": -1, "syn_data_not_acked": -1}),  # two short, none open: drift
+    (3, 1, 2, {"syn_data_acked": 0, "syn_data_not_acked": 0}),  # both short ones are still open
+    (4, 1, 1, {"syn_data_acked": 0, "syn_data_not_acked": 0}),  # the open one will be not-acked
+    (3, 1, 1, {"syn_data_acked": -1, "syn_data_not_acked": -1}),  # one open cannot explain two
+    (5, 2, 1, {"syn_data_acked": 1, "syn_data_not_acked": 0}),  # an excess is never excused
+])
+def test_drift_allows_for_open_connections_whose_outcome_is_counted_at_close(
+        acked: int, not_acked: int, pending: int, want: dict[str, int]) -> None:
+    """The kernel counted 4 acked and 2 not acked at their SYN-ACKs; the tracepoint tier counts
+    each at its connection's end, so the open ones are short until then."""
+    from tfowatch.core.reconcile import drift
+
+    plan = resolve(facts("6.18."), "tracepoint")
+    assert plan.outcomes_at_close
+    kernel = {7: {"TCPFastOpenActive": 4, "TCPFastOpenActiveFail": 2, "TCPFastOpenPassive": 0}}
+    got = drift(_outcomes(acked, not_acked).snapshot(), kernel, plan.reconciled, {7: pending})
+    assert {label: v for (_, label), v in got.items() if label in want} == want
+
+
+def test_pending_outcomes_are_exported_only_where_outcomes_wait_for_the_close() -> None:
+    for mode, served in (("tracepoint", True), ("sockops", False)):
+        plan = resolve(facts("6.18."), mode)
+        state = export_state(plan, _outcomes(3, 1), {7: {"TCPFastOpenActive": 4}})
+        state.pending = {7: 1, 8: 0}
+        reg = CollectorRegistry()
+        reg.register(TfoCollector(lambda state=state: state))  # type: ignore[misc]
+        text = generate_latest(reg).decode()
+        assert ('tfowatch_syn_data_pending{netns="7"} 1.0' in text) is served, mode
+        assert 'tfowatch_syn_data_pending{netns="8"}' not in text

@@ -408,6 +408,18 @@ class Probes:
                 out.append((raw, val.count, val.pid))
         return out
 
+    def pending_outcomes(self) -> dict[int, int]:
+        """netns -> client connections answered with SYN data, open, whose outcome is counted
+        when they end (the tracked sockets flagged `pending`); {} where outcomes are counted
+        at the SYN-ACK. One batch read of the tracked sockets."""
+        if not self.plan.outcomes_at_close:
+            return {}
+        out: dict[int, int] = {}
+        for _sk, conn in self.bpf[b"conns"].items_lookup_batch():
+            if conn.pending:
+                out[conn.netns] = out.get(conn.netns, 0) + 1
+        return out
+
     def cgroup_path(self, cgroup_id: int) -> str:
         """The path cgroup:cgroup_mkdir saw for this cgroup v2 id, or '' (made before the
         daemon started, forgotten, or no such tracepoint in this plan)."""

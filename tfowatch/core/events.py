@@ -86,6 +86,7 @@ class EventSpec:
     column: Column | None = None  # its `tfowatch top` column
     reconcile: tuple[str, str] = ("", "")  # (drift label, TcpExt counter) it is checked against
     tfo_attempt: bool = False  # exactly one such event per client connection that tried TFO
+    outcome: bool = False  # what an answered SYN's data became (pending until then, at close)
 
     def label_values(self, ev: Event) -> dict[str, str]:
         """Every label an event of this type can give a family; each family takes its own."""
@@ -122,15 +123,15 @@ EVENTS = (
     EventSpec(E.SYN_DATA_SENT, SEND, "client", (m.SYN_DATA_SENT,), column=Column("syn_data_sent", "SENT"),
               tfo_attempt=True),
     EventSpec(E.SYN_DATA_ACKED, SEND, "client", (m.SYN_DATA_ACKED,), column=Column("syn_data_acked", "ACKED"),
-              reconcile=("syn_data_acked", "TCPFastOpenActive")),
+              reconcile=("syn_data_acked", "TCPFastOpenActive"), outcome=True),
     EventSpec(E.COOKIE_UNAVAILABLE, SEND, "client", (m.ACTIVE_FALLBACKS,), "cookie_unavailable",
               column=Column("cookie_unavailable", "NOCOOKIE"), tfo_attempt=True),
     EventSpec(E.DATA_NOT_ACKED, SEND, "client", (m.ACTIVE_FALLBACKS,), "data_not_acked",
               column=Column("data_not_acked", "NOTACKED"),
-              reconcile=("syn_data_not_acked", "TCPFastOpenActiveFail")),
+              reconcile=("syn_data_not_acked", "TCPFastOpenActiveFail"), outcome=True),
     EventSpec(E.SYN_RETRANSMITTED, SEND, "client", (m.ACTIVE_FALLBACKS,), "syn_retransmitted",
               column=Column("syn_retransmitted", "SYNRTX"),
-              reconcile=("syn_data_not_acked", "TCPFastOpenActiveFail")),
+              reconcile=("syn_data_not_acked", "TCPFastOpenActiveFail"), outcome=True),
     EventSpec(E.TFO_DISABLED, SEND, "client", (m.ACTIVE_FALLBACKS,), "tfo_disabled",
               column=Column("tfo_disabled", "TFOOFF"), tfo_attempt=True),
     EventSpec(E.BLACKHOLE_DISABLE, BLACKHOLE, "client", (m.BLACKHOLE_DISABLES,),
@@ -163,6 +164,9 @@ def _reconciliations() -> tuple[Reconciliation, ...]:
 
 RECONCILIATIONS = _reconciliations()
 TFO_ATTEMPTS = tuple(s.type for s in EVENTS if s.tfo_attempt)
+# The drift labels of those outcomes: where outcomes are counted at close, the connections
+# still open (pending) are short in them, and the kernel has counted them already.
+OUTCOME_LABELS = tuple(r.label for r in RECONCILIATIONS if {SPEC[e].outcome for e in r.events} == {True})
 
 
 def label_values(metric: m.Metric) -> dict[str, list[str]]:

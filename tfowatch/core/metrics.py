@@ -101,6 +101,14 @@ RECONCILE_DRIFT = Metric("tfowatch_reconcile_drift", "gauge",
                          note="every reconciled metric of the tier, in each namespace with TFO or "
                               "TIME-WAIT activity since start")
 
+SYN_DATA_PENDING = Metric("tfowatch_syn_data_pending", "gauge",
+                          "Client TFO connections open now whose SYN data was answered, in the tiers "
+                          "that count acked or not-acked when a connection ends: the kernel has counted "
+                          "them, tfowatch will at their end; the reconcile drift allows for them.",
+                          ("netns",), ("kprobe", "tracepoint"), KERNEL,
+                          note="only namespaces with one: none where the kprobe tier's client side "
+                               "is sock_ops")
+
 # --- the daemon itself ---
 LISTENERS_UNWATCHED = Metric("tfowatch_listeners_unwatched", "gauge",
                              "Listeners open when the sockops tier attached that it could not ask for "
@@ -161,7 +169,7 @@ HTTP_CONNECTIONS_REFUSED = Metric("tfowatch_http_connections_refused_total", "co
 FAMILIES = (COOKIE_REQUESTS, COOKIES_ISSUED, SYN_DATA_ACCEPTED, PASSIVE_FALLBACKS, SYN_DATA_SENT,
             SYN_DATA_ACKED, ACTIVE_FALLBACKS, BLACKHOLE_DISABLES, TW_REUSE, TW_REUSE_AGE,
             CONNECT_EADDRNOTAVAIL,
-            KERNEL_TCPEXT, NETNS_UNREADABLE, NETNS_RETIRED, RECONCILE_DRIFT,
+            KERNEL_TCPEXT, NETNS_UNREADABLE, NETNS_RETIRED, RECONCILE_DRIFT, SYN_DATA_PENDING,
             PROBE_ATTACHED, LISTENERS_UNWATCHED, EVENTS, EVENTS_LOST, LATE_EVENTS, SERIES_DROPPED,
             SERIES_EXPIRED, SERIES,
             SERIES_CAP, SERIES_CAP_PER_NETNS, BUILD_INFO,

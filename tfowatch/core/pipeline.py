@@ -189,10 +189,12 @@ class Pipeline:
         return self.plan.attachment_states(
             lambda a: probes is not None and probes.attached.get(a, False))
 
-    def _probe_part(self) -> tuple[Snapshot, list[int] | None]:
+    def _probe_part(self) -> tuple[Snapshot, list[int] | None, dict[int, int]]:
         self.drain()
         self.expire()
-        return self.agg.snapshot(), self.probes.totals() if self.probes is not None else None
+        if self.probes is None:
+            return self.agg.snapshot(), None, {}
+        return self.agg.snapshot(), self.probes.totals(), self.probes.pending_outcomes()
 
     def _kernel_part(self) -> tuple[dict[int, dict[str, int]], int]:
         kernel, retired, cookies, reborn = self.counters.read()
@@ -233,15 +235,15 @@ class Pipeline:
     def state(self) -> ExportState:
         """Every part, each on its own (state.take): a failed one is empty and says so."""
         parts: dict[str, Part] = {}
-        no_probes: tuple[Snapshot, list[int] | None] = (Snapshot.empty(), None)
+        no_probes: tuple[Snapshot, list[int] | None, dict[int, int]] = (Snapshot.empty(), None, {})
         no_kernel: tuple[dict[int, dict[str, int]], int] = ({}, 0)
         self._replaced_now.clear()
-        snap, totals = take(parts, PROBES, self._probe_part, no_probes)
+        snap, totals, pending = take(parts, PROBES, self._probe_part, no_probes)
         kernel, unreadable = take(parts, KERNEL, self._kernel_part, no_kernel)
         if self._replaced_now and parts[PROBES].ok:  # the kernel part found a namespace replaced:
             snap = self.agg.snapshot()  # the snapshot must not hold the gone one's counts
         both = parts[PROBES].ok and parts[KERNEL].ok
-        gap = drift(snap, self.counters.deltas(kernel), self.plan.reconciled) if both else {}
+        gap = drift(snap, self.counters.deltas(kernel), self.plan.reconciled, pending) if both else {}
         no_attachments: list[tuple[str, str, str, bool]] = []
         attached = take(parts, SELF, self.attached, no_attachments)
         return ExportState(
@@ -250,7 +252,7 @@ class Pipeline:
             late=self.generations.late,
             drift=gap, attached=attached, version=__version__, kernel_release=self.facts.release,
             series_cap=self.agg.series_cap, netns_limit=self.agg.netns_limit, parts=parts,
-            unwatched=len(self.probes.unwatched) if self.probes is not None else 0,
+            unwatched=len(self.probes.unwatched) if self.probes is not None else 0, pending=pending,
         )
 
     def close(self) -> None:

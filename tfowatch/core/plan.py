@@ -107,6 +107,13 @@ class Plan:
         return out
 
     @property
+    def outcomes_at_close(self) -> bool:
+        """Whether a client's acked/not-acked is counted when the connection ends (kprobes and
+        tracepoints), not at its SYN-ACK (sock_ops): open ones are then pending."""
+        return any(r.point == "tcp_send_syn_data" and r.tier in ("kprobe", "tracepoint")
+                   for r in self.points)
+
+    @property
     def reconciled(self) -> list[str]:
         return [r.label for r in RECONCILIATIONS if set(r.events) <= self.events]
 

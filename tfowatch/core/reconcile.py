@@ -24,7 +24,7 @@ import time
 
 from tfowatch.core import netns
 from tfowatch.core.aggregator import Snapshot
-from tfowatch.core.events import RECONCILIATIONS
+from tfowatch.core.events import OUTCOME_LABELS, RECONCILIATIONS
 from tfowatch.core.metrics import KERNEL_COUNTERS
 
 log = logging.getLogger(__name__)
@@ -137,11 +137,13 @@ class KernelCounters:
                 for ino, counters in now.items() if ino in live}
 
 
-def drift(snap: Snapshot, deltas: dict[int, dict[str, int]], labels: list[str]
-          ) -> dict[tuple[int, str], int]:
+def drift(snap: Snapshot, deltas: dict[int, dict[str, int]], labels: list[str],
+          pending: dict[int, int] | None = None) -> dict[tuple[int, str], int]:
     """(netns, metric label) -> probe count minus kernel delta, for every reconciled label of
     each namespace whose counters were read (one never read has no kernel side to compare)
-    and where anything reconciled moved: an idle namespace has nothing to reconcile."""
+    and where anything reconciled moved: an idle namespace has nothing to reconcile.
+    `pending`: per namespace, client connections answered whose outcome the probes count at
+    close (tiers that resolve there), which the kernel has counted already."""
     recs = [rec for rec in RECONCILIATIONS if rec.label in labels]
     out: dict[tuple[int, str], int] = {}
     for ino, kernel in deltas.items():
@@ -149,4 +151,13 @@ def drift(snap: Snapshot, deltas: dict[int, dict[str, int]], labels: list[str]
                   kernel.get(rec.counter, 0)) for rec in recs]
         if any(probe or moved for _, probe, moved in pairs):
             out.update({(ino, label): probe - moved for label, probe, moved in pairs})
+            _allow_pending(out, ino, (pending or {}).get(ino, 0))
     return out
+
+
+def _allow_pending(out: dict[tuple[int, str], int], ino: int, pending: int) -> None:
+    """The outcome labels short by exactly the pending connections, together, are exact: each
+    open one is one of them, not yet counted. Any other shortfall stays as it is."""
+    gaps = [out[(ino, label)] for label in OUTCOME_LABELS if (ino, label) in out]
+    if pending and all(g <= 0 for g in gaps) and sum(gaps) == -pending:
+        out.update({(ino, label): 0 for label in OUTCOME_LABELS if (ino, label) in out})

@@ -40,6 +40,7 @@ class ExportState:
     netns_limit: int  # label sets one namespace may hold per metric
     parts: dict[str, Part] = field(default_factory=dict)
     unwatched: int = 0  # sockops: listeners open at start it could not ask for their SYN-ACKs
+    pending: dict[int, int] = field(default_factory=dict)  # netns -> outcomes counted at close, open
 
     def ok(self, part: str) -> bool:
         return self.parts.get(part, Part(True, 0.0)).ok

@@ -77,6 +77,8 @@ def kernel_families(st: ExportState) -> Iterator[Family]:
     if st.plan.reconciled and st.ok(PROBES):
         yield _samples(m.RECONCILE_DRIFT, (([str(ino), label], value)
                                            for (ino, label), value in sorted(st.drift.items())))
+    if st.plan.tier in m.SYN_DATA_PENDING.tiers and st.ok(PROBES):  # empty unless outcomes_at_close
+        yield _samples(m.SYN_DATA_PENDING, (([str(ino)], n) for ino, n in sorted(st.pending.items()) if n))
 
 
 def self_families(st: ExportState) -> Iterator[Family]:
