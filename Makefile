@@ -48,13 +48,17 @@ test-unit: setup
 	setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/tmp PYTHONDONTWRITEBYTECODE=1 \
 		$(VENV)/bin/pytest -q -rs -p no:cacheprovider tests/unit
 
-# `make bench`: the benchmarks on this host (its best tier), then in each VM lab kernel
-# (kprobe tier, ~20 min each under emulation); results in bench/results/, table in
-# docs/PERFORMANCE.md. BENCH_ARGS go to the host run, e.g. BENCH_ARGS="--reps 3".
+# `make bench`: the benchmarks on this host (its best tier), with the Python load generator
+# and with the C one (bench/loadgen.c: no interpreter between the load and the kernel), then
+# in each VM lab kernel (kprobe tier, ~20 min each under emulation); results in
+# bench/results/, table in docs/PERFORMANCE.md. BENCH_ARGS go to the host runs, e.g.
+# BENCH_ARGS="--reps 3".
 BENCH_ARGS ?=
+HOST_TIER = $$($(VENV)/bin/tfowatch probes --json | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["tier"])')
 bench: setup
-	$(PY) bench/run.py --label "Host ($$($(VENV)/bin/tfowatch probes --json | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["tier"])') tier)" \
-		--json bench/results/host.json $(BENCH_ARGS)
+	$(PY) bench/run.py --label "Host ($(HOST_TIER) tier)" --json bench/results/host.json $(BENCH_ARGS)
+	$(PY) bench/run.py --load c --label "Host ($(HOST_TIER) tier), C load generator" \
+		--json bench/results/host-c.json $(BENCH_ARGS)
 	for rel in $$(grep -v '^#' tests/vm/kernels.txt); do \
 		$(PY) tests/vm/lab.py --bench $$rel tests/vm/out/bench-$$rel || exit 1; done
 	$(PY) bench/report.py

@@ -1,6 +1,6 @@
 """`make bench`: what tfowatch costs the host, side by side with the alternatives.
 
-    bench/run.py [--reps N] [--seconds S] [--rate R] [--quick] [--json FILE] [--doc]
+    bench/run.py [--reps N] [--seconds S] [--rate R] [--load python|c] [--quick] [--json FILE] [--doc]
 
 In namespaces of its own (a client and a server joined by a veth pair) it measures, with
 every condition interleaved in each repetition (none, tfowatch, tfowatch in the tracepoint
@@ -41,6 +41,7 @@ import synthetic  # noqa: E402
 from netlab import Host, Lab  # noqa: E402
 
 LOAD = BENCH / "load.py"
+LOADGEN = BENCH / "loadgen.c"  # the same server and client in C (--load c)
 PORT = 9000
 # tfowatch as auto plans it, and in the tracepoint tier (the one auto picked on kernels without
 # kprobes before the sockops tier): their costs side by side in one run.
@@ -68,19 +69,29 @@ def bpf_stats() -> Iterator[None]:
 SERVER_START_S = 30.0
 
 
+def load_command(load: str, scratch: Path) -> list[str]:
+    """How to run the load server and client: bench/load.py, or bench/loadgen.c built now."""
+    if load == "python":
+        return [sys.executable, str(LOAD)]
+    exe = scratch / "loadgen"
+    subprocess.run(["cc", "-O2", "-o", str(exe), str(LOADGEN)], check=True)
+    return [str(exe)]
+
+
 class Workload:
     """The load server in its namespace, and client runs against it."""
 
-    def __init__(self, lab: Lab, workers: int) -> None:
+    def __init__(self, lab: Lab, workers: int, load: list[str] | None = None) -> None:
         self.lab = lab
         self.workers = workers
+        self.load = load or [sys.executable, str(LOAD)]
         self.srv, self.addr = lab.server("s", "3")
         self.server = self._start_server()
 
     def _start_server(self) -> subprocess.Popen[bytes]:
         """The server's workers, each ready; one that is not within SERVER_START_S is ended
         with its whole session (its forks hold our pipe) and named in the error."""
-        proc = subprocess.Popen(["ip", "netns", "exec", self.srv.name, sys.executable, str(LOAD),
+        proc = subprocess.Popen(["ip", "netns", "exec", self.srv.name, *self.load,
                                  "server", str(PORT), str(self.workers)],
                                 stdout=subprocess.PIPE, bufsize=0, start_new_session=True)
         assert proc.stdout is not None
@@ -107,7 +118,8 @@ class Workload:
         self.server.wait(timeout=10)
 
     def _client(self, *args: str) -> dict[str, Any]:
-        cmd = ["ip", "netns", "exec", self.lab.client.name, sys.executable, str(LOAD), *args]
+        load = self.load if args[0] == "client" else [sys.executable, str(LOAD)]  # spray: Python's
+        cmd = ["ip", "netns", "exec", self.lab.client.name, *load, *args]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
         return json.loads(out.stdout.splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -284,6 +296,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=2000.0, help="fixed rate, connections/s (default 2000)")
     p.add_argument("--workers", type=int, default=4, help="client processes at saturation (default 4)")
     p.add_argument("--series", default="1000,10000", help="series counts for scrape latency")
+    p.add_argument("--load", choices=("python", "c"), default="python",
+                   help="load generator: bench/load.py, or bench/loadgen.c (default python)")
     p.add_argument("--quick", action="store_true", help="one short repetition: the smoke test's run")
     p.add_argument("--label", default="", help="results name (default: host or the kernel)")
     p.add_argument("--json", type=Path, help="write the results here")
@@ -304,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     wl: Workload | None = None
     try:
         with bpf_stats(), tempfile.TemporaryDirectory(prefix="tfowatch-bench-") as tmp:
-            wl = Workload(lab, workers=2)
+            wl = Workload(lab, workers=2, load=load_command(args.load, Path(tmp)))
             wl.workers = args.workers
             result: dict[str, Any] = {
                 "label": args.label or f"{tier} tier, {platform.release()}",
