@@ -27,6 +27,7 @@ import selectors
 import socket
 import struct
 import sys
+import threading
 import time
 
 TCP_FASTOPEN = 23
@@ -57,7 +58,26 @@ def listener(port: int, tfo_qlen: int) -> socket.socket:
     return ls
 
 
+def converse(conn: socket.socket) -> None:
+    """Answer, then wait for the client's FIN before closing: the client closes first
+    (TIME-WAIT lands on its side), and a client that holds its connection open (--hold)
+    keeps it open on this side too."""
+    conn.settimeout(5)
+    try:
+        conn.recv(4096)
+        conn.sendall(b"ok")
+        conn.settimeout(600)
+        while conn.recv(4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
 def serve(specs: list[str], log_path: str) -> None:
+    """One JSON line per accepted connection, written at accept; each conversation in a
+    thread of its own, so a held connection does not stop the others."""
     sel = selectors.DefaultSelector()
     for spec in specs:
         port, _, qlen = spec.partition(":")
@@ -68,20 +88,10 @@ def serve(specs: list[str], log_path: str) -> None:
             for key, _ in sel.select():
                 conn, _addr = key.fileobj.accept()  # type: ignore[union-attr]
                 options, _ = tcp_info(conn)
-                conn.settimeout(5)
-                try:
-                    conn.recv(4096)
-                    conn.sendall(b"ok")
-                    # The client closes first (TIME-WAIT lands on the client side):
-                    # wait for its FIN before closing.
-                    while conn.recv(4096):
-                        pass
-                except OSError:
-                    pass
                 log.write(json.dumps({"port": key.data,
                                       "syn_data": bool(options & TCPI_OPT_SYN_DATA),
                                       "tfo_child": bool(options & TCPI_OPT_TFO_CHILD)}) + "\n")
-                conn.close()
+                threading.Thread(target=converse, args=(conn,), daemon=True).start()
 
 
 def client(host: str, port: int, count: int, plain: bool, hold: bool = False) -> None:
