@@ -103,7 +103,8 @@ def client_at_syn_ack(mode: str) -> bool:
     """Whether the plan of `mode` decides a client's outcome at the SYN-ACK (sock_ops): then a
     connection left open through the scrape must be counted already."""
     plan = planned_plan(mode=mode)
-    return any(p["point"] == "tcp_send_syn_data" and p["tier"] == "sockops" for p in plan["points"])
+    return any(p["point"] == "tcp_send_syn_data" and "sockops" in {a["kind"] for a in p["attachments"]}
+               for p in plan["points"])
 
 
 def hold_open(lab: Lab, addr: str) -> subprocess.Popen[str]:

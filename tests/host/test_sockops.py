@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from netlab import Lab, free_port, scrape, series, sh, skip_unless_root_bpf, start_daemon, unit_caps, value
+from netlab import IN_GUEST, Lab, free_port, scrape, series, sh, skip_unless_root_bpf, start_daemon, unit_caps, value
 
 from tfowatch.core.cgroups import cgroup2_mount
 
@@ -128,3 +128,23 @@ def test_a_listener_no_process_holds_is_named_and_counted(lab: Lab) -> None:
     assert value(samples, "tfowatch_listeners_unwatched") >= 1
     err = daemon.stderr.read() if daemon.stderr else ""
     assert f"netns {srv.inode} port {PORT} (no process): no process holds it" in err, err
+
+
+def test_a_kernel_whose_sock_ops_cannot_name_the_task_says_so() -> None:
+    """Debian's 6.1 and 6.12 refuse bpf_get_current_pid_tgid (and friends) in sock_ops
+    programs: the sockops tier asked for there ends in one line that names why and the fix
+    (auto runs the kprobe tier there, which reads the task in its tcp_connect kprobe)."""
+    skip_unless_root_bpf("sockops tests")
+    try:
+        daemon = start_daemon(f"127.0.0.1:{free_port()}", unit_caps(), "--mode", "sockops")
+    except RuntimeError as exc:  # it exited
+        err = str(exc)
+    else:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+        assert not IN_GUEST, "the VM lab's kernels refuse these helpers in sock_ops"
+        pytest.skip("this kernel's sock_ops programs may name the task (the sockops tier runs here; "
+                    "the VM lab's 6.1 and 6.12 refuse it, and run this test)")
+    print(err)
+    assert "exited 1" in err and "unknown func bpf_get_current" in err, err
+    assert "enable kprobes" in err and "Traceback" not in err, err

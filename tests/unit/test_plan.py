@@ -25,15 +25,16 @@ def test_debian_kernels_get_the_kprobe_tier(release: str) -> None:
     assert targets(plan, "tcp_fastopen_cookie_gen") == {"kprobe:tcp_try_fastopen",
                                                          "kretprobe:tcp_try_fastopen"}
     assert targets(plan, "tcp_fastopen_check") == targets(plan, "tcp_fastopen_cookie_gen")
-    # The client side from sock_ops (outcomes at the SYN-ACK: exact while a connection is
-    # open), so neither tcp_connect nor the two per-transition tracepoints are attached.
-    assert targets(plan, "tcp_send_syn_data") == {"sockops:cgroup2_root"}
-    assert not {a.target for a in plan.attachments} & {"tcp_connect", "sock:inet_sock_set_state",
-                                                       "tcp:tcp_destroy_sock"}
+    # The connecting task from the tcp_connect kprobe, the outcome from sock_ops at the SYN-ACK
+    # (exact while a connection is open): neither per-transition tracepoint is attached.
+    assert targets(plan, "tcp_send_syn_data") == {"kprobe:tcp_connect", "kretprobe:tcp_connect",
+                                                  "sockops:cgroup2_root"}
+    assert not {a.target for a in plan.attachments} & {"sock:inet_sock_set_state", "tcp:tcp_destroy_sock"}
+    assert not plan.outcomes_at_close
     assert targets(plan, "tcp_twsk_unique") == {"kprobe:tcp_twsk_unique", "kretprobe:tcp_twsk_unique"}
     assert plan.events == {s.type for s in EVENTS if s.metrics}  # plain connects are doctor's
     assert "tfowatch_tw_reuse_age_seconds" in {m.name for m in plan.metrics}
-    assert plan.defines == {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 0, "TW_KPROBE": 1,
+    assert plan.defines == {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 1, "TW_KPROBE": 1,
                             "BLACKHOLE_KPROBE": 1, "CGROUP_NAMES": 1, "CONNECT_ERRORS": 1,
                             "STATE_TRACEPOINTS": 0, "SOCKOPS": 1, "SOCKOPS_PASSIVE": 0,
                             "SOCKOPS_ACTIVE": 1, "TW_SOCKOPS": 0}
@@ -165,10 +166,10 @@ def test_kprobe_tier_without_sock_ops_reads_the_client_side_from_kprobes_and_tra
     assert {"kprobe:tcp_connect", "kretprobe:tcp_connect", "tracepoint:sock:inet_sock_set_state",
             "tracepoint:tcp:tcp_destroy_sock"} == targets(running, "tcp_send_syn_data")
     assert running.defines["SOCKOPS"] == 0 and running.defines["STATE_TRACEPOINTS"] == 1
-    assert running.events == planned.events
+    assert running.events == planned.events and running.outcomes_at_close
     assert "when it ends" in running.degraded.describe(running.tier)
     # the sock_ops attachment it lacks is exported as not attached
-    assert ("tcp_send_syn_data", "sockops:cgroup2_root", "sockops", False) in \
+    assert ("tcp_send_syn_data", "sockops:cgroup2_root", "kprobe", False) in \
         running.attachment_states(lambda a: True)
     # any other failure of the kprobe tier goes one tier down, as before
     assert fall_back(planned, f, "attach_failed", "x", "y").tier == "tracepoint"

@@ -119,6 +119,11 @@ DEGRADED_FIX = {
                   "namespace",
     "sockops_denied": "the sockops tier needs CAP_NET_ADMIN to load and attach its sock_ops "
                       "program: the unit and the DaemonSet shipped with tfowatch grant it",
+    "sockops_helpers": "this kernel's sock_ops programs may not ask for the current task "
+                       "(bpf_get_current_pid_tgid, _comm, _cgroup_id: 6.18 allows them, Debian's 6.1 "
+                       "and 6.12 do not), which the sockops tier needs to name each connecting "
+                       "process: enable kprobes (the kprobe tier reads the task in a kprobe) or run "
+                       "a newer kernel",
 }
 
 
@@ -347,8 +352,9 @@ class Probes:
             if a.kind == "tracepoint":
                 self.attached[a] = True
                 continue
+            said: list[str] = []
             try:
-                with libbcc_stderr():
+                with libbcc_stderr() as said:
                     if a.kind == "sockops":
                         link, self._cgroup_root = attach_sock_ops(self.bpf, a.fn)
                         self._links.append(link)
@@ -356,9 +362,12 @@ class Probes:
                         self.bpf.attach_kprobe(event=a.target, fn_name=a.fn)
                     else:
                         self.bpf.attach_kretprobe(event=a.target, fn_name=a.fn)
-            except LoadError:
+            except LoadError as exc:
                 self.attached[a] = False
                 self.close()
+                if any("unknown func bpf_get_current" in line for line in said):  # the verifier's
+                    raise LoadError(f"{exc}: {next(ln for ln in said if 'unknown func' in ln)}",
+                                    "sockops_helpers", True) from exc
                 raise
             except Exception as exc:
                 self.attached[a] = False

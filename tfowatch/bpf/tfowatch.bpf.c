@@ -431,11 +431,26 @@ int on_connect_ret(struct pt_regs *ctx)
 	key = (u64)*skp;
 	active_calls.delete(&id);
 	c = conns.lookup(&key);
-	if (c) {
-		/* TCP_FASTOPEN_CONNECT allocates fastopen_req after SYN_SENT is set. */
-		c->attempted |= fastopen_attempted((const void *)key);
-		client_syn_outcome(ctx, (const void *)key, c);
+#if SOCKOPS_ACTIVE
+	/* sock_ops made the entry of a TFO attempt at TCP_CONNECT_CB, inside this call: who
+	 * connects where is filled in here, in the connecting task. */
+	struct conn plain = {};
+
+	if (!c) {
+		if (!PLAIN_CONNECTS)
+			return 0;
+		c = &plain;
 	}
+	conn_task(c, (const void *)key);
+	c->dport = __builtin_bswap16(read_u16((const void *)key + OFF_SKC_DPORT));
+	read_addr(&c->family, c->daddr, (const void *)key);
+#else
+	if (!c)
+		return 0;
+	/* TCP_FASTOPEN_CONNECT allocates fastopen_req after SYN_SENT is set. */
+	c->attempted |= fastopen_attempted((const void *)key);
+#endif
+	client_syn_outcome(ctx, (const void *)key, c);
 	return 0;
 }
 #endif
@@ -710,6 +725,12 @@ static __always_inline void so_connect(void *ctx, struct bpf_sock_ops *skops)
 	so_tw_takeover(ctx, sk);
 #endif
 	c.attempted = fastopen_attempted(sk);
+#if ACTIVE_KPROBE
+	/* The kprobe tier: the tcp_connect kprobe's return fills in who connects where, in the
+	 * connecting task (before 6.10 sock_ops programs may not call bpf_get_current_pid_tgid). */
+	if (!c.attempted)
+		return;
+#else
 	if (!c.attempted && !PLAIN_CONNECTS)
 		return;
 	conn_task(&c, sk);
@@ -719,6 +740,7 @@ static __always_inline void so_connect(void *ctx, struct bpf_sock_ops *skops)
 		emit_client(ctx, EV_PLAIN_CONNECT, &c);
 		return;
 	}
+#endif
 	c.flags_added = CLIENT_FLAGS & ~skops->bpf_sock_ops_cb_flags;
 	conns.update(&key, &c);
 	ops_set_flags(skops, CLIENT_FLAGS);
@@ -734,7 +756,9 @@ static __always_inline void so_client_done(void *ctx, struct bpf_sock_ops *skops
 
 	if (!c)
 		return;
+#if !ACTIVE_KPROBE /* else the tcp_connect kprobe's return counted what the SYN carried */
 	client_syn_outcome(ctx, sk, c);
+#endif
 	if (established && TP_BIT(sk, SYN_DATA)) {
 		if (skops->snd_una == skops->snd_nxt)
 			emit_client(ctx, EV_SYN_DATA_ACKED, c);

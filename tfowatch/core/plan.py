@@ -110,7 +110,7 @@ class Plan:
     def outcomes_at_close(self) -> bool:
         """Whether a client's acked/not-acked is counted when the connection ends (kprobes and
         tracepoints), not at its SYN-ACK (sock_ops): open ones are then pending."""
-        return any(r.point == "tcp_send_syn_data" and r.tier in ("kprobe", "tracepoint")
+        return any(r.point == "tcp_send_syn_data" and r.attachments and SOCK_OPS not in r.attachments
                    for r in self.points)
 
     @property
@@ -238,10 +238,10 @@ def _passive(facts: KernelFacts, tier: str) -> tuple[Resolution, Resolution]:
 
 
 def client_by_sockops(facts: KernelFacts, tier: str) -> bool:
-    """Whether the client side comes from sock_ops: always in the sockops tier, and in the kprobe
-    tier too where the kernel has the callbacks. It decides each outcome at the SYN-ACK, so a
-    connection is exact while it is open; the tcp_connect kprobe and the tracepoints can only
-    resolve it at its next state change (its end), and run for every socket's transitions."""
+    """Whether the client's outcome comes from sock_ops: always in the sockops tier, and in the
+    kprobe tier too where the kernel has the callbacks. It decides each outcome at the SYN-ACK,
+    so a connection is exact while it is open; the tracepoints can only resolve it at its next
+    state change (its end), and run for every transition of every socket."""
     return tier == "sockops" or (tier == "kprobe" and not _sockops_ok(facts))
 
 
@@ -250,23 +250,25 @@ def _active(facts: KernelFacts, tier: str, sockops: bool) -> Resolution:
     completion = [Attachment("tracepoint", SET_STATE), Attachment("tracepoint", DESTROY)]
     if tier == "counters":
         return Resolution(point, "counters", [], True, "BPF disabled", [], counter="TCPFastOpenActive")
-    if sockops:
-        lead = "" if tier == "sockops" else (
-            "sock_ops where the kernel has it, beside the kprobes: exact while a connection is open "
-            "(tcp_connect and the tracepoints resolve it when it ends); ")
+    if tier == "sockops":
         return Resolution(point, "sockops", [SOCK_OPS], True,
-                          lead + "sock_ops: connect (TFO attempts tracked), outcome decided at the "
-                          "SYN-ACK (acked: snd_una == snd_nxt) or when the SYN gives up", events_of(point))
+                          "sock_ops: connect (TFO attempts tracked), outcome decided at the SYN-ACK "
+                          "(acked: snd_una == snd_nxt) or when the SYN gives up", events_of(point))
+    # kprobe: the connecting task is read by a kprobe (before 6.10, sock_ops programs may not
+    # ask who the current task is); the outcome by sock_ops at the SYN-ACK where the kernel
+    # has it, else by the tracepoints when the connection next changes state.
+    outcome = ([SOCK_OPS], "SYN-ACK outcome from sock_ops (exact while the connection is open)") \
+        if sockops else (completion, "SYN-ACK outcome from sock:inet_sock_set_state (when the "
+                                     "connection next changes state)")
     if tier == "kprobe":
         if facts.traceable(point):
-            return Resolution(point, "kprobe", _probe_pair(point, "on_connect") + completion, False,
-                              "traceable; SYN-ACK outcome read from sock:inet_sock_set_state",
-                              events_of(point))
+            return Resolution(point, "kprobe", _probe_pair(point, "on_connect") + outcome[0], False,
+                              f"traceable; {outcome[1]}", events_of(point))
         if facts.traceable("tcp_connect"):
-            return Resolution(point, "kprobe", _probe_pair("tcp_connect", "on_connect") + completion,
+            return Resolution(point, "kprobe", _probe_pair("tcp_connect", "on_connect") + outcome[0],
                               True, "not in kallsyms (inlined into tcp_connect); tcp_connect "
-                              "return reads syn_data/syn_fastopen/fastopen_client_fail, SYN-ACK "
-                              "outcome from sock:inet_sock_set_state", events_of(point))
+                              f"return reads syn_data/syn_fastopen/fastopen_client_fail; {outcome[1]}",
+                              events_of(point))
     return Resolution(point, "tracepoint", completion, True,
                       "SYN contents read when the socket leaves SYN_SENT, SYN-ACK outcome at its "
                       "next transition or destruction (counted when the connection ends)",
@@ -351,7 +353,7 @@ def resolve(facts: KernelFacts, mode: str = "auto", sockops: bool = True) -> Pla
         "STATE_TRACEPOINTS": int(SET_STATE in traced),
         "SOCKOPS": int(any(SOCK_OPS in r.attachments for r in points)),
         "SOCKOPS_PASSIVE": int(gen.tier == "sockops"),
-        "SOCKOPS_ACTIVE": int(active.tier == "sockops"),
+        "SOCKOPS_ACTIVE": int(SOCK_OPS in active.attachments),
         "TW_SOCKOPS": int(tw.tier == "sockops"),
     }
     return Plan(mode=mode, tier=tier, points=points, defines=defines, events=events)
