@@ -14,7 +14,18 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from netlab import IN_GUEST, Lab, free_port, scrape, series, sh, skip_unless_root_bpf, start_daemon, unit_caps, value
+from netlab import (
+    IN_GUEST,
+    Lab,
+    free_port,
+    scrape,
+    series,
+    sh,
+    skip_unless_root_bpf,
+    start_daemon,
+    unit_caps,
+    value,
+)
 
 from tfowatch.core.cgroups import cgroup2_mount
 
