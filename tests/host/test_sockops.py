@@ -147,7 +147,7 @@ def test_a_kernel_whose_sock_ops_cannot_name_the_task_says_so() -> None:
     (auto runs the kprobe tier there, which reads the task in its tcp_connect kprobe)."""
     skip_unless_root_bpf("sockops tests")
     try:
-        daemon = start_daemon(f"127.0.0.1:{free_port()}", unit_caps(), "--mode", "sockops")
+        daemon = start_daemon(f"127.0.0.1:{free_port()}", unit_caps("sys-admin.conf"), "--mode", "sockops")
     except RuntimeError as exc:  # it exited
         err = str(exc)
     else:

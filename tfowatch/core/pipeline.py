@@ -52,8 +52,9 @@ def _attach_or_fall_back(plan: Plan, facts: KernelFacts, variant: Variant, stric
         probes.attach()
         return plan, probes
     except (LoadError, BtfError) as exc:
-        if denied := perf_events_denied():  # every tier with probes would fail the same way
-            raise PlanError(f"cannot attach probes: {denied}") from exc
+        sockops_failed = isinstance(exc, LoadError) and exc.sockops  # needs no perf event
+        if not sockops_failed and (denied := perf_events_denied()):  # every tier with probes
+            raise PlanError(f"cannot attach probes: {denied}") from exc  # would fail the same way
         reason = exc.reason if isinstance(exc, LoadError) else "kernel_btf"
         if plan.mode != "auto":  # the tier asked for, or nothing
             raise PlanError(f"{exc}: {DEGRADED_FIX[reason]}") from exc
@@ -61,7 +62,6 @@ def _attach_or_fall_back(plan: Plan, facts: KernelFacts, variant: Variant, stric
             raise PlanError(f"strict: {plan.tier} tier unavailable ({exc}): {DEGRADED_FIX[reason]}") from exc
         if plan.degraded is not None:  # the first failure is the one reported
             log.warning("%s tier unavailable too (%s)", plan.tier, exc)
-        sockops_failed = isinstance(exc, LoadError) and exc.sockops
         return fall_back(plan, facts, reason, str(exc), DEGRADED_FIX[reason], sockops_failed), None
 
 
