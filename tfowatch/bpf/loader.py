@@ -10,6 +10,7 @@ import importlib
 import importlib.resources
 import logging
 import os
+import re
 import select
 import sys
 import tempfile
@@ -119,12 +120,17 @@ DEGRADED_FIX = {
                   "namespace",
     "sockops_denied": "the sockops tier needs CAP_NET_ADMIN to load and attach its sock_ops "
                       "program: the unit and the DaemonSet shipped with tfowatch grant it",
-    "sockops_helpers": "this kernel's sock_ops programs may not ask for the current task "
-                       "(bpf_get_current_pid_tgid, _comm, _cgroup_id: 6.18 allows them, Debian's 6.1 "
-                       "and 6.12 do not), which the sockops tier needs to name each connecting "
-                       "process: enable kprobes (the kprobe tier reads the task in a kprobe) or run "
-                       "a newer kernel",
+    "sockops_helpers": "this kernel's sock_ops programs may not ask who the current task is "
+                       "(6.1 refuses bpf_get_current_pid_tgid there, 6.12 bpf_get_current_comm; 6.18 "
+                       "allows both), which the sockops tier needs to name each connecting process: "
+                       "enable kprobes (the kprobe tier reads the task in a kprobe) or run a newer "
+                       "kernel",
 }
+
+
+# How a verifier refuses a helper that names the current task to a sock_ops program: 6.1
+# knows no bpf_get_current_pid_tgid there, 6.12 no bpf_get_current_comm.
+TASK_HELPER_REFUSED = re.compile(r"(unknown func|cannot use helper) bpf_get_current_")
 
 
 class LoadError(Exception):
@@ -365,9 +371,9 @@ class Probes:
             except LoadError as exc:
                 self.attached[a] = False
                 self.close()
-                if any("unknown func bpf_get_current" in line for line in said):  # the verifier's
-                    raise LoadError(f"{exc}: {next(ln for ln in said if 'unknown func' in ln)}",
-                                    "sockops_helpers", True) from exc
+                refused = next((line for line in said if TASK_HELPER_REFUSED.search(line)), "")
+                if refused:  # the verifier's own words
+                    raise LoadError(f"{exc}: {refused.strip()}", "sockops_helpers", True) from exc
                 raise
             except Exception as exc:
                 self.attached[a] = False

@@ -727,7 +727,7 @@ static __always_inline void so_connect(void *ctx, struct bpf_sock_ops *skops)
 	c.attempted = fastopen_attempted(sk);
 #if ACTIVE_KPROBE
 	/* The kprobe tier: the tcp_connect kprobe's return fills in who connects where, in the
-	 * connecting task (before 6.10 sock_ops programs may not call bpf_get_current_pid_tgid). */
+	 * connecting task (6.1 refuses sock_ops bpf_get_current_pid_tgid, 6.12 bpf_get_current_comm). */
 	if (!c.attempted)
 		return;
 #else

@@ -254,8 +254,8 @@ def _active(facts: KernelFacts, tier: str, sockops: bool) -> Resolution:
         return Resolution(point, "sockops", [SOCK_OPS], True,
                           "sock_ops: connect (TFO attempts tracked), outcome decided at the SYN-ACK "
                           "(acked: snd_una == snd_nxt) or when the SYN gives up", events_of(point))
-    # kprobe: the connecting task is read by a kprobe (before 6.10, sock_ops programs may not
-    # ask who the current task is); the outcome by sock_ops at the SYN-ACK where the kernel
+    # kprobe: the connecting task is read by a kprobe (the sock_ops programs of 6.1 and 6.12 may
+    # not ask who the current task is); the outcome by sock_ops at the SYN-ACK where the kernel
     # has it, else by the tracepoints when the connection next changes state.
     outcome = ([SOCK_OPS], "SYN-ACK outcome from sock_ops (exact while the connection is open)") \
         if sockops else (completion, "SYN-ACK outcome from sock:inet_sock_set_state (when the "
