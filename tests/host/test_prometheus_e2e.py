@@ -81,14 +81,35 @@ def start_prometheus(target: str, workdir: Path) -> tuple[subprocess.Popen[bytes
     raise RuntimeError("prometheus did not become ready")
 
 
-def wait_for(check: Any, what: str, timeout: float = 90) -> Any:
+def wait_for(check: Any, what: str, timeout: float = 90, diagnose: Any = None) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = check()
         if got:
             return got
         time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f": {diagnose()}" if diagnose else ""))
+
+
+def held_at_once(prom: str, query: str) -> tuple[str, dict[str, Any]] | None:
+    """(a moment, build_info then) when `query` holds and the last scrape before it
+    succeeded, or None. One failed scrape (a slow guest) marks every series stale until the
+    next, so the panels are evaluated at a moment whose scrape is known good."""
+    at = f"{time.time():.3f}"
+    up = api(prom, "query", query='up{job="tfowatch"} == 1', time=at)["result"]
+    info = api(prom, "query", query='tfowatch_build_info{job="tfowatch"}', time=at)["result"]
+    return (at, info[0]) if up and info and api(prom, "query", query=query, time=at)["result"] else None
+
+
+def scrapes(prom: str) -> Any:
+    """What Prometheus saw of its scrapes: for a timeout's message."""
+    def said() -> str:
+        def over(fn: str, series: str) -> str:
+            res = api(prom, "query", query=f'{fn}_over_time({series}{{job="tfowatch"}}[10m])')["result"]
+            return res[0]["value"][1] if res else "none"
+        return (f"scrapes in 10 min: {over('count', 'up')}, of which good: {over('sum', 'up')}, "
+                f"slowest: {over('max', 'scrape_duration_seconds')} s")
+    return said
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +135,11 @@ def stack() -> Iterator[Stack]:
             lab.client.peer("client", addr, str(PORT), "2", "--comm", "e2e")
         # Until Prometheus holds the spike's final counts.
         fail = f'tfowatch_kernel_tcpext_total{{counter="TCPFastOpenPassiveFail",netns="{srv.inode}"}} >= 4'
-        wait_for(lambda: api(prom, "query", query=fail)["result"], "the spike in Prometheus")
-        at = f"{time.time():.3f}"
+        at, info = wait_for(lambda: held_at_once(prom, fail), "the spike in Prometheus",
+                            diagnose=scrapes(prom))
+        print(f"prometheus: {scrapes(prom)()}")
         plan = planned_plan()
         # The tier the daemon runs, which may be lower than the plan if an attach failed.
-        [info] = api(prom, "query", query='tfowatch_build_info{job="tfowatch"}')["result"]
         running = info["metric"]["tier"]
         yield Stack(prom=prom, server=srv, client=lab.client, tier_metrics=set(plan["tiers"][running]),
                     planned_tier=plan["tier"], running_tier=running, at=at)
