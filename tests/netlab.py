@@ -83,6 +83,27 @@ class Host:
         return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
+@dataclass
+class Route:
+    """A server reached through a router (Lab.routed_server)."""
+    server: Host
+    router: Host
+    v4: str  # the server's addresses
+    v6: str
+
+    def middlebox(self, *rules: str) -> None:
+        """The router's forward chain holds `rules` (nft syntax), in a table of our own that
+        goes with the router's namespace."""
+        body = "".join(f"  {r}\n" for r in rules)
+        ruleset = (f"table inet tfw_mbox {{\n chain mbox {{\n  type filter hook forward priority 0;\n"
+                   f"{body} }}\n}}\n")
+        subprocess.run(["ip", "netns", "exec", self.router.name, "nft", "-f", "-"], input=ruleset,
+                       check=True, capture_output=True, text=True)
+
+    def clear_middlebox(self) -> None:
+        sh("ip", "netns", "exec", self.router.name, "nft", "delete", "table", "inet", "tfw_mbox")
+
+
 class Lab:
     """A client namespace linked by veth pairs to server namespaces."""
 
@@ -145,10 +166,33 @@ class Lab:
             time.sleep(0.1)
         raise AssertionError(f"no new namespace got inode {ino} in {tries} tries")
 
-    def start_server(self, host: Host, *ports: str) -> Path:
+    def routed_server(self, role: str, tcp_fastopen: str) -> Route:
+        """A server namespace behind a router namespace (forwarding on, IPv4 and IPv6), where
+        a test's middlebox rules go: the path client -- router -- server."""
+        router, srv = self.host(f"{role}r"), self.host(role)
+        vias = []  # (the router's IPv4, its IPv6) on each side; the server's last
+        for a, b in ((self.client, router), (router, srv)):
+            _, b4 = self.link(a, b)
+            net6 = f"fd00:7f0:{self._subnet}"
+            for host, end in ((a, 1), (b, 2)):  # link()'s devices: ta* in a, tb* in b
+                sh("ip", "-n", host.name, "addr", "add", f"{net6}::{end}/64",
+                   "dev", f"t{'ab'[end - 1]}{self._subnet}{self.tag}", "nodad")
+            vias.append((b4, f"{net6}::2"))
+        (via4, via6), (srv4, srv6) = vias
+        sh("ip", "-n", self.client.name, "route", "add", "default", "via", via4)
+        sh("ip", "-n", self.client.name, "-6", "route", "add", "default", "via", via6)
+        back4, back6 = srv4.rsplit(".", 1)[0] + ".1", srv6.removesuffix("::2") + "::1"
+        sh("ip", "-n", srv.name, "route", "add", "default", "via", back4)
+        sh("ip", "-n", srv.name, "-6", "route", "add", "default", "via", back6)
+        router.sysctl("net.ipv4.ip_forward", "1")
+        router.sysctl("net.ipv6.conf.all.forwarding", "1")
+        srv.sysctl("net.ipv4.tcp_fastopen", tcp_fastopen)
+        return Route(srv, router, srv4, srv6)
+
+    def start_server(self, host: Host, *ports: str, v6: bool = False) -> Path:
         log = Path(self.tmp.name) / f"{host.name}.jsonl"
         log.touch()
-        proc = host.popen("server", *ports, "--log", str(log))
+        proc = host.popen("server", *ports, "--log", str(log), *(["--v6"] if v6 else []))
         self.procs.append(proc)
         assert proc.stdout is not None
         line = proc.stdout.readline()

@@ -1,11 +1,15 @@
 """TFO test peer, run inside a test namespace (`ip netns exec NS python peer.py ...`).
 
-server PORT[:QLEN] ... --log FILE   listen with TCP_FASTOPEN; one JSON line per accepted
-                                    connection: {port, syn_data, tfo_child}
+server PORT[:QLEN] ... --log FILE   listen with TCP_FASTOPEN (on IPv6 too with --v6); one JSON
+        [--v6]                      line per accepted connection: {port, syn_data, tfo_child}
 client HOST PORT COUNT [--comm C]   COUNT connections with MSG_FASTOPEN (or plain connect with
-        [--plain] [--hold]          --plain); prints one JSON line per connection with what the
-                                    client saw in tcp_info: {acked, client_fail}; --hold keeps
-                                    each one open until stdin closes
+        [--plain] [--hold]          --plain, TCP_FASTOPEN_CONNECT with --fastopen-connect; HOST
+        [--fastopen-connect]        may be IPv6); prints one JSON line per connection with what
+        [--give-up-on-timeout]      the client saw in tcp_info: {acked, client_fail}; --hold keeps
+                                    each one open until stdin closes; --give-up-on-timeout: a
+                                    connection whose SYN-ACKs are lost is closed once the kernel's
+                                    blackhole detection counted it (TCPFastOpenActiveFail), and
+                                    prints {established: false, ...}
 syn-hold HOST PORT COUNT [--comm C] COUNT non-blocking MSG_FASTOPEN SYNs, held open briefly and
                                     closed unanswered; one JSON line per SYN: {syn_data}
 tw-bind-reuse HOST PORT             TIME-WAIT reuse by bind()+connect() from the same port
@@ -31,6 +35,7 @@ import threading
 import time
 
 TCP_FASTOPEN = 23
+TCP_FASTOPEN_CONNECT = 30
 TCPI_OPT_SYN_DATA = 32
 TCPI_OPT_TFO_CHILD = 128
 PR_SET_NAME = 15
@@ -47,13 +52,15 @@ def set_comm(name: str) -> None:
     ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
-def listener(port: int, tfo_qlen: int) -> socket.socket:
-    """A listener on every address; TCP_FASTOPEN with this queue length unless 0."""
-    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def listener(port: int, tfo_qlen: int, family: int = socket.AF_INET) -> socket.socket:
+    """A listener on every address of `family`; TCP_FASTOPEN with this queue length unless 0."""
+    ls = socket.socket(family, socket.SOCK_STREAM)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     if tfo_qlen:
         ls.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, tfo_qlen)
-    ls.bind(("0.0.0.0", port))
+    ls.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
     ls.listen(128)
     return ls
 
@@ -75,13 +82,15 @@ def converse(conn: socket.socket) -> None:
         conn.close()
 
 
-def serve(specs: list[str], log_path: str) -> None:
+def serve(specs: list[str], log_path: str, v6: bool = False) -> None:
     """One JSON line per accepted connection, written at accept; each conversation in a
     thread of its own, so a held connection does not stop the others."""
     sel = selectors.DefaultSelector()
+    families = (socket.AF_INET, socket.AF_INET6) if v6 else (socket.AF_INET,)
     for spec in specs:
         port, _, qlen = spec.partition(":")
-        sel.register(listener(int(port), int(qlen or 64)), selectors.EVENT_READ, int(port))
+        for family in families:
+            sel.register(listener(int(port), int(qlen or 64), family), selectors.EVENT_READ, int(port))
     print("ready", flush=True)
     with open(log_path, "a", buffering=1) as log:
         while True:
@@ -94,13 +103,57 @@ def serve(specs: list[str], log_path: str) -> None:
                 threading.Thread(target=converse, args=(conn,), daemon=True).start()
 
 
-def client(host: str, port: int, count: int, plain: bool, hold: bool = False) -> None:
+def family_of(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def active_fails() -> int:
+    """This namespace's TCPFastOpenActiveFail."""
+    with open("/proc/net/netstat") as f:
+        rows = [line.split() for line in f]
+    for names, values in zip(rows[::2], rows[1::2], strict=True):
+        if names[0] == "TcpExt:":
+            return int(values[names.index("TCPFastOpenActiveFail")])
+    return 0
+
+
+def give_up_on_timeout(s: socket.socket, host: str, port: int, fastopen_connect: bool) -> None:
+    """A TFO connect whose SYN-ACKs the path eats: held until the kernel's blackhole detection
+    counts it (its third SYN timeout: 3 s with 6.5+'s linear timeouts, 7 s before), then closed."""
+    before = active_fails()
+    s.setblocking(False)
+    try:
+        if fastopen_connect:
+            s.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+            s.connect((host, port))  # deferred: the SYN goes with the first write
+            s.send(b"hello")
+        else:
+            s.sendto(b"hello", socket.MSG_FASTOPEN, (host, port))
+    except BlockingIOError:
+        pass
+    deadline = time.monotonic() + 20
+    while active_fails() == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    options, fail = tcp_info(s)
+    print(json.dumps({"established": False, "acked": bool(options & TCPI_OPT_SYN_DATA),
+                      "client_fail": fail, "detected": active_fails() > before}), flush=True)
+
+
+def client(host: str, port: int, count: int, plain: bool, hold: bool = False,
+           fastopen_connect: bool = False, give_up: bool = False) -> None:
     for _ in range(count):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s = socket.socket(family_of(host), socket.SOCK_STREAM)
         try:
+            if give_up:
+                give_up_on_timeout(s, host, port, fastopen_connect)
+                continue
             # Blocking: a timeout would make the fd non-blocking and MSG_FASTOPEN
             # would return EINPROGRESS when it has to request a cookie first.
             if plain:
+                s.connect((host, port))
+                s.sendall(b"hello")
+            elif fastopen_connect:
+                s.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
                 s.connect((host, port))
                 s.sendall(b"hello")
             else:
@@ -244,6 +297,7 @@ def main() -> None:
     sv = sub.add_parser("server")
     sv.add_argument("ports", nargs="+")
     sv.add_argument("--log", required=True)
+    sv.add_argument("--v6", action="store_true")
     cl = sub.add_parser("client")
     cl.add_argument("host")
     cl.add_argument("port", type=int)
@@ -251,6 +305,8 @@ def main() -> None:
     cl.add_argument("--comm")
     cl.add_argument("--plain", action="store_true")
     cl.add_argument("--hold", action="store_true")
+    cl.add_argument("--fastopen-connect", action="store_true")
+    cl.add_argument("--give-up-on-timeout", action="store_true")
     sh = sub.add_parser("syn-hold")
     sh.add_argument("host")
     sh.add_argument("port", type=int)
@@ -271,9 +327,9 @@ def main() -> None:
     if getattr(a, "comm", None):
         set_comm(a.comm)
     if a.cmd == "server":
-        serve(a.ports, a.log)
+        serve(a.ports, a.log, a.v6)
     elif a.cmd == "client":
-        client(a.host, a.port, a.count, a.plain, a.hold)
+        client(a.host, a.port, a.count, a.plain, a.hold, a.fastopen_connect, a.give_up_on_timeout)
     elif a.cmd == "syn-hold":
         syn_hold(a.host, a.port, a.count)
     elif a.cmd == "connect-fail":

@@ -28,7 +28,8 @@ def kprobe_funcs(**resolve_args: bool) -> list[str]:
 
 
 KPROBE_FUNCS = kprobe_funcs(sockops=False)
-ALL_KPROBES = {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 1, "TW_KPROBE": 1, "BLACKHOLE_KPROBE": 1}
+ALL_KPROBES = {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 1, "TW_KPROBE": 1, "BLACKHOLE_KPROBE": 1,
+               "DETECT_KPROBE": 1}
 # The kprobe tier where the kernel has sock_ops: its client side from the sock_ops program.
 KPROBE_TIER = resolve(facts("6.12."), "kprobe").defines
 
@@ -76,7 +77,7 @@ def test_kprobe_programs_pass_the_verifier(variant: dict[str, int]) -> None:
 
 
 def test_the_plans_attach_every_kprobe_program() -> None:
-    assert len(KPROBE_FUNCS) == 7, KPROBE_FUNCS  # entry+return of 3 points, and the blackhole
+    assert len(KPROBE_FUNCS) == 8, KPROBE_FUNCS  # entry+return of 3 points, blackhole disable, detection
     assert kprobe_funcs() == KPROBE_FUNCS  # with sock_ops for the client's outcome too
 
 

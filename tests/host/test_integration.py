@@ -252,7 +252,7 @@ def test_an_open_connection_is_counted_or_pending(run: Run) -> None:
 def test_reconcile_drift_is_zero(run: Run) -> None:
     drift = series(run.samples, "tfowatch_reconcile_drift")
     labels = {dict(lab)["metric"] for lab in drift}
-    assert {"syn_data_accepted", "syn_data_acked", "syn_data_not_acked"} <= labels
+    assert {"syn_data_accepted", "syn_data_acked", "active_fail"} <= labels
     assert all(v == 0 for v in drift.values()), drift
 
 

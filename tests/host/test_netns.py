@@ -162,10 +162,10 @@ def test_drift_is_probe_count_minus_kernel_delta() -> None:
     agg.add(Event(EventType.DATA_NOT_ACKED, netns=6, port=80, comm="c"))
     agg.add(Event(EventType.SYN_RETRANSMITTED, netns=6, port=80, comm="c"))
     deltas = {5: {"TCPFastOpenPassive": 2}, 6: {"TCPFastOpenActiveFail": 2}, 7: {}}
-    out = drift(agg.snapshot(), deltas, ["syn_data_accepted", "syn_data_not_acked"])
+    out = drift(agg.snapshot(), deltas, ["syn_data_accepted", "active_fail"])
     # Every reconciled metric of a namespace where anything moved (0 when exact); none of an idle one.
-    assert out == {(5, "syn_data_accepted"): 1, (5, "syn_data_not_acked"): 0,
-                   (6, "syn_data_accepted"): 0, (6, "syn_data_not_acked"): 0}
+    assert out == {(5, "syn_data_accepted"): 1, (5, "active_fail"): 0,
+                   (6, "syn_data_accepted"): 0, (6, "active_fail"): 0}
 
 
 def test_no_drift_for_a_namespace_whose_counters_were_never_read() -> None:

@@ -115,11 +115,11 @@ def _outcomes(acked: int, not_acked: int) -> Aggregator:
 
 
 @pytest.mark.parametrize(("acked", "not_acked", "pending", "want"), [
-    (3, 1, 0, {"syn_data_acked": -1, "syn_data_not_acked": -1}),  # two short, none open: drift
-    (3, 1, 2, {"syn_data_acked": 0, "syn_data_not_acked": 0}),  # both short ones are still open
-    (4, 1, 1, {"syn_data_acked": 0, "syn_data_not_acked": 0}),  # the open one will be not-acked
-    (3, 1, 1, {"syn_data_acked": -1, "syn_data_not_acked": -1}),  # one open cannot explain two
-    (5, 2, 1, {"syn_data_acked": 1, "syn_data_not_acked": 0}),  # an excess is never excused
+    (3, 1, 0, {"syn_data_acked": -1, "active_fail": -1}),  # two short, none open: drift
+    (3, 1, 2, {"syn_data_acked": 0, "active_fail": 0}),  # both short ones are still open
+    (4, 1, 1, {"syn_data_acked": 0, "active_fail": 0}),  # the open one will be not-acked
+    (3, 1, 1, {"syn_data_acked": -1, "active_fail": -1}),  # one open cannot explain two
+    (5, 2, 1, {"syn_data_acked": 1, "active_fail": 0}),  # an excess is never excused
 ])
 def test_drift_allows_for_open_connections_whose_outcome_is_counted_at_close(
         acked: int, not_acked: int, pending: int, want: dict[str, int]) -> None:

@@ -37,7 +37,12 @@ def test_debian_kernels_get_the_kprobe_tier(release: str) -> None:
     assert plan.defines == {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 1, "TW_KPROBE": 1,
                             "BLACKHOLE_KPROBE": 1, "CGROUP_NAMES": 1, "CONNECT_ERRORS": 1,
                             "STATE_TRACEPOINTS": 0, "SOCKOPS": 1, "SOCKOPS_PASSIVE": 0,
-                            "SOCKOPS_ACTIVE": 1, "TW_SOCKOPS": 0}
+                            "SOCKOPS_ACTIVE": 1, "TW_SOCKOPS": 0, "BLACKHOLE_SOCKOPS": 0,
+                            "DETECT_KPROBE": 1, "DETECT_SOCKOPS": 0}
+    # The blackhole detection's TCPFastOpenActiveFail: the kernel's own check, kprobed (both
+    # sides: a server's TFO child times out too).
+    assert targets(plan, "tcp_fastopen_active_detect_blackhole") == {
+        "kprobe:tcp_fastopen_active_detect_blackhole"}
     assert targets(plan, "connect_eaddrnotavail") == {"tracepoint:syscalls:sys_enter_connect",
                                                       "tracepoint:syscalls:sys_exit_connect"}
     assert targets(plan, "cgroup_mkdir") == {"tracepoint:cgroup:cgroup_mkdir"}
@@ -46,15 +51,15 @@ def test_debian_kernels_get_the_kprobe_tier(release: str) -> None:
     assert subs["tcp_fastopen_cookie_gen"] and subs["tcp_send_syn_data"]
     assert not subs["tcp_twsk_unique"]
     assert set(plan.reconciled) == {"cookie_requests", "syn_data_accepted", "invalid_cookie",
-                                    "queue_overflow", "syn_data_acked", "syn_data_not_acked",
+                                    "queue_overflow", "syn_data_acked", "active_fail",
                                     "tw_reuse_granted", "blackhole_disables"}
 
 
 @pytest.mark.parametrize("release", ["6.1.", "6.12.", "6.18."])
 def test_sockops_mode_sees_every_tfo_point_of_both_sides_with_one_program(release: str) -> None:
     """Issue 17: without kprobes, the server side's cookie requests, cookies and fallbacks
-    too, and TIME-WAIT takeovers (grants only; refusals as the connects they fail); blackhole
-    stays with the kernel's counters."""
+    too, and TIME-WAIT takeovers (grants only; refusals as the connects they fail). Issue 18:
+    the blackhole detection's timeouts and disables too."""
     plan = resolve(facts(release), "sockops")
     assert plan.tier == "sockops" and plan.defines["SOCKOPS"] == 1
     assert [a for a in plan.attachments if a.kind != "tracepoint"] == [SOCK_OPS]
@@ -62,14 +67,16 @@ def test_sockops_mode_sees_every_tfo_point_of_both_sides_with_one_program(releas
         assert targets(plan, point) == {"sockops:cgroup2_root"}
     assert plan.events == {s.type for s in EVENTS if s.point in (
         "tcp_fastopen_cookie_gen", "tcp_fastopen_check", "tcp_send_syn_data",
-        "connect_eaddrnotavail")} | {E.TW_REUSE_GRANTED}
+        "connect_eaddrnotavail", "tcp_fastopen_active_disable",
+        "tcp_fastopen_active_detect_blackhole")} | {E.TW_REUSE_GRANTED}
     assert set(plan.reconciled) == {"cookie_requests", "syn_data_accepted", "invalid_cookie",
-                                    "queue_overflow", "syn_data_acked", "syn_data_not_acked",
-                                    "tw_reuse_granted"}
+                                    "queue_overflow", "syn_data_acked", "active_fail",
+                                    "tw_reuse_granted", "blackhole_disables"}
     assert targets(plan, "connect_eaddrnotavail") == {"tracepoint:syscalls:sys_enter_connect",
                                                       "tracepoint:syscalls:sys_exit_connect"}
-    blackhole = next(r for r in plan.points if r.point == "tcp_fastopen_active_disable")
-    assert (blackhole.tier, blackhole.counter) == ("counters", "TCPFastOpenBlackhole")
+    for point in ("tcp_fastopen_active_disable", "tcp_fastopen_active_detect_blackhole"):
+        assert targets(plan, point) == {"sockops:cgroup2_root"}
+    assert plan.defines["BLACKHOLE_SOCKOPS"] == plan.defines["DETECT_SOCKOPS"] == 1
 
 
 def test_sockops_mode_needs_the_header_option_callbacks() -> None:

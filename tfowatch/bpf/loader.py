@@ -67,6 +67,13 @@ OFFSETS = {
     "OFF_FDT_MAX_FDS": ("fdtable", "max_fds"),
     "OFF_FILE_PRIVATE": ("file", "private_data"),
     "OFF_SOCKET_SK": ("socket", "sk"),
+    "OFF_ICSK_RETRANSMITS": ("tcp_sock", "inet_conn.icsk_retransmits"),
+    "OFF_TP_OOO_QUEUE": ("tcp_sock", "out_of_order_queue"),
+    "OFF_TP_DATA_SEGS_IN": ("tcp_sock", "data_segs_in"),
+    "OFF_RB_LEFT": ("rb_node", "rb_left"),
+    "OFF_RB_RIGHT": ("rb_node", "rb_right"),
+    "OFF_SKB_RBNODE": ("sk_buff", "rbnode"),
+    "OFF_TCB_TCP_FLAGS": ("tcp_skb_cb", "tcp_flags"),
 }
 OPTIONAL_OFFSETS = {
     "OFF_TW_ENTRY_STAMP": ("inet_timewait_sock", "tw_entry_stamp", "HAVE_TW_ENTRY_STAMP"),

@@ -60,7 +60,8 @@ struct conn {
 	u16 dport;
 	u8 attempted; /* MSG_FASTOPEN / TCP_FASTOPEN_CONNECT seen at connect time */
 	u8 pending;   /* SYN data sent, acked-or-not not yet known */
-	u8 flags_added; /* sockops tier: the callback flags tfowatch set on it, cleared at the end */
+	u8 flags_added; /* sock_ops: the callback flags tfowatch set on it, cleared at its close */
+	u8 established; /* sock_ops: its SYN-ACK was counted (it stays tracked until it closes) */
 	u16 family;
 	u8 daddr[16];
 	char comm[16];
@@ -528,20 +529,67 @@ int on_twsk_unique_ret(struct pt_regs *ctx)
 }
 #endif
 
-#if BLACKHOLE_KPROBE
-/* tcp_fastopen_active_disable(sk): counts only when the blackhole timeout is set. */
-int on_active_disable(struct pt_regs *ctx, const void *sk)
+/* tcp_fastopen_active_disable(sk): active TFO disabled in the namespace (it counts, and
+ * disables, only when the blackhole timeout is set). */
+static __always_inline void emit_blackhole(void *ctx, const void *sk)
 {
 	const void *net = sk_net(sk);
 	struct tfo_event ev = {};
 
 	if (!read_u32(net + OFF_NET_BLACKHOLE_TIMEOUT))
-		return 0;
+		return;
 	ev.type = EV_BLACKHOLE_DISABLE;
 	SET_NETNS(&ev, net);
 	ev.port = __builtin_bswap16(read_u16(sk + OFF_SKC_DPORT));
 	read_daddr(&ev, sk);
 	emit(ctx, &ev);
+}
+
+#if BLACKHOLE_KPROBE
+int on_active_disable(struct pt_regs *ctx, const void *sk)
+{
+	emit_blackhole(ctx, sk);
+	return 0;
+}
+#endif
+
+#if DETECT_KPROBE || DETECT_SOCKOPS
+/* The kernel's blackhole detection (tcp_fastopen_active_detect_blackhole), run at every
+ * retransmission timeout of a socket that sent a TFO option or SYN data, or is a TFO child:
+ * on its third consecutive timeout, or an earlier one that gives up, it counts
+ * TCPFastOpenActiveFail and (with a blackhole timeout set) disables active TFO in the
+ * namespace. A client is labelled by its tracked connect; a server's TFO child (or a client
+ * whose entry the LRU dropped) by its namespace and port only: the listener's, or the remote. */
+static __always_inline void on_tfo_timeout(void *ctx, const void *sk, u32 timeouts, u32 expired)
+{
+	int client = TP_BIT(sk, SYN_FASTOPEN) || TP_BIT(sk, SYN_DATA);
+	u64 key = (u64)sk;
+	struct conn anon = {}, *c;
+
+	if (!client && !TP_BIT(sk, SYN_DATA_ACKED))
+		return;
+	if (timeouts != 2 && !(timeouts < 2 && expired))
+		return;
+	c = conns.lookup(&key);
+	if (c) {
+		emit_client(ctx, EV_TFO_TIMEOUT, c);
+	} else {
+		SET_NETNS(&anon, sk_net(sk));
+		anon.dport = client ? __builtin_bswap16(read_u16(sk + OFF_SKC_DPORT)) : read_u16(sk + OFF_SK_NUM);
+		read_addr(&anon.family, anon.daddr, sk);
+		emit_client(ctx, EV_TFO_TIMEOUT, &anon);
+	}
+#if BLACKHOLE_SOCKOPS
+	emit_blackhole(ctx, sk);
+#endif
+}
+#endif
+
+#if DETECT_KPROBE
+/* tcp_fastopen_active_detect_blackhole(sk, expired), from tcp_write_timeout(). */
+int on_detect_blackhole(struct pt_regs *ctx, const void *sk, int expired)
+{
+	on_tfo_timeout(ctx, sk, READ_KERNEL(u8, sk + OFF_ICSK_RETRANSMITS), (u8)expired);
 	return 0;
 }
 #endif
@@ -552,13 +600,19 @@ int on_active_disable(struct pt_regs *ctx, const void *sk)
  * header option and never sets a reply, so no packet and no socket changes. It asks for the
  * callbacks it reads in (bpf_sock_ops_cb_flags_set, OR-ed with the flags set already) and
  * clears the ones it added once it has what it needs. */
+#define TCPHDR_FIN 0x01
 #define TCPHDR_SYN 0x02
 #define TCPHDR_ACK 0x10
 #define TFO_OPTION 34
 #define TCPOPT_EXP 254
 #define TFO_EXP_MAGIC 0xF989
 #define SYNACK_FLAG BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG
-#define CLIENT_FLAGS BPF_SOCK_OPS_STATE_CB_FLAG
+#if DETECT_SOCKOPS /* a TFO socket's retransmission timeouts, for the kernel's blackhole detection */
+#define RTO_FLAG BPF_SOCK_OPS_RTO_CB_FLAG
+#else
+#define RTO_FLAG 0
+#endif
+#define CLIENT_FLAGS (BPF_SOCK_OPS_STATE_CB_FLAG | RTO_FLAG)
 
 /* The kernel's struct sock of a callback: bpf_sock_ops_kern starts with it (the program's
  * ctx pointer is that struct; the verifier forbids arithmetic on skops->sk itself). */
@@ -677,14 +731,20 @@ static __always_inline void so_passive(void *ctx, struct bpf_sock_ops *skops)
 	struct listener_key k = {};
 	u8 *ours;
 
-	if (read_u64(sk + OFF_TP_FASTOPEN_RSK))
+	u32 flags = skops->bpf_sock_ops_cb_flags, tfo = read_u64(sk + OFF_TP_FASTOPEN_RSK) != 0;
+
+	if (tfo)
 		emit_server(ctx, EV_SYN_DATA_ACCEPTED, sk_net(sk), skops->local_port);
-	if (!(skops->bpf_sock_ops_cb_flags & SYNACK_FLAG))
-		return;
-	listener_key(&k, sk, skops->local_port);
-	ours = synack_listeners.lookup(&k);
-	if (ours && *ours)
-		ops_clear_flags(skops, SYNACK_FLAG);
+	if (flags & SYNACK_FLAG) {
+		listener_key(&k, sk, skops->local_port);
+		ours = synack_listeners.lookup(&k);
+		if (ours && *ours)
+			flags &= ~SYNACK_FLAG;
+	}
+	if (tfo) /* its timeouts count in the kernel's blackhole detection too */
+		flags |= RTO_FLAG;
+	if (flags != skops->bpf_sock_ops_cb_flags)
+		bpf_sock_ops_cb_flags_set(skops, flags);
 }
 
 #endif /* SOCKOPS_PASSIVE */
@@ -746,9 +806,9 @@ static __always_inline void so_connect(void *ctx, struct bpf_sock_ops *skops)
 	ops_set_flags(skops, CLIENT_FLAGS);
 }
 
-/* The client's outcome, once the SYN-ACK is processed (ACTIVE_ESTABLISHED: before the
- * kernel sets syn_data_acked, so the ack is read from snd_una) or the SYN gave up. */
-static __always_inline void so_client_done(void *ctx, struct bpf_sock_ops *skops, int established)
+/* The client's SYN-ACK (ACTIVE_ESTABLISHED: before the kernel sets syn_data_acked, so the
+ * ack is read from snd_una). The socket stays tracked until it closes. */
+static __always_inline void so_client_established(void *ctx, struct bpf_sock_ops *skops)
 {
 	const void *sk = ops_sk(skops);
 	u64 key = (u64)sk;
@@ -756,10 +816,11 @@ static __always_inline void so_client_done(void *ctx, struct bpf_sock_ops *skops
 
 	if (!c)
 		return;
+	c->established = 1;
 #if !ACTIVE_KPROBE /* else the tcp_connect kprobe's return counted what the SYN carried */
 	client_syn_outcome(ctx, sk, c);
 #endif
-	if (established && TP_BIT(sk, SYN_DATA)) {
+	if (TP_BIT(sk, SYN_DATA)) {
 		if (skops->snd_una == skops->snd_nxt)
 			emit_client(ctx, EV_SYN_DATA_ACKED, c);
 		else if (skops->total_retrans)
@@ -767,7 +828,42 @@ static __always_inline void so_client_done(void *ctx, struct bpf_sock_ops *skops
 		else
 			emit_client(ctx, EV_DATA_NOT_ACKED, c);
 	}
-	if (c->flags_added)
+}
+
+#if BLACKHOLE_SOCKOPS
+/* tcp_fastopen_active_disable_ofo_check(), which the kernel runs when this socket is
+ * destroyed, just after it closes: a TFO connection that received no data and holds only a
+ * FIN out of order was black-holed after its handshake, and active TFO is disabled. */
+static __always_inline void so_fin_only_ofo(void *ctx, const void *sk)
+{
+	const void *node = (const void *)read_u64(sk + OFF_TP_OOO_QUEUE);
+
+	if (!node || !TP_BIT(sk, SYN_FASTOPEN) || read_u32(sk + OFF_TP_DATA_SEGS_IN))
+		return;
+	if (read_u64(node + OFF_RB_LEFT) || read_u64(node + OFF_RB_RIGHT))
+		return; /* the only segment out of order: a root without children */
+	if (read_u16(node - OFF_SKB_RBNODE + OFF_SKB_CB + OFF_TCB_TCP_FLAGS) & TCPHDR_FIN)
+		emit_blackhole(ctx, sk);
+}
+#endif
+
+/* A tracked client socket closes: what its SYN carried when it never had a SYN-ACK. */
+static __always_inline void so_client_closed(void *ctx, struct bpf_sock_ops *skops)
+{
+	const void *sk = ops_sk(skops);
+	u64 key = (u64)sk;
+	struct conn *c = conns.lookup(&key);
+
+	if (!c)
+		return;
+#if !ACTIVE_KPROBE
+	if (!c->established)
+		client_syn_outcome(ctx, sk, c);
+#endif
+#if BLACKHOLE_SOCKOPS
+	so_fin_only_ofo(ctx, sk);
+#endif
+	if (c->flags_added) /* a socket disconnected (AF_UNSPEC) may connect again, without TFO */
 		ops_clear_flags(skops, c->flags_added);
 	conns.delete(&key);
 }
@@ -830,11 +926,16 @@ int on_sock_ops(struct bpf_sock_ops *skops)
 		so_connect(skops, skops);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		so_client_done(skops, skops, 1);
+		so_client_established(skops, skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB: /* args[0]: old state, args[1]: new */
-		if (skops->args[0] == TCP_SYN_SENT && skops->args[1] == TCP_CLOSE)
-			so_client_done(skops, skops, 0);
+		if (skops->args[1] == TCP_CLOSE)
+			so_client_closed(skops, skops);
+		break;
+#endif
+#if DETECT_SOCKOPS
+	case BPF_SOCK_OPS_RTO_CB: /* right after the kernel's blackhole detection, with its values */
+		on_tfo_timeout(skops, ops_sk(skops), skops->args[0], skops->args[2]);
 		break;
 #endif
 	}

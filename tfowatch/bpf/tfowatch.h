@@ -22,7 +22,8 @@ enum tfo_event_type {
 	EV_TW_REUSE_REFUSED = 15,    /* connect() could not reuse a TIME-WAIT socket */
 	EV_PLAIN_CONNECT = 16,       /* client: connect() without TFO (doctor --watch only) */
 	EV_CONNECT_EADDRNOTAVAIL = 17, /* client: TCP connect() failed: no local port for the 4-tuple */
-	EV_TYPE_MAX = 18,
+	EV_TFO_TIMEOUT = 18,         /* a TFO socket's third retransmission timeout (TCPFastOpenActiveFail) */
+	EV_TYPE_MAX = 19,
 };
 
 /* Why a TIME-WAIT reuse was refused (tfo_event.reason for EV_TW_REUSE_REFUSED). */

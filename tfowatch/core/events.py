@@ -38,9 +38,10 @@ class EventType(enum.IntEnum):
     TW_REUSE_REFUSED = 15
     PLAIN_CONNECT = 16
     CONNECT_EADDRNOTAVAIL = 17
+    TFO_TIMEOUT = 18
 
 
-EV_TYPE_MAX = 18
+EV_TYPE_MAX = 19
 
 
 class RefuseReason(enum.IntEnum):
@@ -66,10 +67,12 @@ class Column:
 
 @dataclass(frozen=True)
 class Reconciliation:
-    """tfowatch_reconcile_drift{metric=label}: probe events of `events` minus `counter`'s delta."""
+    """tfowatch_reconcile_drift{metric=label}: probe events of `events` minus `counter`'s delta.
+    A tier that reports `required` reconciles, whether or not it sees the other events."""
     label: str
     counter: str
     events: tuple[EventType, ...]
+    required: tuple[EventType, ...]
 
 
 REFUSED = "refused"  # a `reason` taken from the event's refusal code (refuse_reason)
@@ -86,6 +89,9 @@ class EventSpec:
     column: Column | None = None  # its `tfowatch top` column
     reconcile: tuple[str, str] = ("", "")  # (drift label, TcpExt counter) it is checked against
     tfo_attempt: bool = False  # exactly one such event per client connection that tried TFO
+    # A tier without it still reconciles its counter: then the drift is the increments it cannot
+    # see (the tracepoint tier and the blackhole detection's TCPFastOpenActiveFail).
+    unseen_shows_as_drift: bool = False
     outcome: bool = False  # what an answered SYN's data became (pending until then, at close)
 
     def label_values(self, ev: Event) -> dict[str, str]:
@@ -103,6 +109,7 @@ class EventSpec:
 E, COOKIE_GEN, CHECK, SEND, TW, BLACKHOLE = (EventType, "tcp_fastopen_cookie_gen", "tcp_fastopen_check",
                                              "tcp_send_syn_data", "tcp_twsk_unique",
                                              "tcp_fastopen_active_disable")
+DETECT = "tcp_fastopen_active_detect_blackhole"
 EVENTS = (
     EventSpec(E.COOKIE_REQUEST, COOKIE_GEN, "server", (m.COOKIE_REQUESTS,),
               column=Column("cookie_requests", "REQ"),
@@ -128,10 +135,15 @@ EVENTS = (
               column=Column("cookie_unavailable", "NOCOOKIE"), tfo_attempt=True),
     EventSpec(E.DATA_NOT_ACKED, SEND, "client", (m.ACTIVE_FALLBACKS,), "data_not_acked",
               column=Column("data_not_acked", "NOTACKED"),
-              reconcile=("syn_data_not_acked", "TCPFastOpenActiveFail"), outcome=True),
+              reconcile=("active_fail", "TCPFastOpenActiveFail"), outcome=True),
     EventSpec(E.SYN_RETRANSMITTED, SEND, "client", (m.ACTIVE_FALLBACKS,), "syn_retransmitted",
               column=Column("syn_retransmitted", "SYNRTX"),
-              reconcile=("syn_data_not_acked", "TCPFastOpenActiveFail"), outcome=True),
+              reconcile=("active_fail", "TCPFastOpenActiveFail"), outcome=True),
+    # The kernel's blackhole detection: a socket that sent a TFO option or SYN data (or a TFO
+    # child) hit its third consecutive retransmission timeout; one connection may count again.
+    EventSpec(E.TFO_TIMEOUT, DETECT, "client", (m.ACTIVE_FALLBACKS,), "tfo_timeout",
+              column=Column("tfo_timeout", "TFOTIMEOUT"),
+              reconcile=("active_fail", "TCPFastOpenActiveFail"), unseen_shows_as_drift=True),
     EventSpec(E.TFO_DISABLED, SEND, "client", (m.ACTIVE_FALLBACKS,), "tfo_disabled",
               column=Column("tfo_disabled", "TFOOFF"), tfo_attempt=True),
     EventSpec(E.BLACKHOLE_DISABLE, BLACKHOLE, "client", (m.BLACKHOLE_DISABLES,),
@@ -158,7 +170,8 @@ def _reconciliations() -> tuple[Reconciliation, ...]:
     for s in EVENTS:
         if s.reconcile[0]:
             labels.setdefault(s.reconcile[0], []).append(s)
-    return tuple(Reconciliation(label, specs[0].reconcile[1], tuple(s.type for s in specs))
+    return tuple(Reconciliation(label, specs[0].reconcile[1], tuple(s.type for s in specs),
+                                tuple(s.type for s in specs if not s.unseen_shows_as_drift))
                  for label, specs in labels.items())
 
 
@@ -166,7 +179,7 @@ RECONCILIATIONS = _reconciliations()
 TFO_ATTEMPTS = tuple(s.type for s in EVENTS if s.tfo_attempt)
 # The drift labels of those outcomes: where outcomes are counted at close, the connections
 # still open (pending) are short in them, and the kernel has counted them already.
-OUTCOME_LABELS = tuple(r.label for r in RECONCILIATIONS if {SPEC[e].outcome for e in r.events} == {True})
+OUTCOME_LABELS = tuple(r.label for r in RECONCILIATIONS if all(SPEC[e].outcome for e in r.required))
 
 
 def label_values(metric: m.Metric) -> dict[str, list[str]]:

@@ -29,6 +29,7 @@ SYMBOLS = (
     "tcp_connect",
     "tcp_fastopen_cookie_check",
     "tcp_fastopen_active_disable",
+    "tcp_fastopen_active_detect_blackhole",
 )
 TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_destroy_sock", "tcp/tcp_retransmit_synack",
                "cgroup/cgroup_mkdir", "syscalls/sys_enter_connect", "syscalls/sys_exit_connect")

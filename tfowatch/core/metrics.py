@@ -13,7 +13,7 @@ from dataclasses import dataclass
 TIERS = ("kprobe", "sockops", "tracepoint", "counters")
 ALL = TIERS
 PROBED = ("kprobe", "sockops", "tracepoint")
-KPROBE = ("kprobe",)
+BLACKHOLE = ("kprobe", "sockops")  # the tiers that see active TFO being disabled
 LISTENER = ("kprobe", "sockops")  # the tiers that see the SYN's TFO option at a listener
 TIME_WAIT = ("kprobe", "sockops")  # the tiers that see TIME-WAIT reuse (sockops: grants only)
 
@@ -64,7 +64,7 @@ ACTIVE_FALLBACKS = Metric("tfowatch_active_fallbacks_total", "counter",
                           "Client-side TFO fallbacks, by reason.", (*CLIENT, "reason"), PROBED, PROBES)
 BLACKHOLE_DISABLES = Metric("tfowatch_blackhole_disables_total", "counter",
                             "Times the kernel disabled active TFO after suspected middlebox blackholing.",
-                            ("netns", "port"), KPROBE, PROBES)
+                            ("netns", "port"), BLACKHOLE, PROBES)
 TW_REUSE = Metric("tfowatch_tw_reuse_total", "counter",
                   "TIME-WAIT reuse decisions at connect(), by result and refusal reason (the sockops "
                   "tier sees only grants: connects that took over a TIME-WAIT 4-tuple).",

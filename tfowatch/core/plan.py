@@ -115,7 +115,7 @@ class Plan:
 
     @property
     def reconciled(self) -> list[str]:
-        return [r.label for r in RECONCILIATIONS if set(r.events) <= self.events]
+        return [r.label for r in RECONCILIATIONS if set(r.required) <= self.events]
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -312,9 +312,34 @@ def _blackhole(facts: KernelFacts, tier: str) -> Resolution:
         return Resolution(point, "kprobe", [Attachment("kprobe", point, "on_active_disable")],
                           False, "traceable (extra point: blackhole disables)",
                           events_of(point))
+    if tier == "sockops":
+        return Resolution(point, "sockops", [SOCK_OPS], True,
+                          "kprobes unavailable; sock_ops: the kernel's two callers, replayed with "
+                          "its values: a TFO socket's third retransmission timeout, and a TFO "
+                          "socket closing with no data received and only a FIN out of order",
+                          events_of(point))
     return Resolution(point, "counters", [], True,
                       "kprobes unavailable" if tier != "kprobe" else "not traceable",
                       [], counter="TCPFastOpenBlackhole")
+
+
+def _detect(facts: KernelFacts, tier: str, sockops: bool) -> Resolution:
+    """Not a design-card point: the kernel's blackhole detection at a retransmission timeout,
+    the TCPFastOpenActiveFail that no SYN-ACK explains."""
+    point = "tcp_fastopen_active_detect_blackhole"
+    if tier == "kprobe" and facts.traceable(point):
+        return Resolution(point, "kprobe", [Attachment("kprobe", point, "on_detect_blackhole")], False,
+                          "traceable (extra point: TFO sockets' third retransmission timeout)",
+                          events_of(point))
+    if tier == "sockops" or (tier == "kprobe" and sockops):
+        who = "TFO clients and TFO children" if tier == "sockops" else "TFO clients (not TFO children)"
+        return Resolution(point, tier, [SOCK_OPS], True,
+                          f"{'kprobes unavailable' if tier == 'sockops' else 'not traceable'}; "
+                          f"sock_ops: the retransmission timeouts of {who}, right after the "
+                          "kernel's check, with its values", events_of(point))
+    return Resolution(point, "counters", [], True,
+                      "kprobes unavailable; no tracepoint sees a retransmission timeout"
+                      if tier != "kprobe" else "not traceable", [], counter="TCPFastOpenActiveFail")
 
 
 def _cgroup_names(facts: KernelFacts, tier: str) -> Resolution:
@@ -337,9 +362,11 @@ def resolve(facts: KernelFacts, mode: str = "auto", sockops: bool = True) -> Pla
     gen, check = _passive(facts, tier)
     names = _cgroup_names(facts, tier)
     errors = _connect_errors(facts, tier)
-    active = _active(facts, tier, sockops and client_by_sockops(facts, tier))
+    by_sockops = sockops and client_by_sockops(facts, tier)
+    active = _active(facts, tier, by_sockops)
     tw = _tw(facts, tier)
-    points = [gen, check, active, tw, _blackhole(facts, tier), errors, names]
+    blackhole, detect = _blackhole(facts, tier), _detect(facts, tier, by_sockops)
+    points = [gen, check, active, tw, blackhole, detect, errors, names]
     events = {e for r in points for e in r.events}
     kprobed = {a.fn for r in points for a in r.attachments if a.kind == "kprobe"}
     traced = {a.target for r in points for a in r.attachments if a.kind == "tracepoint"}
@@ -348,6 +375,9 @@ def resolve(facts: KernelFacts, mode: str = "auto", sockops: bool = True) -> Pla
         "ACTIVE_KPROBE": int("on_connect" in kprobed),
         "TW_KPROBE": int("on_twsk_unique" in kprobed),
         "BLACKHOLE_KPROBE": int("on_active_disable" in kprobed),
+        "BLACKHOLE_SOCKOPS": int(blackhole.tier == "sockops"),
+        "DETECT_KPROBE": int("on_detect_blackhole" in kprobed),
+        "DETECT_SOCKOPS": int(SOCK_OPS in detect.attachments),
         "CGROUP_NAMES": int(bool(names.attachments)),
         "CONNECT_ERRORS": int(bool(errors.attachments)),
         "STATE_TRACEPOINTS": int(SET_STATE in traced),
