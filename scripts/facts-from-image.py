@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from tfowatch.core.btf import Btf
-from tfowatch.core.kernel import OPTIONAL_FIELDS, SYMBOLS, TRACEPOINTS, KernelFacts
+from tfowatch.core.kernel import OPTIONAL_FIELDS, SYMBOLS, TRACEPOINTS, KernelFacts, kernel_hz
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -51,13 +51,13 @@ def _has_tracepoint(btf: Btf, tp: str, syscalls: bool) -> bool:
     return syscalls if category == "syscalls" else f"btf_trace_{name}" in btf.typedefs
 
 
-def facts_from_btf(btf: Btf, release: str, kprobes: bool, syscalls: bool = True) -> KernelFacts:
+def facts_from_btf(btf: Btf, release: str, kprobes: bool, syscalls: bool = True, hz: int = 0) -> KernelFacts:
     present = {s: s in btf.functions for s in SYMBOLS}
     return KernelFacts(
         release=release, kprobes=kprobes, kprobes_why="", btf=True, headers=True,
         symbols={s: kprobes and p for s, p in present.items()}, present=present,
         tracepoints=[tp for tp in TRACEPOINTS if _has_tracepoint(btf, tp, syscalls)],
-        fields={k: btf.has_field(*v) for k, v in OPTIONAL_FIELDS.items()}, sysctls={},
+        fields={k: btf.has_field(*v) for k, v in OPTIONAL_FIELDS.items()}, sysctls={}, hz=hz,
     )
 
 
@@ -67,7 +67,7 @@ def main() -> None:
     config = (boot / f"config-{release}").read_text()
     btf = btf_of(decompress((boot / f"vmlinuz-{release}").read_bytes()))
     print(facts_from_btf(btf, release, "CONFIG_KPROBES=y" in config,
-                         "CONFIG_FTRACE_SYSCALLS=y" in config).to_json())
+                         "CONFIG_FTRACE_SYSCALLS=y" in config, kernel_hz(config)).to_json())
 
 
 if __name__ == "__main__":

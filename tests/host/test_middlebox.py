@@ -214,6 +214,7 @@ def test_syn_acks_eaten_until_active_tfo_is_disabled(daemon: str, route: tuple[L
         r.clear_middlebox()
         return eaten + connects(lab, r, path, 2)
 
+    started = time.time()
     run = traffic(lab, r, scenario)
     eaten, after = run.rows[0], run.rows[1:]  # a cookie request (a new client), then no option
     assert eaten["detected"] and eaten["client_fail"] == 1, run.rows
@@ -224,3 +225,13 @@ def test_syn_acks_eaten_until_active_tfo_is_disabled(daemon: str, route: tuple[L
     samples = check(daemon, run, {"cookie_unavailable": 1, "tfo_timeout": 1, "tfo_disabled": 2})
     if tier(samples) in m.BLACKHOLE_DISABLES.tiers:
         assert in_netns(samples, "tfowatch_blackhole_disables_total", run.client, port=str(PORT)) == 1
+    # The kernel's own state: disabled now (the connects after it sent no option), once since
+    # TFO last worked, retried within the blackhole timeout, disabled during this run.
+    state = {name: in_netns(samples, name, run.client) for name in
+             ("tfowatch_active_tfo_disabled", "tfowatch_active_tfo_disable_count",
+              "tfowatch_active_tfo_reenable_seconds", "tfowatch_active_tfo_last_disable_timestamp_seconds")}
+    at = state.pop("tfowatch_active_tfo_last_disable_timestamp_seconds")
+    assert started - 1 < at < time.time(), (at - started, state)
+    left = state.pop("tfowatch_active_tfo_reenable_seconds")
+    assert 0 < left < float(BLACKHOLE_TIMEOUT_S) - (time.time() - at) + 1, (left, time.time() - at)
+    assert state == {"tfowatch_active_tfo_disabled": 1, "tfowatch_active_tfo_disable_count": 1}, state

@@ -38,7 +38,7 @@ def test_debian_kernels_get_the_kprobe_tier(release: str) -> None:
                             "BLACKHOLE_KPROBE": 1, "CGROUP_NAMES": 1, "CONNECT_ERRORS": 1,
                             "STATE_TRACEPOINTS": 0, "SOCKOPS": 1, "SOCKOPS_PASSIVE": 0,
                             "SOCKOPS_ACTIVE": 1, "TW_SOCKOPS": 0, "BLACKHOLE_SOCKOPS": 0,
-                            "DETECT_KPROBE": 1, "DETECT_SOCKOPS": 0}
+                            "DETECT_KPROBE": 1, "DETECT_SOCKOPS": 0, "KERNEL_HZ": 250}
     # The blackhole detection's TCPFastOpenActiveFail: the kernel's own check, kprobed (both
     # sides: a server's TFO child times out too).
     assert targets(plan, "tcp_fastopen_active_detect_blackhole") == {

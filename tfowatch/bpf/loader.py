@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tfowatch.bpf.adopt import Unwatched, adopt_listeners
+from tfowatch.core.blackhole import Blackhole
 from tfowatch.core.btf import Btf, BtfError
 from tfowatch.core.cgroups import host_cgroup2_root
 from tfowatch.core.events import EV_TYPE_MAX, CountKey, CountVal, struct_of
@@ -53,6 +54,8 @@ OFFSETS = {
     "OFF_TCB_END_SEQ": ("tcp_skb_cb", "end_seq"),
     "OFF_NET_TCP_FASTOPEN": ("net", "ipv4.sysctl_tcp_fastopen"),
     "OFF_NET_BLACKHOLE_TIMEOUT": ("net", "ipv4.sysctl_tcp_fastopen_blackhole_timeout"),
+    "OFF_NET_TFO_DISABLE_TIMES": ("net", "ipv4.tfo_active_disable_times"),
+    "OFF_NET_TFO_DISABLE_STAMP": ("net", "ipv4.tfo_active_disable_stamp"),
     "OFF_NET_TW_REUSE": ("net", "ipv4.sysctl_tcp_tw_reuse"),
     "OFF_TW_TS_RECENT_STAMP": ("tcp_timewait_sock", "tw_ts_recent_stamp"),
     "OFF_TP_FASTOPEN_RSK": ("tcp_sock", "fastopen_rsk"),
@@ -440,6 +443,14 @@ class Probes:
         for _sk, conn in self.bpf[b"conns"].items_lookup_batch():
             if conn.pending:
                 out[conn.netns] = out.get(conn.netns, 0) + 1
+        return out
+
+    def blackholes(self) -> dict[int, Blackhole]:
+        """netns -> active TFO's blackhole state, where the programs have seen one disabled
+        (since they started, or before, at a TFO attempt there). One read of a small map."""
+        out: dict[int, Blackhole] = {}
+        for key, st in self.bpf[b"blackholes"].items():
+            out[key.netns] = Blackhole(st.times, st.timeout_s, st.since_ns, st.until_ns)
         return out
 
     def cgroup_path(self, cgroup_id: int) -> str:

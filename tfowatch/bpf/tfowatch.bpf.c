@@ -206,9 +206,58 @@ static __always_inline u32 client_fail(const void *sk)
 #endif
 }
 
+/* Each namespace's active-TFO blackhole state as the kernel keeps it (net->ipv4), read at
+ * every TFO attempt and every disable seen; the daemon exports it. Times are CLOCK_MONOTONIC,
+ * from the kernel's jiffies stamp (KERNEL_HZ, from its config; 0 when unknown: no times). */
+struct blackhole_key {
+	u64 netns_cookie;
+	u32 netns;
+	u32 pad;
+};
+struct blackhole_state {
+	u64 since_ns;  /* when active TFO was last disabled */
+	u64 until_ns;  /* when the kernel lets a connect try TFO again */
+	u32 times;     /* tfo_active_disable_times: disables since active TFO last worked */
+	u32 timeout_s; /* tcp_fastopen_blackhole_timeout_sec, doubled per disable (at most 64x) */
+};
+BPF_HASH(blackholes, struct blackhole_key, struct blackhole_state, 4096);
+
+/* `disabling`: called just before the kernel disables (it writes the stamp and the count
+ * after), so the state it is about to write is noted. */
+static __always_inline void note_blackhole(const void *net, int disabling)
+{
+	struct blackhole_key k = {};
+	struct blackhole_state st = {}, *was;
+	u64 stamp = read_u64(net + OFF_NET_TFO_DISABLE_STAMP), now_j = bpf_jiffies64();
+	u32 shift;
+
+	st.times = read_u32(net + OFF_NET_TFO_DISABLE_TIMES);
+	st.timeout_s = read_u32(net + OFF_NET_BLACKHOLE_TIMEOUT);
+	SET_NETNS(&k, net);
+	if (disabling) {
+		st.times += 1;
+		stamp = now_j;
+	}
+	if (!st.times) { /* never disabled, or TFO worked again since: news only if it was */
+		was = blackholes.lookup(&k);
+		if (!was || !was->times)
+			return;
+	}
+#if KERNEL_HZ
+	if (st.times && now_j >= stamp) {
+		shift = st.times - 1 > 6 ? 6 : st.times - 1;
+		st.since_ns = bpf_ktime_get_ns() - (now_j - stamp) * 1000000000ULL / KERNEL_HZ;
+		st.until_ns = st.since_ns + ((u64)st.timeout_s << shift) * 1000000000ULL;
+	}
+#endif
+	blackholes.update(&k, &st);
+}
+
 /* Client: what the SYN carried, read once the SYN has been sent. */
 static __always_inline void client_syn_outcome(void *ctx, const void *sk, const struct conn *c)
 {
+	if (c->attempted) /* where active TFO is disabled, this is what it meets */
+		note_blackhole(sk_net(sk), 0);
 	if (TP_BIT(sk, SYN_DATA))
 		emit_client(ctx, EV_SYN_DATA_SENT, c);
 	if (client_fail(sk) == TFO_COOKIE_UNAVAILABLE)
@@ -530,14 +579,16 @@ int on_twsk_unique_ret(struct pt_regs *ctx)
 #endif
 
 /* tcp_fastopen_active_disable(sk): active TFO disabled in the namespace (it counts, and
- * disables, only when the blackhole timeout is set). */
-static __always_inline void emit_blackhole(void *ctx, const void *sk)
+ * disables, only when the blackhole timeout is set). `before`: called ahead of the kernel's
+ * own disable (a kprobe at its entry), not after it. */
+static __always_inline void emit_blackhole(void *ctx, const void *sk, int before)
 {
 	const void *net = sk_net(sk);
 	struct tfo_event ev = {};
 
 	if (!read_u32(net + OFF_NET_BLACKHOLE_TIMEOUT))
 		return;
+	note_blackhole(net, before);
 	ev.type = EV_BLACKHOLE_DISABLE;
 	SET_NETNS(&ev, net);
 	ev.port = __builtin_bswap16(read_u16(sk + OFF_SKC_DPORT));
@@ -548,7 +599,7 @@ static __always_inline void emit_blackhole(void *ctx, const void *sk)
 #if BLACKHOLE_KPROBE
 int on_active_disable(struct pt_regs *ctx, const void *sk)
 {
-	emit_blackhole(ctx, sk);
+	emit_blackhole(ctx, sk, 1);
 	return 0;
 }
 #endif
@@ -580,7 +631,7 @@ static __always_inline void on_tfo_timeout(void *ctx, const void *sk, u32 timeou
 		emit_client(ctx, EV_TFO_TIMEOUT, &anon);
 	}
 #if BLACKHOLE_SOCKOPS
-	emit_blackhole(ctx, sk);
+	emit_blackhole(ctx, sk, 0); /* RTO_CB runs after the kernel's check and disable */
 #endif
 }
 #endif
@@ -843,7 +894,7 @@ static __always_inline void so_fin_only_ofo(void *ctx, const void *sk)
 	if (read_u64(node + OFF_RB_LEFT) || read_u64(node + OFF_RB_RIGHT))
 		return; /* the only segment out of order: a root without children */
 	if (read_u16(node - OFF_SKB_RBNODE + OFF_SKB_CB + OFF_TCB_TCP_FLAGS) & TCPHDR_FIN)
-		emit_blackhole(ctx, sk);
+		emit_blackhole(ctx, sk, 1);
 }
 #endif
 

@@ -6,6 +6,7 @@ against the recorded facts of kernels we do not run on (tests/facts/).
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import platform
@@ -66,6 +67,7 @@ class KernelFacts:
     tracepoints: list[str] = field(default_factory=list)
     fields: dict[str, bool] = field(default_factory=dict)
     sysctls: dict[str, str] = field(default_factory=dict)
+    hz: int = 0  # CONFIG_HZ (jiffies per second), 0 when no kernel config is readable
     kallsyms_error: str = ""  # why /proc/kallsyms could not be read (then `present` is unknown)
     tracefs_error: str = ""  # why no tracefs could be read (then `tracepoints` is unknown)
 
@@ -138,6 +140,26 @@ def _filter_functions(tfs: Path | None) -> set[str] | None:
     return out
 
 
+def kernel_hz(config: str) -> int:
+    """CONFIG_HZ of a kernel config's text (0 when it does not say)."""
+    m = re.search(r"^CONFIG_HZ=(\d+)$", config, re.M)
+    return int(m.group(1)) if m else 0
+
+
+def _config_hz(release: str) -> int:
+    """CONFIG_HZ from the running kernel's config: /proc/config.gz (CONFIG_IKCONFIG_PROC), or
+    the distribution's /boot/config-RELEASE; 0 when neither is readable (e.g. a container
+    without /boot)."""
+    try:
+        return kernel_hz(gzip.decompress(Path("/proc/config.gz").read_bytes()).decode(errors="replace"))
+    except OSError:
+        pass
+    try:
+        return kernel_hz((Path("/boot") / f"config-{release}").read_text(errors="replace"))
+    except OSError:
+        return 0
+
+
 def _headers_usable(release: str) -> bool:
     build = Path("/lib/modules") / release / "build"
     return (build / "include").is_dir() or (build / "Makefile").exists() or \
@@ -170,7 +192,7 @@ def detect() -> KernelFacts:
             btf_ok = False
     return KernelFacts(
         release=release, kprobes=kprobe_events, kprobes_why=why, btf=btf_ok,
-        headers=_headers_usable(release), symbols=traceable, present=present,
+        headers=_headers_usable(release), symbols=traceable, present=present, hz=_config_hz(release),
         kallsyms_error=kallsyms_error, tracefs_error=why if tfs is None else "",
         tracepoints=tps, fields=fields, sysctls=netns.read_ipv4_sysctls(SYSCTLS),
     )

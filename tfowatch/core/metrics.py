@@ -109,6 +109,30 @@ SYN_DATA_PENDING = Metric("tfowatch_syn_data_pending", "gauge",
                           note="only namespaces with one: none where the kprobe tier's client side "
                                "is sock_ops")
 
+# The kernel's active-TFO blackhole state (core/blackhole.py), per namespace where it has
+# been disabled: read by the programs at each TFO attempt and each disable they see.
+_BH = ("Only namespaces where the kernel has disabled active TFO since start, or had before a "
+       "TFO attempt there.")
+ACTIVE_TFO_DISABLED = Metric("tfowatch_active_tfo_disabled", "gauge",
+                             "1 while the kernel has active TFO disabled in the namespace after "
+                             "suspected blackholing (TCPFastOpenBlackhole): its connects send no TFO "
+                             f"option until tfowatch_active_tfo_reenable_seconds. {_BH}",
+                             ("netns",), PROBED, KERNEL,
+                             note="absent where the kernel's CONFIG_HZ is unknown (no kernel config)")
+ACTIVE_TFO_DISABLES = Metric("tfowatch_active_tfo_disable_count", "gauge",
+                             "The kernel's count of active TFO disables in the namespace since a TFO "
+                             "connection last worked there; each doubles the next disable's length "
+                             f"(at most 64 x tcp_fastopen_blackhole_timeout_sec). {_BH}",
+                             ("netns",), PROBED, KERNEL)
+ACTIVE_TFO_REENABLE = Metric("tfowatch_active_tfo_reenable_seconds", "gauge",
+                             "Seconds until the kernel lets a connect in the namespace try TFO again "
+                             f"(0 when it may now). {_BH}", ("netns",), PROBED, KERNEL)
+ACTIVE_TFO_DISABLED_AT = Metric("tfowatch_active_tfo_last_disable_timestamp_seconds", "gauge",
+                                "When the kernel last disabled active TFO in the namespace (Unix "
+                                f"time). {_BH}",
+                                ("netns",), PROBED, KERNEL)
+BLACKHOLE_STATE = (ACTIVE_TFO_DISABLED, ACTIVE_TFO_DISABLES, ACTIVE_TFO_REENABLE, ACTIVE_TFO_DISABLED_AT)
+
 # --- the daemon itself ---
 LISTENERS_UNWATCHED = Metric("tfowatch_listeners_unwatched", "gauge",
                              "Listeners open when the sockops tier attached that it could not ask for "
@@ -170,6 +194,7 @@ FAMILIES = (COOKIE_REQUESTS, COOKIES_ISSUED, SYN_DATA_ACCEPTED, PASSIVE_FALLBACK
             SYN_DATA_ACKED, ACTIVE_FALLBACKS, BLACKHOLE_DISABLES, TW_REUSE, TW_REUSE_AGE,
             CONNECT_EADDRNOTAVAIL,
             KERNEL_TCPEXT, NETNS_UNREADABLE, NETNS_RETIRED, RECONCILE_DRIFT, SYN_DATA_PENDING,
+            *BLACKHOLE_STATE,
             PROBE_ATTACHED, LISTENERS_UNWATCHED, EVENTS, EVENTS_LOST, LATE_EVENTS, SERIES_DROPPED,
             SERIES_EXPIRED, SERIES,
             SERIES_CAP, SERIES_CAP_PER_NETNS, BUILD_INFO,

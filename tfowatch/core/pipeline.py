@@ -12,6 +12,7 @@ from typing import Any
 from tfowatch import __version__
 from tfowatch.bpf.loader import release_compiler_heap
 from tfowatch.core.aggregator import Aggregator, Snapshot
+from tfowatch.core.blackhole import Blackhole
 from tfowatch.core.btf import Btf, BtfError
 from tfowatch.core.cgroups import CgroupNames
 from tfowatch.core.events import CountKey, Event, counted, decode
@@ -23,6 +24,9 @@ from tfowatch.core.state import KERNEL, PROBES, SELF, ExportState, Part, take
 
 log = logging.getLogger(__name__)
 POLL_MS = 50
+# The probes part of a state: the aggregate, exact per-type totals, outcomes pending at close
+# and active TFO's blackhole state, per namespace.
+ProbeReading = tuple[Snapshot, list[int] | None, dict[int, int], dict[int, Blackhole]]
 EventFilter = Callable[[Event], bool]
 EventSink = Callable[[Event], None]
 
@@ -189,12 +193,13 @@ class Pipeline:
         return self.plan.attachment_states(
             lambda a: probes is not None and probes.attached.get(a, False))
 
-    def _probe_part(self) -> tuple[Snapshot, list[int] | None, dict[int, int]]:
+    def _probe_part(self) -> ProbeReading:
         self.drain()
         self.expire()
         if self.probes is None:
-            return self.agg.snapshot(), None, {}
-        return self.agg.snapshot(), self.probes.totals(), self.probes.pending_outcomes()
+            return self.agg.snapshot(), None, {}, {}
+        return (self.agg.snapshot(), self.probes.totals(), self.probes.pending_outcomes(),
+                self.probes.blackholes())
 
     def _kernel_part(self) -> tuple[dict[int, dict[str, int]], int]:
         kernel, retired, cookies, reborn = self.counters.read()
@@ -235,10 +240,10 @@ class Pipeline:
     def state(self) -> ExportState:
         """Every part, each on its own (state.take): a failed one is empty and says so."""
         parts: dict[str, Part] = {}
-        no_probes: tuple[Snapshot, list[int] | None, dict[int, int]] = (Snapshot.empty(), None, {})
+        no_probes: ProbeReading = (Snapshot.empty(), None, {}, {})
         no_kernel: tuple[dict[int, dict[str, int]], int] = ({}, 0)
         self._replaced_now.clear()
-        snap, totals, pending = take(parts, PROBES, self._probe_part, no_probes)
+        snap, totals, pending, blackholes = take(parts, PROBES, self._probe_part, no_probes)
         kernel, unreadable = take(parts, KERNEL, self._kernel_part, no_kernel)
         if self._replaced_now and parts[PROBES].ok:  # the kernel part found a namespace replaced:
             snap = self.agg.snapshot()  # the snapshot must not hold the gone one's counts
@@ -253,6 +258,7 @@ class Pipeline:
             drift=gap, attached=attached, version=__version__, kernel_release=self.facts.release,
             series_cap=self.agg.series_cap, netns_limit=self.agg.netns_limit, parts=parts,
             unwatched=len(self.probes.unwatched) if self.probes is not None else 0, pending=pending,
+            blackholes={ino: b for ino, b in blackholes.items() if ino in kernel},  # live ones
         )
 
     def close(self) -> None:

@@ -378,6 +378,7 @@ def resolve(facts: KernelFacts, mode: str = "auto", sockops: bool = True) -> Pla
         "BLACKHOLE_SOCKOPS": int(blackhole.tier == "sockops"),
         "DETECT_KPROBE": int("on_detect_blackhole" in kprobed),
         "DETECT_SOCKOPS": int(SOCK_OPS in detect.attachments),
+        "KERNEL_HZ": facts.hz,  # 0: the blackhole state's times are unknown
         "CGROUP_NAMES": int(bool(names.attachments)),
         "CONNECT_ERRORS": int(bool(errors.attachments)),
         "STATE_TRACEPOINTS": int(SET_STATE in traced),

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from tfowatch.core.aggregator import Snapshot
+from tfowatch.core.blackhole import Blackhole
 from tfowatch.core.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class ExportState:
     parts: dict[str, Part] = field(default_factory=dict)
     unwatched: int = 0  # sockops: listeners open at start it could not ask for their SYN-ACKs
     pending: dict[int, int] = field(default_factory=dict)  # netns -> outcomes counted at close, open
+    blackholes: dict[int, Blackhole] = field(default_factory=dict)  # netns -> active TFO's state
 
     def ok(self, part: str) -> bool:
         return self.parts.get(part, Part(True, 0.0)).ok

@@ -8,6 +8,7 @@ probes` tells which tier provides what. `families(st)` is a pure function of the
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import disable_created_metrics, generate_latest
@@ -79,6 +80,18 @@ def kernel_families(st: ExportState) -> Iterator[Family]:
                                            for (ino, label), value in sorted(st.drift.items())))
     if st.plan.tier in m.SYN_DATA_PENDING.tiers and st.ok(PROBES):  # empty unless outcomes_at_close
         yield _samples(m.SYN_DATA_PENDING, (([str(ino)], n) for ino, n in sorted(st.pending.items()) if n))
+    if st.plan.tier in m.ACTIVE_TFO_DISABLES.tiers and st.ok(PROBES):
+        yield from blackhole_families(st)
+
+
+def blackhole_families(st: ExportState) -> Iterator[Family]:
+    now = time.monotonic_ns()  # the programs' bpf_ktime_get_ns() clock
+    states = sorted(st.blackholes.items())
+    timed = [(str(ino), b) for ino, b in states if b.timed]
+    yield _samples(m.ACTIVE_TFO_DISABLES, (([str(ino)], b.times) for ino, b in states))
+    yield _samples(m.ACTIVE_TFO_DISABLED, (([ino], int(b.disabled(now))) for ino, b in timed))
+    yield _samples(m.ACTIVE_TFO_REENABLE, (([ino], b.reenable_in(now)) for ino, b in timed))
+    yield _samples(m.ACTIVE_TFO_DISABLED_AT, (([ino], b.since_unix(now)) for ino, b in timed))
 
 
 def self_families(st: ExportState) -> Iterator[Family]:
