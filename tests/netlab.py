@@ -370,3 +370,21 @@ def tfo_exchange(lab: Lab, connections: int = 4, port: int = 7101) -> Exchange:
     sides = {"TCPFastOpenActive": "client", "TCPFastOpenPassive": "server", "TCPFastOpenCookieReqd": "server"}
     deltas = {c: after[side][c] - before[side][c] for c, side in sides.items()}
     return Exchange(lab.client, srv, connections, deltas)
+
+
+def doctor(*hosts: Host, watch: float | None = None) -> tuple[int, dict[str, Any]]:
+    """`tfowatch doctor -o json` on these hosts' namespaces: its exit code and report."""
+    from tfowatch.cli import EXIT_FINDINGS
+
+    args = [str(TFOWATCH), "doctor", "-o", "json"]
+    for h in hosts:
+        args += ["--netns", h.name]
+    if watch:
+        args += ["--watch", str(watch)]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert res.returncode in (0, EXIT_FINDINGS), res.stderr
+    return res.returncode, json.loads(res.stdout)
+
+
+def findings(report: dict[str, Any], code: str, host: Host) -> list[dict[str, Any]]:
+    return [f for f in report["findings"] if f["code"] == code and f["netns"] == host.inode]

@@ -10,30 +10,14 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from netlab import BPF_START_S, TFOWATCH, Host, Lab, planned_plan, skip_unless_root_bpf
+from netlab import BPF_START_S, TFOWATCH, Host, Lab, doctor, findings, planned_plan, skip_unless_root_bpf
 
 from tfowatch.cli import EXIT_FINDINGS
 
 PORT = 7401
 KEY = "a1b2c3d4-a1b2c3d4-a1b2c3d4-{:08x}"
-
-
-def doctor(*hosts: Host, watch: float | None = None) -> tuple[int, dict[str, Any]]:
-    args = [str(TFOWATCH), "doctor", "-o", "json"]
-    for h in hosts:
-        args += ["--netns", h.name]
-    if watch:
-        args += ["--watch", str(watch)]
-    res = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    assert res.returncode in (0, EXIT_FINDINGS), res.stderr
-    return res.returncode, json.loads(res.stdout)
-
-
-def findings(report: dict[str, Any], code: str, host: Host) -> list[dict[str, Any]]:
-    return [f for f in report["findings"] if f["code"] == code and f["netns"] == host.inode]
 
 
 def wait_for_time_wait(host: Host) -> None:

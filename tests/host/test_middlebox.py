@@ -22,6 +22,8 @@ from netlab import (
     Lab,
     Route,
     Samples,
+    doctor,
+    findings,
     free_port,
     scrape,
     series,
@@ -197,6 +199,12 @@ def test_syns_with_a_cookie_dropped(daemon: str, route: tuple[Lab, Route], path:
     metrics = subprocess.run(["ip", "-n", run.client.name, "tcp_metrics", "show"], capture_output=True,
                              text=True, check=True).stdout
     assert "fo_syn_drops 2/" in metrics, metrics
+    # doctor names it from the kernel's metrics cache, and says what it costs
+    _, report = doctor(run.client)
+    [dropped] = findings(report, "syn_data_dropped", run.client)
+    addr = r.v4 if path.family == "v4" else r.v6
+    assert dropped["evidence"] == {"address": addr, "fo_syn_drops": 2, "cookie_cached": True}, dropped
+    assert "keeps sending SYN data" in dropped["summary"], dropped
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: f"{p.family}-{p.api}")
@@ -235,3 +243,7 @@ def test_syn_acks_eaten_until_active_tfo_is_disabled(daemon: str, route: tuple[L
     left = state.pop("tfowatch_active_tfo_reenable_seconds")
     assert 0 < left < float(BLACKHOLE_TIMEOUT_S) - (time.time() - at) + 1, (left, time.time() - at)
     assert state == {"tfowatch_active_tfo_disabled": 1, "tfowatch_active_tfo_disable_count": 1}, state
+    _, report = doctor(run.client)
+    [blackholed] = findings(report, "active_tfo_blackholed", run.client)
+    assert blackholed["evidence"]["TCPFastOpenBlackhole"] == 1, blackholed
+    assert blackholed["evidence"]["blackhole_timeout_s"] == int(BLACKHOLE_TIMEOUT_S), blackholed

@@ -445,11 +445,18 @@ class Probes:
                 out[conn.netns] = out.get(conn.netns, 0) + 1
         return out
 
-    def blackholes(self) -> dict[int, Blackhole]:
+    def blackholes(self, current: Callable[[int], int | None]) -> dict[int, Blackhole]:
         """netns -> active TFO's blackhole state, where the programs have seen one disabled
-        (since they started, or before, at a TFO attempt there). One read of a small map."""
+        (since they started, or before, at a TFO attempt there). One read of a small map; the
+        entry of a gone namespace whose inode a new one took (`current`: its cookie) goes."""
         out: dict[int, Blackhole] = {}
-        for key, st in self.bpf[b"blackholes"].items():
+        table = self.bpf[b"blackholes"]
+        for key, st in list(table.items()):
+            now = current(key.netns)
+            if now and key.netns_cookie and now != key.netns_cookie:
+                with contextlib.suppress(KeyError):
+                    del table[key]
+                continue
             out[key.netns] = Blackhole(st.times, st.timeout_s, st.since_ns, st.until_ns)
         return out
 

@@ -596,10 +596,30 @@ static __always_inline void emit_blackhole(void *ctx, const void *sk, int before
 	emit(ctx, &ev);
 }
 
-#if BLACKHOLE_KPROBE
-int on_active_disable(struct pt_regs *ctx, const void *sk)
+#if BLACKHOLE_KPROBE || BLACKHOLE_SOCKOPS
+#define TCPHDR_FIN 0x01
+/* The kernel's tcp_fastopen_active_disable_ofo_check(), run when a socket is destroyed (just
+ * after it closes): a TFO connection that received no data and holds only a FIN out of order
+ * was black-holed after its handshake, and active TFO is disabled. Replayed here, as the
+ * kernel calls tcp_fastopen_active_disable() inline (tcp_fastopen.c): no probe sees that call. */
+static __always_inline void fin_only_ofo(void *ctx, const void *sk)
 {
-	emit_blackhole(ctx, sk, 1);
+	const void *node = (const void *)read_u64(sk + OFF_TP_OOO_QUEUE);
+
+	if (!node || !TP_BIT(sk, SYN_FASTOPEN) || read_u32(sk + OFF_TP_DATA_SEGS_IN))
+		return;
+	if (read_u64(node + OFF_RB_LEFT) || read_u64(node + OFF_RB_RIGHT))
+		return; /* the only segment out of order: a root without children */
+	if (read_u16(node - OFF_SKB_RBNODE + OFF_SKB_CB + OFF_TCB_TCP_FLAGS) & TCPHDR_FIN)
+		emit_blackhole(ctx, sk, 1);
+}
+#endif
+
+#if BLACKHOLE_KPROBE
+/* tcp_fastopen_active_disable_ofo_check(sk), from tcp_v4_destroy_sock() and tcp_disconnect(). */
+int on_ofo_check(struct pt_regs *ctx, const void *sk)
+{
+	fin_only_ofo(ctx, sk);
 	return 0;
 }
 #endif
@@ -632,6 +652,8 @@ static __always_inline void on_tfo_timeout(void *ctx, const void *sk, u32 timeou
 	}
 #if BLACKHOLE_SOCKOPS
 	emit_blackhole(ctx, sk, 0); /* RTO_CB runs after the kernel's check and disable */
+#elif BLACKHOLE_KPROBE
+	emit_blackhole(ctx, sk, 1); /* the detection's kprobe: before it disables */
 #endif
 }
 #endif
@@ -651,7 +673,6 @@ int on_detect_blackhole(struct pt_regs *ctx, const void *sk, int expired)
  * header option and never sets a reply, so no packet and no socket changes. It asks for the
  * callbacks it reads in (bpf_sock_ops_cb_flags_set, OR-ed with the flags set already) and
  * clears the ones it added once it has what it needs. */
-#define TCPHDR_FIN 0x01
 #define TCPHDR_SYN 0x02
 #define TCPHDR_ACK 0x10
 #define TFO_OPTION 34
@@ -881,23 +902,6 @@ static __always_inline void so_client_established(void *ctx, struct bpf_sock_ops
 	}
 }
 
-#if BLACKHOLE_SOCKOPS
-/* tcp_fastopen_active_disable_ofo_check(), which the kernel runs when this socket is
- * destroyed, just after it closes: a TFO connection that received no data and holds only a
- * FIN out of order was black-holed after its handshake, and active TFO is disabled. */
-static __always_inline void so_fin_only_ofo(void *ctx, const void *sk)
-{
-	const void *node = (const void *)read_u64(sk + OFF_TP_OOO_QUEUE);
-
-	if (!node || !TP_BIT(sk, SYN_FASTOPEN) || read_u32(sk + OFF_TP_DATA_SEGS_IN))
-		return;
-	if (read_u64(node + OFF_RB_LEFT) || read_u64(node + OFF_RB_RIGHT))
-		return; /* the only segment out of order: a root without children */
-	if (read_u16(node - OFF_SKB_RBNODE + OFF_SKB_CB + OFF_TCB_TCP_FLAGS) & TCPHDR_FIN)
-		emit_blackhole(ctx, sk, 1);
-}
-#endif
-
 /* A tracked client socket closes: what its SYN carried when it never had a SYN-ACK. */
 static __always_inline void so_client_closed(void *ctx, struct bpf_sock_ops *skops)
 {
@@ -912,7 +916,7 @@ static __always_inline void so_client_closed(void *ctx, struct bpf_sock_ops *sko
 		client_syn_outcome(ctx, sk, c);
 #endif
 #if BLACKHOLE_SOCKOPS
-	so_fin_only_ofo(ctx, sk);
+	fin_only_ofo(ctx, sk);
 #endif
 	if (c->flags_added) /* a socket disconnected (AF_UNSPEC) may connect again, without TFO */
 		ops_clear_flags(skops, c->flags_added);

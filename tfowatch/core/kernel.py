@@ -31,6 +31,7 @@ SYMBOLS = (
     "tcp_fastopen_cookie_check",
     "tcp_fastopen_active_disable",
     "tcp_fastopen_active_detect_blackhole",
+    "tcp_fastopen_active_disable_ofo_check",
 )
 TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_destroy_sock", "tcp/tcp_retransmit_synack",
                "cgroup/cgroup_mkdir", "syscalls/sys_enter_connect", "syscalls/sys_exit_connect")

@@ -131,6 +131,11 @@ class Generations:
         self.reused = 0  # inodes a new namespace took over
         self.late = 0
 
+    def current(self, ino: int) -> int | None:
+        """The cookie of the namespace holding inode `ino` now, if known."""
+        with self.lock:
+            return self._cookie.get(ino)
+
     def seed(self, cookies: dict[int, int]) -> None:
         with self.lock:
             self._cookie.update((ino, c) for ino, c in cookies.items() if c)

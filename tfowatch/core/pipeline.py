@@ -24,9 +24,10 @@ from tfowatch.core.state import KERNEL, PROBES, SELF, ExportState, Part, take
 
 log = logging.getLogger(__name__)
 POLL_MS = 50
-# The probes part of a state: the aggregate, exact per-type totals, outcomes pending at close
-# and active TFO's blackhole state, per namespace.
-ProbeReading = tuple[Snapshot, list[int] | None, dict[int, int], dict[int, Blackhole]]
+# The probes part of a state: the aggregate, exact per-type totals, outcomes pending at close.
+ProbeReading = tuple[Snapshot, list[int] | None, dict[int, int]]
+# The kernel part: TcpExt per namespace, how many unreadable, active TFO's blackhole state.
+KernelReading = tuple[dict[int, dict[str, int]], int, dict[int, Blackhole]]
 EventFilter = Callable[[Event], bool]
 EventSink = Callable[[Event], None]
 
@@ -197,11 +198,10 @@ class Pipeline:
         self.drain()
         self.expire()
         if self.probes is None:
-            return self.agg.snapshot(), None, {}, {}
-        return (self.agg.snapshot(), self.probes.totals(), self.probes.pending_outcomes(),
-                self.probes.blackholes())
+            return self.agg.snapshot(), None, {}
+        return self.agg.snapshot(), self.probes.totals(), self.probes.pending_outcomes()
 
-    def _kernel_part(self) -> tuple[dict[int, dict[str, int]], int]:
+    def _kernel_part(self) -> KernelReading:
         kernel, retired, cookies, reborn = self.counters.read()
         with self._folding:
             for ino, cookie in cookies.items():
@@ -210,7 +210,9 @@ class Pipeline:
                 self.generations.retire(ino)
         if retired:
             self.retire(retired)
-        return kernel, len(self.counters.unreadable)
+        # After the namespaces' cookies were admitted: a gone one's state goes with it.
+        states = self.probes.blackholes(self.generations.current) if self.probes is not None else {}
+        return kernel, len(self.counters.unreadable), {ino: b for ino, b in states.items() if ino in kernel}
 
     def _replaced(self, ino: int, cookie: int) -> None:
         """A new namespace (`cookie`) holds inode `ino`: the one before it is gone. Its series
@@ -240,11 +242,11 @@ class Pipeline:
     def state(self) -> ExportState:
         """Every part, each on its own (state.take): a failed one is empty and says so."""
         parts: dict[str, Part] = {}
-        no_probes: ProbeReading = (Snapshot.empty(), None, {}, {})
-        no_kernel: tuple[dict[int, dict[str, int]], int] = ({}, 0)
+        no_probes: ProbeReading = (Snapshot.empty(), None, {})
+        no_kernel: KernelReading = ({}, 0, {})
         self._replaced_now.clear()
-        snap, totals, pending, blackholes = take(parts, PROBES, self._probe_part, no_probes)
-        kernel, unreadable = take(parts, KERNEL, self._kernel_part, no_kernel)
+        snap, totals, pending = take(parts, PROBES, self._probe_part, no_probes)
+        kernel, unreadable, blackholes = take(parts, KERNEL, self._kernel_part, no_kernel)
         if self._replaced_now and parts[PROBES].ok:  # the kernel part found a namespace replaced:
             snap = self.agg.snapshot()  # the snapshot must not hold the gone one's counts
         both = parts[PROBES].ok and parts[KERNEL].ok
@@ -258,7 +260,7 @@ class Pipeline:
             drift=gap, attached=attached, version=__version__, kernel_release=self.facts.release,
             series_cap=self.agg.series_cap, netns_limit=self.agg.netns_limit, parts=parts,
             unwatched=len(self.probes.unwatched) if self.probes is not None else 0, pending=pending,
-            blackholes={ino: b for ino, b in blackholes.items() if ino in kernel},  # live ones
+            blackholes=blackholes,
         )
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from tfowatch.core.events import EVENTS, RECONCILIATIONS, events_of
+from tfowatch.core.events import DETECT, EVENTS, RECONCILIATIONS, events_of
 from tfowatch.core.events import EventType as E
 from tfowatch.core.kernel import KernelFacts
 from tfowatch.core.metrics import TIERS, Metric
@@ -307,10 +307,14 @@ def _connect_errors(facts: KernelFacts, tier: str) -> Resolution:
 
 
 def _blackhole(facts: KernelFacts, tier: str) -> Resolution:
-    point = "tcp_fastopen_active_disable"
-    if tier == "kprobe" and facts.traceable(point):
-        return Resolution(point, "kprobe", [Attachment("kprobe", point, "on_active_disable")],
-                          False, "traceable (extra point: blackhole disables)",
+    point, ofo = "tcp_fastopen_active_disable", "tcp_fastopen_active_disable_ofo_check"
+    if tier == "kprobe" and facts.traceable(DETECT) and facts.traceable(ofo):
+        # tcp_fastopen.c calls it inline from both its callers: a kprobe on it sees neither
+        return Resolution(point, "kprobe", [Attachment("kprobe", DETECT, "on_detect_blackhole"),
+                                            Attachment("kprobe", ofo, "on_ofo_check")], True,
+                          "inlined into its callers (extra point: blackhole disables): kprobes on "
+                          "both (the retransmission timeout's detection, the FIN-only out-of-order "
+                          "check at close), the kernel's conditions replayed with its values",
                           events_of(point))
     if tier == "sockops":
         return Resolution(point, "sockops", [SOCK_OPS], True,
@@ -326,7 +330,7 @@ def _blackhole(facts: KernelFacts, tier: str) -> Resolution:
 def _detect(facts: KernelFacts, tier: str, sockops: bool) -> Resolution:
     """Not a design-card point: the kernel's blackhole detection at a retransmission timeout,
     the TCPFastOpenActiveFail that no SYN-ACK explains."""
-    point = "tcp_fastopen_active_detect_blackhole"
+    point = DETECT
     if tier == "kprobe" and facts.traceable(point):
         return Resolution(point, "kprobe", [Attachment("kprobe", point, "on_detect_blackhole")], False,
                           "traceable (extra point: TFO sockets' third retransmission timeout)",
@@ -374,7 +378,7 @@ def resolve(facts: KernelFacts, mode: str = "auto", sockops: bool = True) -> Pla
         "PASSIVE_KPROBE": int("on_try_fastopen" in kprobed),
         "ACTIVE_KPROBE": int("on_connect" in kprobed),
         "TW_KPROBE": int("on_twsk_unique" in kprobed),
-        "BLACKHOLE_KPROBE": int("on_active_disable" in kprobed),
+        "BLACKHOLE_KPROBE": int("on_ofo_check" in kprobed),
         "BLACKHOLE_SOCKOPS": int(blackhole.tier == "sockops"),
         "DETECT_KPROBE": int("on_detect_blackhole" in kprobed),
         "DETECT_SOCKOPS": int(SOCK_OPS in detect.attachments),

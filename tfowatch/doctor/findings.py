@@ -8,6 +8,7 @@ the namespace was created.
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -157,6 +158,18 @@ def invalid_cookies(v: View) -> Iterator[Finding]:
         f"(compare fingerprints: {key.fingerprint or 'unset'})")
 
 
+def _timeouts_to(v: View) -> dict[str, int]:
+    """destination -> TFO connects from here whose third retransmission timeout the kernel's
+    blackhole detection counted (watch only)."""
+    if not v.obs:
+        return {}
+    out: Counter[str] = Counter()
+    for key, seen in v.obs.client.items():
+        if key.netns == v.now.netns and seen[EventType.TFO_TIMEOUT]:
+            out[f"{key.daddr}:{key.port}"] += seen[EventType.TFO_TIMEOUT]
+    return dict(out)
+
+
 def blackhole(v: View) -> Iterator[Finding]:
     disabled = v.counter("TCPFastOpenBlackhole")
     timeout = v.now.config.blackhole_timeout_s
@@ -165,22 +178,58 @@ def blackhole(v: View) -> Iterator[Finding]:
         where = sorted({f"{a}:{p}" for (ns, a, p) in seen if ns == v.now.netns})
         yield v.finding(
             "warning", "active_tfo_blackholed",
-            f"the kernel disabled client TFO {disabled} times {v.span}: SYNs with data timed out "
-            f"(blackhole detection); while disabled, no connection here sends SYN data",
+            f"the kernel disabled client TFO in this namespace {disabled} times {v.span}: a connection "
+            "that sent a TFO option or SYN data timed out three times in a row (its SYN-ACKs or "
+            "data were lost: blackhole detection, TCPFastOpenActiveFail without a SYN-ACK); while "
+            "disabled, no connect here sends a TFO option, to any destination",
             {"TCPFastOpenBlackhole": disabled, "TCPFastOpenActiveFail": v.counter("TCPFastOpenActiveFail"),
-             "blackhole_timeout_s": timeout, "destinations": where},
-            "find the middlebox dropping SYNs with data on the path (the destinations above); TFO "
-            f"comes back after {timeout} s (doubling on repeats); "
-            f"{v.sysctl('tcp_fastopen_blackhole_timeout_sec', 0)} turns detection off")
+             "blackhole_timeout_s": timeout, "destinations": where,
+             "timeouts_per_destination": _timeouts_to(v)},
+            "find what drops the TFO connections' packets on the path to the destinations above "
+            "(a firewall that rejects SYNs carrying data, or the SYN-ACKs of them); client TFO "
+            f"comes back {timeout} s after the disable, twice as long after each repeat (at most "
+            f"64 times); {v.sysctl('tcp_fastopen_blackhole_timeout_sec', 0)} turns detection off")
     for peer in v.now.peers.values():
         if peer.syn_drops:
             yield v.finding(
                 "warning", "syn_data_dropped",
-                f"SYNs with data to {peer.address} were dropped {peer.syn_drops} times: the kernel "
-                "stops sending SYN data to it for a while (per-destination backoff)",
+                f"SYNs carrying a TFO cookie and data to {peer.address} were lost {peer.syn_drops} "
+                "times (the kernel's TCP metrics cache records each): every such connect waited a "
+                "retransmission timeout (1 s or more) and sent its SYN again without the data. The "
+                "kernel records this but keeps sending SYN data to it, so each TFO connect there "
+                "pays it again",
                 {"address": peer.address, "fo_syn_drops": peer.syn_drops, "cookie_cached": peer.cookie},
-                f"check the path to {peer.address} for a firewall or middlebox that drops SYNs "
-                f"with payload; `ip tcp_metrics delete {peer.address}` clears the backoff")
+                f"find the firewall or middlebox on the path to {peer.address} that drops SYNs with a "
+                f"cookie or data (`tcpdump -ni any 'tcp[tcpflags] & tcp-syn != 0 and host {peer.address}'` "
+                "on each hop shows where they stop); until then, connect to it without TFO "
+                f"(the application's TCP_FASTOPEN_CONNECT or MSG_FASTOPEN); `ip tcp_metrics delete "
+                f"{peer.address}` clears the record")
+
+
+def cookie_never_returned(v: View) -> Iterator[Finding]:
+    """Cookie requests to one destination, none answered with a cookie (watch only)."""
+    if not v.obs:
+        return
+    for key, seen in v.obs.client.items():
+        asked = seen[EventType.COOKIE_UNAVAILABLE]
+        if key.netns != v.now.netns or asked < 2 or seen[EventType.SYN_DATA_SENT]:
+            continue  # the first request of any new destination is normal
+        peer = v.now.peers.get(key.daddr)
+        if peer and peer.cookie:
+            continue
+        dest = f"{key.daddr}:{key.port}"
+        yield v.finding(
+            "warning", "cookie_never_returned",
+            f"{key.comm or '?'} asked {dest} for a TFO cookie {asked} times {v.span} and no SYN-ACK "
+            f"carried one (none is cached for {key.daddr}): a middlebox between this host and {dest} "
+            "removes the TFO option, or the server does not offer TFO; every connection there "
+            "takes a full handshake",
+            {"comm": key.comm, "pids": sorted(v.obs.pids[key]), "destination": dest,
+             "cookie_requests_sent": asked, "syn_data_sent": 0, "cookie_cached": False},
+            "on the server, watch TcpExtTCPFastOpenCookieReqd (`nstat -az TcpExtTCPFastOpenCookieReqd`) "
+            "while this client connects: if it grows, the requests arrive and the cookies are removed "
+            "on the way back; if not, the option is removed on the way there, or the server's TFO is "
+            "off (net.ipv4.tcp_fastopen bit 0x2 and TCP_FASTOPEN on its listener)")
 
 
 def plain_connects(v: View) -> Iterator[Finding]:
@@ -302,7 +351,8 @@ def tw_overflow(v: View) -> Iterator[Finding]:
 
 
 RULES: tuple[Callable[[View], Iterator[Finding]], ...] = (
-    server_tfo_disabled, listener_without_tfo, invalid_cookies, blackhole, plain_connects,
+    server_tfo_disabled, listener_without_tfo, invalid_cookies, blackhole, cookie_never_returned,
+    plain_connects,
     time_wait, no_local_port, tw_overflow)
 
 
