@@ -228,21 +228,19 @@ static __always_inline void note_blackhole(const void *net, int disabling)
 {
 	struct blackhole_key k = {};
 	struct blackhole_state st = {}, *was;
-	u64 stamp = read_u64(net + OFF_NET_TFO_DISABLE_STAMP), now_j = bpf_jiffies64();
+	u64 stamp, now_j;
 	u32 shift;
 
-	st.times = read_u32(net + OFF_NET_TFO_DISABLE_TIMES);
-	st.timeout_s = read_u32(net + OFF_NET_BLACKHOLE_TIMEOUT);
+	st.times = read_u32(net + OFF_NET_TFO_DISABLE_TIMES) + (disabling ? 1 : 0);
 	SET_NETNS(&k, net);
-	if (disabling) {
-		st.times += 1;
-		stamp = now_j;
-	}
 	if (!st.times) { /* never disabled, or TFO worked again since: news only if it was */
 		was = blackholes.lookup(&k);
 		if (!was || !was->times)
-			return;
+			return; /* every TFO attempt where TFO works: one read and one lookup */
 	}
+	now_j = bpf_jiffies64();
+	stamp = disabling ? now_j : read_u64(net + OFF_NET_TFO_DISABLE_STAMP);
+	st.timeout_s = read_u32(net + OFF_NET_BLACKHOLE_TIMEOUT);
 #if KERNEL_HZ
 	if (st.times && now_j >= stamp) {
 		shift = st.times - 1 > 6 ? 6 : st.times - 1;
