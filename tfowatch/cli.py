@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from tfowatch import __version__
-from tfowatch.core.kernel import KernelFacts, detect, missing_bpf_caps, namespace_blind_spots
-from tfowatch.core.metrics import TIERS
+from tfowatch.core.kernel import KernelFacts, detect, hz_unknown, missing_bpf_caps, namespace_blind_spots
+from tfowatch.core.metrics import KERNEL_HZ, TIERS
 from tfowatch.core.plan import MODES, Plan, PlanError, resolve
 from tfowatch.exporter import config
 from tfowatch.exporter.config import OPTIONS, Settings
@@ -162,7 +162,8 @@ def cmd_probes(args: argparse.Namespace) -> int:
     identity = "inode+cookie" if own_cookie() else "inode"
     if args.json:
         sources = {"dir": str(BPF_DIR), "missing": missing}
-        extra = {"tiers": tiers, "bpf_sources": sources, "netns_identity": identity}
+        extra = {"tiers": tiers, "bpf_sources": sources, "netns_identity": identity,
+                 "kernel_hz": {"hz": facts.hz, "source": facts.hz_source}}
         print(json.dumps(plan.as_dict() | extra, indent=2))
         return 0
     if missing and plan.tier != "counters":
@@ -173,6 +174,9 @@ def cmd_probes(args: argparse.Namespace) -> int:
                                     "inode starts from 0)" if identity != "inode" else
                                     "by inode only (no SO_NETNS_COOKIE before Linux 5.14): a new one "
                                     "that gets a gone one's inode inherits its series"))
+    if plan.tier in KERNEL_HZ.tiers:
+        print(f"blackhole state timed by CONFIG_HZ={facts.hz} ({facts.hz_source})" if facts.hz else
+              f"blackhole state: {hz_unknown(facts)}")
     print("probe metrics per tier on this kernel (kernel_tcpext and self metrics in all):")
     for tier, metrics in tiers.items():
         print(f"  {tier:<10} " + (metrics if isinstance(metrics, str) else ", ".join(metrics) or "none"))

@@ -9,6 +9,7 @@ namespaces on the host exactly."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -125,16 +126,19 @@ def test_the_daemonset_names_this_image() -> None:
 @pytest.fixture
 def container(image: str, tmp_path: Path, request: pytest.FixtureRequest
               ) -> Iterator[tuple[str, subprocess.CompletedProcess[str]]]:
-    """The DaemonSet's pod as a podman container; `seccomp` (indirect parameter) overrides
-    the manifest's seccomp profile."""
+    """The DaemonSet's pod as a podman container. An indirect parameter changes it: `seccomp`
+    overrides the manifest's profile, `unmount` drops a volume mount, `flags` adds podman's."""
     podman("rm", "-f", "-t", "0", NAME)
     docs = manifest()
-    sc = docs["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]["securityContext"]
-    sc["seccompProfile"]["type"] = getattr(request, "param", sc["seccompProfile"]["type"])
+    (c,) = docs["DaemonSet"]["spec"]["template"]["spec"]["containers"]
+    change = getattr(request, "param", {})
+    c["securityContext"]["seccompProfile"]["type"] = change.get(
+        "seccomp", c["securityContext"]["seccompProfile"]["type"])
+    c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] not in change.get("unmount", ())]
     run_args = pod_as_podman(docs, tmp_path, "127.0.0.1")
     port = re.search(r":(\d+)$", run_args[-1])
     assert port, run_args[-1]
-    started = podman("run", "-d", "--name", NAME, *LIMITS, *run_args)
+    started = podman("run", "-d", "--name", NAME, *LIMITS, *change.get("flags", ()), *run_args)
     try:
         assert started.returncode == 0, started.stderr
         yield f"127.0.0.1:{port.group(1)}", started
@@ -177,7 +181,7 @@ def test_image_runs_as_the_daemonset_does_and_counts_exactly(container: tuple[st
     assert " ERROR " not in logs and f"tier {info['tier']}, serving" in logs, logs[-2000:]
 
 
-@pytest.mark.parametrize("container", ["RuntimeDefault"], indirect=True)
+@pytest.mark.parametrize("container", [{"seccomp": "RuntimeDefault"}], indirect=True)
 def test_a_default_seccomp_profile_that_denies_bpf_is_named(container: tuple[str, Any]) -> None:
     """Why the DaemonSet says Unconfined: under this runtime's default profile bpf() needs
     CAP_SYS_ADMIN. The daemon must say exactly that, not blame the kernel headers."""
@@ -191,6 +195,56 @@ def test_a_default_seccomp_profile_that_denies_bpf_is_named(container: tuple[str
     degraded = {dict(k)["reason"]: v for k, v in series(samples, "tfowatch_tier_degraded").items()}
     assert degraded == {"bpf_denied": 1.0}, degraded
     assert "seccomp" in podman("logs", NAME).stderr
+
+
+def host_config_hz() -> tuple[int, str]:
+    """The host kernel's CONFIG_HZ from its own config, and which file said it."""
+    for name in ("/proc/config.gz", f"/boot/config-{os.uname().release}"):
+        path = Path(name)
+        if not path.exists():
+            continue
+        raw = path.read_bytes()
+        text = (gzip.decompress(raw) if name.endswith(".gz") else raw).decode(errors="replace")
+        if m := re.search(r"^CONFIG_HZ=(\d+)$", text, re.M):
+            return int(m.group(1)), name
+    pytest.skip("this host has no readable kernel config to check CONFIG_HZ against")
+
+
+def kernel_hz(listen: str) -> dict[str, float]:
+    wait_for_metrics(listen)
+    return {dict(k)["source"]: v for k, v in series(scrape(f"http://{listen}/metrics"),
+                                                       "tfowatch_kernel_hz").items()}
+
+
+def test_the_daemonset_finds_config_hz(container: tuple[str, Any]) -> None:
+    """The pod spec's mounts give the daemon the kernel's tick rate, which times the blackhole
+    state: from /proc/config.gz, or the host's /boot it mounts."""
+    hz, where = host_config_hz()
+    source = "/proc/config.gz" if where == "/proc/config.gz" else "/boot/config-RELEASE"
+    assert kernel_hz(container[0]) == {source: hz}
+
+
+# Hide every kernel config from the container (without the /boot mount; a masked file reads as
+# empty): the runtime's default mask on /proc/timer_list leaves no source; unmasked, the tick
+# rate is measured from its jiffies.
+HIDE_CONFIG = {"unmount": ("boot",), "flags": ("--security-opt", "mask=/proc/config.gz")}
+MEASURE_HZ = {"unmount": ("boot",), "flags": ("--security-opt", "mask=/proc/config.gz",
+                                              "--security-opt", "unmask=/proc/timer_list")}
+
+
+@pytest.mark.parametrize("container", [HIDE_CONFIG, MEASURE_HZ], ids=["no-source", "timer-list"],
+                         indirect=True)
+def test_an_unknown_config_hz_is_loud_and_timer_list_measures_it(container: tuple[str, Any],
+                                                                 request: pytest.FixtureRequest) -> None:
+    hz, _ = host_config_hz()
+    found = kernel_hz(container[0])
+    logs = podman("logs", NAME).stderr
+    if request.node.callspec.id == "no-source":
+        assert found == {"": 0.0}, found
+        assert "CONFIG_HZ unknown" in logs and "fix:" in logs, logs[-2000:]
+    else:
+        assert found == {"/proc/timer_list": hz}, found
+        assert "CONFIG_HZ unknown" not in logs, logs[-2000:]
 
 
 def test_no_container_state_is_left() -> None:

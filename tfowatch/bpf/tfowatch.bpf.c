@@ -208,7 +208,7 @@ static __always_inline u32 client_fail(const void *sk)
 
 /* Each namespace's active-TFO blackhole state as the kernel keeps it (net->ipv4), read at
  * every TFO attempt and every disable seen; the daemon exports it. Times are CLOCK_MONOTONIC,
- * from the kernel's jiffies stamp (KERNEL_HZ, from its config; 0 when unknown: no times). */
+ * from the kernel's jiffies stamp (KERNEL_HZ = tfowatch_kernel_hz: its config, or measured; 0 when unknown: no times). */
 struct blackhole_key {
 	u64 netns_cookie;
 	u32 netns;

@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import subprocess
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,7 +69,8 @@ class KernelFacts:
     tracepoints: list[str] = field(default_factory=list)
     fields: dict[str, bool] = field(default_factory=dict)
     sysctls: dict[str, str] = field(default_factory=dict)
-    hz: int = 0  # CONFIG_HZ (jiffies per second), 0 when no kernel config is readable
+    hz: int = 0  # CONFIG_HZ (jiffies per second), 0 when unknown
+    hz_source: str = ""  # where hz was read (HZ_SOURCES), "" when unknown
     kallsyms_error: str = ""  # why /proc/kallsyms could not be read (then `present` is unknown)
     tracefs_error: str = ""  # why no tracefs could be read (then `tracepoints` is unknown)
 
@@ -147,18 +149,66 @@ def kernel_hz(config: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def _config_hz(release: str) -> int:
-    """CONFIG_HZ from the running kernel's config: /proc/config.gz (CONFIG_IKCONFIG_PROC), or
-    the distribution's /boot/config-RELEASE; 0 when neither is readable (e.g. a container
-    without /boot)."""
+# Where CONFIG_HZ may be found, in order; a container often has none of the first two.
+HZ_SOURCES = ("/proc/config.gz", "/boot/config-RELEASE", "/proc/timer_list")
+HZ_VALUES = (100, 250, 300, 1000)  # the kernel's choices (kernel/Kconfig.hz)
+HZ_FIX = ("mount the host's /boot read-only (its config-RELEASE), or unmask /proc/timer_list "
+          "(container runtimes mask it)")
+
+
+def _config_hz(release: str) -> tuple[int, str]:
+    """CONFIG_HZ and where it was found: the running kernel's config (/proc/config.gz, or the
+    distribution's /boot/config-RELEASE), else measured from the jiffies /proc/timer_list shows;
+    (0, "") when none is readable."""
     try:
-        return kernel_hz(gzip.decompress(Path("/proc/config.gz").read_bytes()).decode(errors="replace"))
-    except OSError:
+        hz = kernel_hz(gzip.decompress(procfs.path("config.gz").read_bytes()).decode(errors="replace"))
+        if hz:
+            return hz, HZ_SOURCES[0]
+    except (OSError, EOFError, gzip.BadGzipFile):
         pass
     try:
-        return kernel_hz((Path("/boot") / f"config-{release}").read_text(errors="replace"))
+        hz = kernel_hz((Path("/boot") / f"config-{release}").read_text(errors="replace"))
+        if hz:
+            return hz, HZ_SOURCES[1]
     except OSError:
+        pass
+    hz = measured_hz()
+    return (hz, HZ_SOURCES[2]) if hz else (0, "")
+
+
+def hz_unknown(facts: KernelFacts) -> str:
+    """Why the blackhole state's times cannot be given ("" when they can)."""
+    if facts.hz:
+        return ""
+    return ("CONFIG_HZ unknown (none of " + ", ".join(HZ_SOURCES) + " readable): active TFO's "
+            "blackhole state has no times (tfowatch_kernel_hz 0; no tfowatch_active_tfo_disabled, "
+            f"_reenable_seconds, _last_disable_timestamp_seconds); fix: {HZ_FIX}")
+
+def _jiffies() -> tuple[int, int] | None:
+    """(jiffies, CLOCK_MONOTONIC ns) from /proc/timer_list, or None where it is unreadable."""
+    try:
+        with open(procfs.path("timer_list")) as f:
+            for line in f:
+                if line.startswith("jiffies:"):
+                    return int(line.split()[1]), time.monotonic_ns()
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def measured_hz(window_s: float = 0.2) -> int:
+    """CONFIG_HZ from the jiffies counted over `window_s`: the kernel's choice within 10 %
+    of the rate seen, else 0."""
+    first = _jiffies()
+    if first is None:
         return 0
+    time.sleep(window_s)
+    second = _jiffies()
+    if second is None or second[1] <= first[1]:
+        return 0
+    rate = (second[0] - first[0]) * 1e9 / (second[1] - first[1])
+    near = min(HZ_VALUES, key=lambda hz: abs(hz - rate))
+    return near if abs(near - rate) <= 0.1 * near else 0
 
 
 def _headers_usable(release: str) -> bool:
@@ -191,9 +241,10 @@ def detect() -> KernelFacts:
             fields = {k: btf.has_field(*v) for k, v in OPTIONAL_FIELDS.items()}
         except BtfError:
             btf_ok = False
+    hz, hz_source = _config_hz(release)
     return KernelFacts(
-        release=release, kprobes=kprobe_events, kprobes_why=why, btf=btf_ok,
-        headers=_headers_usable(release), symbols=traceable, present=present, hz=_config_hz(release),
+        release=release, hz=hz, hz_source=hz_source, kprobes=kprobe_events, kprobes_why=why, btf=btf_ok,
+        headers=_headers_usable(release), symbols=traceable, present=present,
         kallsyms_error=kallsyms_error, tracefs_error=why if tfs is None else "",
         tracepoints=tps, fields=fields, sysctls=netns.read_ipv4_sysctls(SYSCTLS),
     )

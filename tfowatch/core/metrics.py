@@ -118,7 +118,7 @@ ACTIVE_TFO_DISABLED = Metric("tfowatch_active_tfo_disabled", "gauge",
                              "suspected blackholing (TCPFastOpenBlackhole): its connects send no TFO "
                              f"option until tfowatch_active_tfo_reenable_seconds. {_BH}",
                              ("netns",), PROBED, KERNEL,
-                             note="absent where the kernel's CONFIG_HZ is unknown (no kernel config)")
+                             note="absent where tfowatch_kernel_hz is 0")
 ACTIVE_TFO_DISABLES = Metric("tfowatch_active_tfo_disable_count", "gauge",
                              "The kernel's count of active TFO disables in the namespace since a TFO "
                              "connection last worked there; each doubles the next disable's length "
@@ -132,6 +132,12 @@ ACTIVE_TFO_DISABLED_AT = Metric("tfowatch_active_tfo_last_disable_timestamp_seco
                                 f"time). {_BH}",
                                 ("netns",), PROBED, KERNEL)
 BLACKHOLE_STATE = (ACTIVE_TFO_DISABLED, ACTIVE_TFO_DISABLES, ACTIVE_TFO_REENABLE, ACTIVE_TFO_DISABLED_AT)
+KERNEL_HZ = Metric("tfowatch_kernel_hz", "gauge",
+                   "The kernel's CONFIG_HZ, which times active TFO's blackhole state (the kernel keeps "
+                   "it in jiffies), and where it was found: its config, or measured from "
+                   "/proc/timer_list. 0 with source=\"\" when unknown: then tfowatch_active_tfo_disabled, "
+                   "_reenable_seconds and _last_disable_timestamp_seconds are absent.",
+                   ("source",), PROBED, note='source: "" when unknown')
 
 # --- the daemon itself ---
 LISTENERS_UNWATCHED = Metric("tfowatch_listeners_unwatched", "gauge",
@@ -194,7 +200,7 @@ FAMILIES = (COOKIE_REQUESTS, COOKIES_ISSUED, SYN_DATA_ACCEPTED, PASSIVE_FALLBACK
             SYN_DATA_ACKED, ACTIVE_FALLBACKS, BLACKHOLE_DISABLES, TW_REUSE, TW_REUSE_AGE,
             CONNECT_EADDRNOTAVAIL,
             KERNEL_TCPEXT, NETNS_UNREADABLE, NETNS_RETIRED, RECONCILE_DRIFT, SYN_DATA_PENDING,
-            *BLACKHOLE_STATE,
+            *BLACKHOLE_STATE, KERNEL_HZ,
             PROBE_ATTACHED, LISTENERS_UNWATCHED, EVENTS, EVENTS_LOST, LATE_EVENTS, SERIES_DROPPED,
             SERIES_EXPIRED, SERIES,
             SERIES_CAP, SERIES_CAP_PER_NETNS, BUILD_INFO,

@@ -16,7 +16,7 @@ from tfowatch.core.blackhole import Blackhole
 from tfowatch.core.btf import Btf, BtfError
 from tfowatch.core.cgroups import CgroupNames
 from tfowatch.core.events import CountKey, Event, counted, decode
-from tfowatch.core.kernel import KernelFacts, detect, perf_events_denied
+from tfowatch.core.kernel import KernelFacts, detect, hz_unknown, perf_events_denied
 from tfowatch.core.netns import Generations
 from tfowatch.core.plan import PLAIN_BUILD, Plan, PlanError, Variant, fall_back, resolve
 from tfowatch.core.reconcile import KernelCounters, drift
@@ -42,7 +42,10 @@ def load_plan(facts: KernelFacts, mode: str, variant: Variant = PLAIN_BUILD,
         plan, probes = _attach_or_fall_back(plan, facts, variant, strict)
     if plan.degraded is not None:
         log.error("%s", plan.degraded.describe(plan.tier))
+    if probes is not None and (why := hz_unknown(facts)):
+        log.warning("%s", why)
     return plan, probes
+
 
 
 def _attach_or_fall_back(plan: Plan, facts: KernelFacts, variant: Variant, strict: bool
@@ -260,7 +263,7 @@ class Pipeline:
             drift=gap, attached=attached, version=__version__, kernel_release=self.facts.release,
             series_cap=self.agg.series_cap, netns_limit=self.agg.netns_limit, parts=parts,
             unwatched=len(self.probes.unwatched) if self.probes is not None else 0, pending=pending,
-            blackholes=blackholes,
+            blackholes=blackholes, hz=(self.facts.hz, self.facts.hz_source),
         )
 
     def close(self) -> None:

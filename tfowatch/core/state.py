@@ -43,6 +43,7 @@ class ExportState:
     unwatched: int = 0  # sockops: listeners open at start it could not ask for their SYN-ACKs
     pending: dict[int, int] = field(default_factory=dict)  # netns -> outcomes counted at close, open
     blackholes: dict[int, Blackhole] = field(default_factory=dict)  # netns -> active TFO's state
+    hz: tuple[int, str] = (0, "")  # CONFIG_HZ that times the blackhole state, and its source
 
     def ok(self, part: str) -> bool:
         return self.parts.get(part, Part(True, 0.0)).ok

@@ -29,6 +29,7 @@ class Observation:
     seconds: float = 0.0
     tier: str = ""
     degraded: str = ""  # why the planned tier could not be loaded, and its fix, if it could not
+    untimed: str = ""  # why the blackhole state has no times (CONFIG_HZ unknown), if it has none
     unwatched: list[str] = field(default_factory=list)  # sockops: listeners whose SYN-ACKs it cannot see
     client: dict[ClientKey, Counter[EventType]] = field(default_factory=lambda: defaultdict(Counter))
     pids: dict[ClientKey, set[int]] = field(default_factory=lambda: defaultdict(set))

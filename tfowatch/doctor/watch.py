@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tfowatch.core import netns
+from tfowatch.core.kernel import hz_unknown
 from tfowatch.core.nsconfig import TFO_ALL_LISTENERS, TFO_CLIENT, TFO_SERVER, tfo_flags
 from tfowatch.doctor.findings import SEVERITIES, Finding, View, evaluate
 from tfowatch.doctor.observe import Observation
@@ -59,6 +60,7 @@ def watch(seconds: float, only: set[int] | None, mode: str, stop: threading.Even
         obs.seconds = round(time.monotonic() - started, 1)
         obs.tier = pipe.plan.tier
         obs.degraded = pipe.plan.degraded.describe(obs.tier) if pipe.plan.degraded else ""
+        obs.untimed = hz_unknown(pipe.facts) if pipe.probes is not None else ""
         obs.lost = pipe.agg.snapshot().lost
         obs.unwatched = [str(u) for u in pipe.probes.unwatched] if pipe.probes is not None else []
         return before, survey(only), obs
@@ -89,6 +91,8 @@ def diagnose(only: set[int] | None = None, seconds: float | None = None, mode: s
         names = "; ".join(obs.unwatched)
         report.notes.append(f"UNWATCHED: {len(obs.unwatched)} listeners open before the watch: their "
                             f"cookie requests, cookies and fallbacks are not seen: {names}")
+    if obs and obs.untimed:
+        report.notes.append(obs.untimed)
     if obs and obs.lost:
         report.notes.append(f"{obs.lost} events were lost during the watch: counts are low")
     return report

@@ -107,6 +107,8 @@ def self_families(st: ExportState) -> Iterator[Family]:
         yield _samples(m.SERIES_DROPPED, (([f.name], st.snap.dropped.get(f.name, 0)) for f in served))
         yield _samples(m.SERIES_EXPIRED, (([f.name], st.snap.expired.get(f.name, 0)) for f in served))
         yield _samples(m.SERIES, (([f.name], len(st.snap.series(f))) for f in served))
+    if st.plan.tier in m.KERNEL_HZ.tiers:
+        yield _samples(m.KERNEL_HZ, [([st.hz[1]], st.hz[0])])
     if st.plan.tier in m.LISTENERS_UNWATCHED.tiers:
         yield family(m.LISTENERS_UNWATCHED, st.unwatched)
     yield family(m.SERIES_CAP, st.series_cap)
