@@ -182,15 +182,55 @@ def panels() -> list[Panel]:
                   "Non-zero means the probes and the kernel's TcpExt disagree; see the runbook.", [
                       target(f"tfowatch_reconcile_drift{{{SEL}}}", "{{instance}} {{netns}} {{metric}}", "A"),
                   ])
-    return [degraded, server_ratio, client_ratio, cookies, fallbacks, blackhole, tw, heat, per_port, per_proc,
-            coverage, lost, drift]
+    return [degraded, server_ratio, client_ratio, cookies, fallbacks, tw, heat, per_port, per_proc,
+            coverage, lost, drift, *path_row(blackhole)]
+
+
+def path_row(blackhole: Panel) -> list[Panel]:
+    """What the network path does to TFO: the kernel's blackhole state, and per destination
+    port and process the fallbacks that name a middlebox (alerts TFOActiveBlackholeDisabled,
+    TFOTimeoutsToDestination, TFOSynDataDropped, TFOCookieNeverReturned)."""
+    state = panel("timeseries", "Active TFO disabled now (the kernel's blackhole state)",
+                  "1 while the kernel sends no TFO option from the namespace (after suspected "
+                  "blackholing), the seconds until it tries TFO again, and its disable count (each "
+                  "doubles the next). Absent where tfowatch_kernel_hz is 0; the kernel's "
+                  "TCPFastOpenBlackhole total is shown in every tier.", [
+                      target(f"max by (instance, netns) (tfowatch_active_tfo_disabled{{{SEL}}})",
+                             "disabled {{instance}} {{netns}}", "A"),
+                      target(f"max by (instance, netns) (tfowatch_active_tfo_reenable_seconds{{{SEL}}})",
+                             "retried in (s) {{instance}} {{netns}}", "B"),
+                      target(f"max by (instance, netns) (tfowatch_active_tfo_disable_count{{{SEL}}})",
+                             "disable count {{instance}} {{netns}}", "C"),
+                      target(f"sum by (instance, netns) ({kernel('TCPFastOpenBlackhole')})",
+                             "TCPFastOpenBlackhole {{instance}} {{netns}} kernel", "D"),
+                  ])
+    per_dest = panel("table", "Per destination: what the path does to TFO (since the range start)",
+                     "Client side per (netns, remote port, comm): SYN data sent, and the fallbacks "
+                     "that point at the path: cookie_unavailable without SYN data (option stripped, or "
+                     "no server TFO), syn_retransmitted (SYN data dropped), tfo_timeout (SYN-ACKs or "
+                     "data eaten: blackhole detection), tfo_disabled (sent while the kernel had TFO off).", [
+                         target(f"sum by (instance, netns, port, comm) (increase(tfowatch_syn_data_sent_total"
+                                f"{{{SEL},{PORT},{COMM}}}[$__range]))", "", "A", instant=True, fmt="table"),
+                         target("sum by (instance, netns, port, comm, reason) "
+                                f"(increase(tfowatch_active_fallbacks_total{{{SEL},{PORT},{COMM}}}[$__range]))",
+                                "", "B", instant=True, fmt="table"),
+                     ])
+    row = {"type": "row", "title": "Path: middleboxes and blackholes", "collapsed": False, "panels": []}
+    return [row, blackhole, state, per_dest]
 
 
 def layout(ps: list[Panel]) -> list[Panel]:
-    """Two panels per row, 12 wide and 8 high; ids in order."""
+    """Two panels per line, 12 wide and 8 high; a row header takes a line of its own; ids in order."""
+    y, column = 0, 0
     for i, p in enumerate(ps):
         p["id"] = i + 1
-        p["gridPos"] = {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)}
+        if p["type"] == "row":
+            y, column = y + 8 * column, 0  # below a half-filled line
+            p["gridPos"] = {"h": 1, "w": 24, "x": 0, "y": y}
+            y += 1
+            continue
+        p["gridPos"] = {"h": 8, "w": 12, "x": 12 * column, "y": y}
+        y, column = (y + 8, 0) if column else (y, 1)
     return ps
 
 

@@ -158,7 +158,7 @@ def test_every_panel_query_runs_and_every_panel_has_data(stack: Stack) -> None:
     """A panel may be empty only where the running tier cannot provide any of its metrics
     (the age heatmap in the tracepoint tier); in the VM lab's kprobe tier none may be."""
     assert stack.running_tier == stack.planned_tier, "the daemon fell back to a lower tier"
-    panels = json.loads(DASHBOARD.read_text())["panels"]
+    panels = [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
     empty = []
     for p in panels:
         with_data = 0
