@@ -8,10 +8,12 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -384,6 +386,73 @@ def doctor(*hosts: Host, watch: float | None = None) -> tuple[int, dict[str, Any
     res = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert res.returncode in (0, EXIT_FINDINGS), res.stderr
     return res.returncode, json.loads(res.stdout)
+
+
+class DoctorWatch:
+    """`tfowatch doctor -o json --watch` on these hosts' namespaces in the background: started
+    once it watches (probes attached, first survey done); `report()` ends the window with SIGINT
+    (as an operator's Ctrl-C) and returns its exit code, report and stderr."""
+
+    def __init__(self, *hosts: Host) -> None:
+        args = [str(TFOWATCH), "doctor", "-o", "json", "--watch", "600"]
+        for h in hosts:
+            args += ["--netns", h.name]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stderr is not None
+        started = ""
+        while "watching" not in started:  # BCC's compiler warnings may come first
+            started = self.proc.stderr.readline()
+            if not started:
+                self.proc.kill()
+                raise AssertionError(f"doctor exited {self.proc.wait()} before watching")
+
+    def __enter__(self) -> DoctorWatch:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.proc.kill()  # a window the test did not end (it failed first)
+        self.proc.wait()
+
+    def report(self) -> tuple[int, dict[str, Any], str]:
+        self.proc.send_signal(signal.SIGINT)
+        out, err = self.proc.communicate(timeout=BPF_START_S)
+        assert out, f"doctor exited {self.proc.returncode} with no report: {err}"
+        return self.proc.returncode, json.loads(out), err
+
+
+class TopProcess:
+    """`tfowatch top -o json` in the background; every line it prints, parsed."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([str(TFOWATCH), "top", "-o", "json", "-i", "0.5", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.frames: list[dict[str, Any]] = []
+        self._got = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._got:
+                self.frames.append(json.loads(line))
+                self._got.notify_all()
+
+    def wait_frames(self, n: int, timeout: float = BPF_START_S + 30) -> None:
+        """Until `n` frames have arrived (the first one means the probes are attached)."""
+        with self._got:
+            if not self._got.wait_for(lambda: len(self.frames) >= n or self.proc.poll() is not None,
+                                      timeout=timeout):
+                raise AssertionError("tfowatch top printed no frame in time")
+        if len(self.frames) < n:
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise AssertionError(f"tfowatch top exited {self.proc.returncode}: {err}")
+
+    def stop(self) -> tuple[int, str]:
+        self.proc.terminate()
+        code = self.proc.wait(timeout=30)
+        self._reader.join(timeout=5)
+        return code, self.proc.stderr.read() if self.proc.stderr else ""
 
 
 def findings(report: dict[str, Any], code: str, host: Host) -> list[dict[str, Any]]:

@@ -5,14 +5,12 @@ VM lab's kprobe tier (tests/vm/lab.py)."""
 
 from __future__ import annotations
 
-import json
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
-from netlab import BPF_START_S, TFOWATCH, Host, Lab, doctor, findings, planned_plan, skip_unless_root_bpf
+from netlab import TFOWATCH, DoctorWatch, Host, Lab, doctor, findings, planned_plan, skip_unless_root_bpf
 
 from tfowatch.cli import EXIT_FINDINGS
 
@@ -132,15 +130,7 @@ def test_watch_names_the_plain_connecting_client_and_the_rotation(lab: Lab) -> N
     twc.sysctl("net.ipv4.ip_local_port_range", "40000 40000")
     twc.sysctl("net.ipv4.tcp_tw_reuse", "0")
     # A long window, ended by SIGINT once the traffic is done: doctor then reports what it saw.
-    proc = subprocess.Popen([str(TFOWATCH), "doctor", "-o", "json", "--watch", "600",
-                             "--netns", srv.name, "--netns", lab.client.name, "--netns", twc.name],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        started = ""
-        while "watching" not in started:  # after the probes are attached and the first survey
-            started = proc.stderr.readline()  # (BCC's compiler warnings may come first)
-            assert started, f"doctor exited {proc.wait()} before watching"
+    with DoctorWatch(srv, lab.client, twc) as watch:
         lab.client.peer("client", addr, str(PORT), "3", "--comm", "tfo-app")
         lab.client.peer("client", addr, str(PORT), "2", "--comm", "tls-app", "--plain")
         srv.sysctl("net.ipv4.tcp_fastopen_key", KEY.format(2))
@@ -149,12 +139,8 @@ def test_watch_names_the_plain_connecting_client_and_the_rotation(lab: Lab) -> N
         twc.peer("client", addr_tw, str(PORT), "1", "--plain")  # we close first: TIME-WAIT here
         wait_for_time_wait(twc)
         failed = twc.peer("connect-fail", addr_tw, str(PORT), "3", "--comm", "tw-app")
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=BPF_START_S)
-    finally:
-        proc.kill()
-    assert proc.returncode == EXIT_FINDINGS, err
-    report = json.loads(out)
+        code, report, err = watch.report()
+    assert code == EXIT_FINDINGS, err
     assert report["probe_tier"] == planned_plan()["tier"], f"watched below the plan: {report['notes']}"
     [plain] = findings(report, "plain_connect_to_tfo_server", lab.client)
     assert plain["severity"] == "warning"

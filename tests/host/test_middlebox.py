@@ -8,6 +8,7 @@ test made and the clients' own tcp_info. IPv4 and IPv6, MSG_FASTOPEN and TCP_FAS
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import time
@@ -18,10 +19,12 @@ from typing import Any
 import pytest
 from netlab import (
     IN_GUEST,
+    DoctorWatch,
     Host,
     Lab,
     Route,
     Samples,
+    TopProcess,
     doctor,
     findings,
     free_port,
@@ -80,6 +83,44 @@ def daemon() -> Iterator[str]:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def top(daemon: str) -> Iterator[TopProcess | None]:
+    """`tfowatch top -o json` beside the daemon, on the host only: its per-destination verdicts
+    come from its rows whatever the tier, and each BCC compile costs minutes in a TCG guest."""
+    if IN_GUEST:
+        yield None
+        return
+    proc = TopProcess()
+    try:
+        proc.wait_frames(1)
+        yield proc
+    finally:
+        proc.stop()
+
+
+def top_shows(top: TopProcess | None, run: Run, verdict: str, counts: dict[str, float],
+              active_tfo: dict[str, Any] | None = None) -> None:
+    """top's row for the client's destination (the server port, process mbox) has the
+    verdict and the fallbacks the kernel counted, and its namespace the kernel's blackhole state."""
+    if top is None:
+        return
+    deadline = time.monotonic() + 15
+    while True:
+        frame = top.frames[-1]
+        rows = [r for r in frame["rows"] if (r["netns"], r["side"], r["port"], r["process"])
+                == (run.client.inode, "client", PORT, "mbox")]
+        totals = {k: v["total"] for r in rows for k, v in r.items() if isinstance(v, dict) and v["total"]}
+        spaces = {ns["netns"]: ns for ns in frame["namespaces"]}
+        state = spaces.get(run.client.inode, {}).get("active_tfo")
+        got = (rows[0]["path"] if len(rows) == 1 else None, totals,
+               {k: state[k] for k in active_tfo} if active_tfo and state else None)
+        want = (verdict, counts, active_tfo)
+        if got == want:
+            return
+        assert time.monotonic() < deadline, f"top shows {got}, want {want}"
+        time.sleep(0.5)
 
 
 @pytest.fixture
@@ -160,19 +201,32 @@ def check(url: str, run: Run, want: dict[str, float]) -> Samples:
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: f"{p.family}-{p.api}")
-def test_option_stripped_from_the_syn(daemon: str, route: tuple[Lab, Route], path: Path) -> None:
+def test_option_stripped_from_the_syn(daemon: str, top: TopProcess | None, route: tuple[Lab, Route],
+                                      path: Path) -> None:
     """Every connect asks for a cookie; none reaches the server, none comes back."""
     lab, r = route
     r.middlebox(*(f"{SYN} tcp option {opt.split()[-1]} exists {opt}" for opt in STRIP))
-    run = traffic(lab, r, lambda: connects(lab, r, path, 3))
+    # doctor watches the client on the host (a BCC compile per test costs minutes in a guest)
+    with contextlib.nullcontext(None) if IN_GUEST else DoctorWatch(lab.client) as watch:
+        run = traffic(lab, r, lambda: connects(lab, r, path, 3))
+        report = watch.report()[1] if watch else None
     assert len(run.rows) == 3 and run.rows_where(client_fail=1, acked=False) == 3, run.rows
     assert run.server_delta.get("TCPFastOpenCookieReqd", 0) == 0, run.server_delta
     samples = check(url=daemon, run=run, want={"cookie_unavailable": 3})
     assert in_netns(samples, "tfowatch_cookie_requests_total", run.server) == 0
+    top_shows(top, run, "no cookie", {"cookie_unavailable": 3})
+    if report is not None:
+        [never] = findings(report, "cookie_never_returned", run.client)
+        addr = r.v4 if path.family == "v4" else r.v6
+        dest = f"[{addr}]:{PORT}" if path.family == "v6" else f"{addr}:{PORT}"
+        assert never["evidence"]["destination"] == dest, never
+        assert never["evidence"]["cookie_requests_sent"] == 3, never
+        assert "removes the TFO option" in never["summary"], never
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: f"{p.family}-{p.api}")
-def test_cookie_stripped_from_the_syn_ack(daemon: str, route: tuple[Lab, Route], path: Path) -> None:
+def test_cookie_stripped_from_the_syn_ack(daemon: str, top: TopProcess | None, route: tuple[Lab, Route],
+                                          path: Path) -> None:
     """The server answers every cookie request with a cookie; the client never gets one."""
     lab, r = route
     r.middlebox(*(f"{SYN_ACK} tcp option {opt.split()[-1]} exists {opt}" for opt in STRIP))
@@ -180,13 +234,15 @@ def test_cookie_stripped_from_the_syn_ack(daemon: str, route: tuple[Lab, Route],
     assert run.rows_where(client_fail=1, acked=False) == 3, run.rows
     assert run.server_delta.get("TCPFastOpenCookieReqd") == 3, run.server_delta
     samples = check(daemon, run, {"cookie_unavailable": 3})
+    top_shows(top, run, "no cookie", {"cookie_unavailable": 3})
     if tier(samples) in m.COOKIES_ISSUED.tiers:
         assert in_netns(samples, "tfowatch_cookie_requests_total", run.server) == 3
         assert in_netns(samples, "tfowatch_cookies_issued_total", run.server) == 3
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: f"{p.family}-{p.api}")
-def test_syns_with_a_cookie_dropped(daemon: str, route: tuple[Lab, Route], path: Path) -> None:
+def test_syns_with_a_cookie_dropped(daemon: str, top: TopProcess | None, route: tuple[Lab, Route],
+                                    path: Path) -> None:
     """The cookie request passes; every SYN that carries the cookie and data is dropped, the
     kernel retransmits it without them a second later, and the data goes after the handshake.
     The destination's SYN drops are in the kernel's TCP metrics cache."""
@@ -196,6 +252,8 @@ def test_syns_with_a_cookie_dropped(daemon: str, route: tuple[Lab, Route], path:
     assert run.rows_where(client_fail=1) == 1 and run.rows_where(client_fail=3, acked=False) == 2, run.rows
     assert run.client_delta.get("TCPFastOpenActiveFail") == 2, run.client_delta
     check(daemon, run, {"cookie_unavailable": 1, "syn_retransmitted": 2})
+    top_shows(top, run, "drops SYN data",
+              {"cookie_unavailable": 1, "syn_data_sent": 2, "syn_retransmitted": 2})
     metrics = subprocess.run(["ip", "-n", run.client.name, "tcp_metrics", "show"], capture_output=True,
                              text=True, check=True).stdout
     assert "fo_syn_drops 2/" in metrics, metrics
@@ -208,8 +266,8 @@ def test_syns_with_a_cookie_dropped(daemon: str, route: tuple[Lab, Route], path:
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: f"{p.family}-{p.api}")
-def test_syn_acks_eaten_until_active_tfo_is_disabled(daemon: str, route: tuple[Lab, Route],
-                                                     path: Path) -> None:
+def test_syn_acks_eaten_until_active_tfo_is_disabled(daemon: str, top: TopProcess | None,
+                                                     route: tuple[Lab, Route], path: Path) -> None:
     """A TFO connect whose SYN-ACKs never arrive: at its third SYN timeout the kernel counts
     TCPFastOpenActiveFail and, the blackhole timeout being set, disables active TFO in the
     namespace (TCPFastOpenBlackhole); the connects after it send no TFO option at all."""
@@ -243,6 +301,8 @@ def test_syn_acks_eaten_until_active_tfo_is_disabled(daemon: str, route: tuple[L
     left = state.pop("tfowatch_active_tfo_reenable_seconds")
     assert 0 < left < float(BLACKHOLE_TIMEOUT_S) - (time.time() - at) + 1, (left, time.time() - at)
     assert state == {"tfowatch_active_tfo_disabled": 1, "tfowatch_active_tfo_disable_count": 1}, state
+    top_shows(top, run, "timeouts", {"cookie_unavailable": 1, "tfo_timeout": 1, "tfo_disabled": 2},
+              {"disabled": True, "disable_count": 1})
     _, report = doctor(run.client)
     [blackholed] = findings(report, "active_tfo_blackholed", run.client)
     assert blackholed["evidence"]["TCPFastOpenBlackhole"] == 1, blackholed

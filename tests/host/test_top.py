@@ -5,9 +5,7 @@ VM lab (kprobe tier)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,45 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netlab import BPF_START_S, IN_GUEST, TFOWATCH, Host, Lab, skip_unless_root_bpf
+from netlab import BPF_START_S, IN_GUEST, TFOWATCH, Host, Lab, TopProcess, skip_unless_root_bpf
 
 PORT_A, PORT_B = 7101, 7102
 COUNTERS = ("TCPFastOpenActive", "TCPFastOpenPassive", "TCPFastOpenCookieReqd")
-
-
-class TopProcess:
-    """`tfowatch top -o json` in the background; every line it prints, parsed."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([str(TFOWATCH), "top", "-o", "json", "-i", "0.5", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.frames: list[dict[str, Any]] = []
-        self._got = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._got:
-                self.frames.append(json.loads(line))
-                self._got.notify_all()
-
-    def wait_frames(self, n: int, timeout: float = BPF_START_S + 30) -> None:
-        """Until `n` frames have arrived (the first one means the probes are attached)."""
-        with self._got:
-            if not self._got.wait_for(lambda: len(self.frames) >= n or self.proc.poll() is not None,
-                                      timeout=timeout):
-                raise AssertionError("tfowatch top printed no frame in time")
-        if len(self.frames) < n:
-            err = self.proc.stderr.read() if self.proc.stderr else ""
-            raise AssertionError(f"tfowatch top exited {self.proc.returncode}: {err}")
-
-    def stop(self) -> tuple[int, str]:
-        self.proc.terminate()
-        code = self.proc.wait(timeout=30)
-        self._reader.join(timeout=5)
-        return code, self.proc.stderr.read() if self.proc.stderr else ""
 
 
 def frames_of(tops: list[TopProcess], n: int) -> list[dict[str, Any]]:

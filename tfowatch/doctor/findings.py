@@ -20,6 +20,7 @@ from tfowatch.doctor.survey import NamespaceSurvey
 
 SEVERITIES = ("info", "warning", "critical")
 EXHAUSTION_SHARE = 0.5  # TIME-WAIT sockets to one destination vs ephemeral ports
+UNANSWERED_REQUESTS = 2  # cookie requests a destination left unanswered before it is suspect
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ class View:
             return 0
         seen = self.obs.server.get((self.now.netns, port))
         return sum(seen[t] for t in types) if seen else 0
+
+
+def endpoint(addr: str, port: int) -> str:
+    """ADDR:PORT, [ADDR]:PORT for IPv6."""
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 def _listener_text(lst: Listener) -> str:
@@ -166,7 +172,7 @@ def _timeouts_to(v: View) -> dict[str, int]:
     out: Counter[str] = Counter()
     for key, seen in v.obs.client.items():
         if key.netns == v.now.netns and seen[EventType.TFO_TIMEOUT]:
-            out[f"{key.daddr}:{key.port}"] += seen[EventType.TFO_TIMEOUT]
+            out[endpoint(key.daddr, key.port)] += seen[EventType.TFO_TIMEOUT]
     return dict(out)
 
 
@@ -175,7 +181,7 @@ def blackhole(v: View) -> Iterator[Finding]:
     timeout = v.now.config.blackhole_timeout_s
     if disabled:
         seen = v.obs.blackholes if v.obs else {}
-        where = sorted({f"{a}:{p}" for (ns, a, p) in seen if ns == v.now.netns})
+        where = sorted({endpoint(a, p) for (ns, a, p) in seen if ns == v.now.netns})
         yield v.finding(
             "warning", "active_tfo_blackholed",
             f"the kernel disabled client TFO in this namespace {disabled} times {v.span}: a connection "
@@ -212,12 +218,12 @@ def cookie_never_returned(v: View) -> Iterator[Finding]:
         return
     for key, seen in v.obs.client.items():
         asked = seen[EventType.COOKIE_UNAVAILABLE]
-        if key.netns != v.now.netns or asked < 2 or seen[EventType.SYN_DATA_SENT]:
+        if key.netns != v.now.netns or asked < UNANSWERED_REQUESTS or seen[EventType.SYN_DATA_SENT]:
             continue  # the first request of any new destination is normal
         peer = v.now.peers.get(key.daddr)
         if peer and peer.cookie:
             continue
-        dest = f"{key.daddr}:{key.port}"
+        dest = endpoint(key.daddr, key.port)
         yield v.finding(
             "warning", "cookie_never_returned",
             f"{key.comm or '?'} asked {dest} for a TFO cookie {asked} times {v.span} and no SYN-ACK "
@@ -247,10 +253,10 @@ def plain_connects(v: View) -> Iterator[Finding]:
                else f"a TFO cookie from {key.daddr} is cached here")
         yield v.finding(
             "warning" if others else "info", "plain_connect_to_tfo_server",
-            f"{key.comm or '?'} connected {plain} times to {key.daddr}:{key.port} without TFO, "
+            f"{key.comm or '?'} connected {plain} times to {endpoint(key.daddr, key.port)} without TFO, "
             f"though the server offers it ({why}): the application (or its TLS library) opens "
             "the connection itself with connect()",
-            {"comm": key.comm, "pids": sorted(v.obs.pids[key]), "destination": f"{key.daddr}:{key.port}",
+            {"comm": key.comm, "pids": sorted(v.obs.pids[key]), "destination": endpoint(key.daddr, key.port),
              "plain_connects": plain, "tfo_attempts_by_others": others,
              "cookie_cached": bool(peer and peer.cookie)},
             "enable TFO in the application: setsockopt(fd, IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1) "
@@ -327,12 +333,13 @@ def no_local_port(v: View) -> Iterator[Finding]:
         if key.netns != v.now.netns or not failed:
             continue
         held = v.now.time_wait.get((key.daddr, key.port), 0)
+        dest = endpoint(key.daddr, key.port)
         yield v.finding(
             "warning", "connect_no_local_port",
-            f"{key.comm or '?'}'s connect() to {key.daddr}:{key.port} failed {failed} times {v.span} "
+            f"{key.comm or '?'}'s connect() to {dest} failed {failed} times {v.span} "
             f"with EADDRNOTAVAIL: no local port was free for it ({held} TIME-WAIT sockets to it now, "
             f"{v.now.port_range or '?'} ephemeral ports)",
-            {"comm": key.comm, "pids": sorted(v.obs.pids[key]), "destination": f"{key.daddr}:{key.port}",
+            {"comm": key.comm, "pids": sorted(v.obs.pids[key]), "destination": endpoint(key.daddr, key.port),
              "eaddrnotavail": failed, "time_wait": held, "ephemeral_ports": v.now.port_range,
              "tcp_tw_reuse": v.now.config.tw_reuse},
             (v.sysctl("tcp_tw_reuse", 1) + " if the peers use timestamps" if held else

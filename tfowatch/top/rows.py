@@ -8,12 +8,14 @@ that hold the listening socket. Client rows are per comm, summed over cgroups.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tfowatch.core.aggregator import Snapshot
 from tfowatch.core.events import EVENTS, REFUSED, SPEC
 from tfowatch.core.events import EventType as E
 from tfowatch.core.metrics import Metric
+from tfowatch.doctor.findings import UNANSWERED_REQUESTS
 from tfowatch.doctor.listeners import Listener
 
 
@@ -92,6 +94,27 @@ def with_deltas(now: dict[RowKey, Row], before: dict[RowKey, Row]) -> dict[RowKe
         prev = before.get(key)
         row.deltas = {k: v - (prev.totals.get(k, 0) if prev else 0) for k, v in row.totals.items()}
     return now
+
+
+# What the path does to a client row's TFO, from its totals since start, worst first (as
+# doctor's rules and the alerts judge a destination).
+PATH_VERDICTS: tuple[tuple[str, Callable[[dict[str, int]], bool], str], ...] = (
+    ("timeouts", lambda t: t["tfo_timeout"] > 0,
+     "TFO connections timed out (SYN-ACKs or data eaten: blackhole)"),
+    ("drops SYN data", lambda t: t["syn_data_sent"] >= 2 and 2 * t["syn_retransmitted"] > t["syn_data_sent"],
+     "most SYNs with data were retransmitted without it"),
+    ("no cookie", lambda t: t["cookie_unavailable"] >= UNANSWERED_REQUESTS and not t["syn_data_sent"],
+     "cookie requests never answered: option stripped, or no server TFO"),
+    ("TFO off", lambda t: t["tfo_disabled"] > 0, "connects went without TFO: the kernel had it disabled"),
+)
+
+
+def path_verdict(row: Row) -> tuple[str, str]:
+    """(verdict, what it means) for a client row, ("", "") when nothing points at the path."""
+    if row.key.side != "client":
+        return "", ""
+    t = defaultdict(int, row.totals)
+    return next(((v, why) for v, test, why in PATH_VERDICTS if test(t)), ("", ""))
 
 
 def cell(row: Row, col: Column, available: set[E], totals: bool) -> int | str | None:

@@ -13,12 +13,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from tfowatch.core import netns, nsconfig
+from tfowatch.core.blackhole import Blackhole
 from tfowatch.core.events import Event, EventType
 from tfowatch.core.nsconfig import NamespaceConfig
 from tfowatch.core.pipeline import Pipeline
 from tfowatch.doctor import listeners as listeners_mod
 from tfowatch.doctor.listeners import Listener
-from tfowatch.top.rows import COLUMNS, KEY_FIELDS, Row, RowKey, build_rows, cell, with_deltas
+from tfowatch.top.rows import COLUMNS, KEY_FIELDS, Row, RowKey, build_rows, cell, path_verdict, with_deltas
 
 MAX_NAMESPACES_SHOWN = 16
 
@@ -52,8 +53,9 @@ class Frame:
     namespaces: dict[int, NamespaceConfig] = field(default_factory=dict)
     tcpext_since_start: dict[int, dict[str, int]] = field(default_factory=dict)
     drift: dict[int, dict[str, int]] = field(default_factory=dict)
-    # netns -> seconds since the kernel last disabled active TFO, while within its timeout
-    active_tfo_off: dict[int, float] = field(default_factory=dict)
+    # netns -> the kernel's active-TFO blackhole state, and when (CLOCK_MONOTONIC) it was read
+    blackholes: dict[int, Blackhole] = field(default_factory=dict)
+    now_ns: int = 0
     degraded: str = ""  # why the planned tier does not run, and the fix; "" when it does
     folded: int = 0  # events counted in 'other' rows: more label sets than opts.series_cap
     failed: list[str] = field(default_factory=list)  # state parts not read this interval
@@ -71,7 +73,6 @@ class TopSession:
         self.pipeline = pipeline_factory(mode=opts.mode, keep=self._keep, series_cap=opts.series_cap)
         self._before: dict[RowKey, Row] = {}
         self._last_sample = time.monotonic()
-        self._blackhole_seen: dict[int, tuple[int, float]] = {}
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self.pipeline.run, args=(self._stop,), daemon=True,
                                         name="tfowatch-poll")
@@ -91,23 +92,6 @@ class TopSession:
         if o.pid is not None:
             return ev.pid == o.pid if ev.pid else (ev.netns, ev.port) in self._owned
         return True
-
-    def _active_tfo_off(self, kernel: dict[int, dict[str, int]],
-                        spaces: dict[int, NamespaceConfig]) -> dict[int, float]:
-        """Namespaces whose TCPFastOpenBlackhole rose (since top started) less than their
-        blackhole timeout ago: active TFO is off there now."""
-        now = time.monotonic()
-        out = {}
-        for ino, counters in kernel.items():
-            count = counters.get("TCPFastOpenBlackhole", 0)
-            prev = self._blackhole_seen.get(ino)
-            if prev is None or prev[0] != count:
-                self._blackhole_seen[ino] = (count, now if prev is not None else -1.0)
-            at = self._blackhole_seen[ino][1]
-            timeout = spaces[ino].blackhole_timeout_s if ino in spaces else None
-            if at >= 0 and timeout and now - at < timeout:
-                out[ino] = now - at
-        return out
 
     def sample(self) -> Frame:
         handles = netns.discover()  # once per interval, for listeners and sysctls alike
@@ -131,7 +115,7 @@ class TopSession:
             rows=list(rows.values()), namespaces=spaces,
             tcpext_since_start={i: deltas[i] for i in shown if i in deltas},
             drift={i: drift[i] for i in shown if i in drift},
-            active_tfo_off=self._active_tfo_off(st.kernel, spaces),
+            blackholes=st.blackholes, now_ns=time.monotonic_ns(),
             degraded=st.plan.degraded.describe(st.plan.tier) if st.plan.degraded else "",
             folded=sum(st.snap.dropped.values()),
             failed=[name for name, part in st.parts.items() if not part.ok],
@@ -182,19 +166,40 @@ def fmt_cell(v: int | str | None) -> str:
     return "n/a" if v is None else str(v) or "-"
 
 
+def blackhole_text(ns: NamespaceConfig, frame: Frame) -> str:
+    """Active TFO's blackhole state in the namespace, as the kernel keeps it."""
+    b = frame.blackholes.get(ns.netns)
+    if b is not None and b.disabled(frame.now_ns):
+        return (f"ACTIVE TFO DISABLED (blackhole; disable {b.times}, TFO retried in "
+                f"{b.reenable_in(frame.now_ns):.0f}s)")
+    if b is not None and b.times and not b.timed:
+        return (f"active TFO disabled {b.times}x since it last worked (CONFIG_HZ unknown: "
+                "whether it still is, is not known)")
+    if not ns.blackhole_timeout_s:
+        return "blackhole detection off"
+    after = f", {b.times} disables since TFO last worked" if b is not None and b.times else ""
+    return f"blackhole timeout {ns.blackhole_timeout_s}s{after}"
+
+
 def namespace_line(ns: NamespaceConfig, frame: Frame) -> str:
     tfo = ns.tcp_fastopen
     flags = "+".join(ns.tfo_flags) or "off"
-    bh = ns.blackhole_timeout_s
-    since = frame.active_tfo_off.get(ns.netns)
-    if not bh:
-        blackhole = "blackhole detection off"
-    elif since is not None:
-        blackhole = f"ACTIVE TFO DISABLED (blackhole {since:.0f}s ago)"
-    else:
-        blackhole = f"blackhole timeout {bh}s"
     return (f"netns {ns.name}: tcp_fastopen={'?' if tfo is None else hex(tfo)} ({flags}) "
-            f"tw_reuse={ns.tw_reuse} {blackhole}")
+            f"tw_reuse={ns.tw_reuse} {blackhole_text(ns, frame)}")
+
+
+MAX_PATH_LINES = 5
+
+
+def path_lines(frame: Frame, opts: Options) -> list[str]:
+    """One line per destination (remote port, process) whose counts point at the path."""
+    suspect = [(r, *path_verdict(r)) for r in ordered(frame, opts)]
+    suspect = [s for s in suspect if s[1]]
+    lines = [f"PATH {verdict}: {r.key.process} -> :{r.key.port} (netns {r.key.netns}): {why}"
+             for r, verdict, why in suspect[:MAX_PATH_LINES]]
+    if len(suspect) > MAX_PATH_LINES:
+        lines.append(f"PATH: {len(suspect) - MAX_PATH_LINES} more destinations (-o json lists all)")
+    return lines
 
 
 def header_lines(frame: Frame, opts: Options) -> list[str]:
@@ -214,7 +219,7 @@ def header_lines(frame: Frame, opts: Options) -> list[str]:
         lines.append(f"UNWATCHED: {frame.unwatched} listeners open before start: their cookie "
                      "requests, cookies and passive fallbacks are not seen (the log names them)")
     lines += [namespace_line(ns, frame) for ns in frame.namespaces.values()]
-    return lines
+    return lines + path_lines(frame, opts)
 
 
 # --- plain text and JSON ---
@@ -249,13 +254,15 @@ def json_frame(frame: Frame, opts: Options) -> str:
             d["cgroups"] = sorted(r.cgroups)
         if r.tw_refused_reasons:
             d["tw_refused_reasons"] = dict(r.tw_refused_reasons)
+        if r.key.side == "client":
+            d["path"] = path_verdict(r)[0] or None
         rows.append(d)
     spaces = []
     for ino, ns in frame.namespaces.items():
         spaces.append(ns.as_dict() | {
             "tcpext_since_start": frame.tcpext_since_start.get(ino, {}),
             "drift": frame.drift.get(ino, {}),
-            "active_tfo_disabled_recently": ino in frame.active_tfo_off,
+            "active_tfo": active_tfo(frame, ino),
         })
     return json.dumps({"time": round(frame.time, 3), "interval_s": round(frame.interval_s, 3),
                        "kernel": frame.kernel, "mode": frame.mode, "tier": frame.tier,
@@ -263,6 +270,15 @@ def json_frame(frame: Frame, opts: Options) -> str:
                        "series_cap": opts.series_cap, "folded": frame.folded,
                        "failed_parts": frame.failed, "unwatched_listeners": frame.unwatched,
                        "namespaces": spaces, "rows": rows})
+
+
+def active_tfo(frame: Frame, ino: int) -> dict[str, object] | None:
+    """The kernel's blackhole state for JSON; None where none was noted (never disabled)."""
+    b = frame.blackholes.get(ino)
+    if b is None:
+        return None
+    return {"disable_count": b.times, "disabled": b.disabled(frame.now_ns) if b.timed else None,
+            "reenable_s": round(b.reenable_in(frame.now_ns), 1) if b.timed else None}
 
 
 def frames(session: TopSession, opts: Options, stop: threading.Event) -> Iterator[Frame]:
