@@ -54,6 +54,25 @@ def test_server_with_client_only_sysctl(lab: Lab) -> None:
 
 
 @pytest.mark.host_only
+def test_server_tfo_turned_off_after_accepting(lab: Lab) -> None:
+    """TFO worked, then the server bit went: doctor says what it accepted while it was on,
+    not that no cookie is ever issued."""
+    srv, addr = lab.server("s", "3")
+    lab.start_server(srv, f"{PORT}:64")
+    seen = lab.client.peer("client", addr, str(PORT), "3")
+    assert [s["acked"] for s in seen] == [False, True, True]
+    srv.sysctl("net.ipv4.tcp_fastopen", "1")
+    seen = lab.client.peer("client", addr, str(PORT), "2")
+    assert not any(s["acked"] for s in seen)
+    _, report = doctor(srv)
+    [f] = findings(report, "server_tfo_disabled", srv)
+    assert f["evidence"]["TCPFastOpenPassive"] == srv.tcpext()["TCPFastOpenPassive"] == 2
+    assert "2 TFO connections were accepted since the namespace started, while the server bit was on" \
+        in f["summary"], f["summary"]
+    assert "ever" not in f["summary"], f["summary"]
+
+
+@pytest.mark.host_only
 def test_listener_without_tcp_fastopen(lab: Lab) -> None:
     srv, addr = lab.server("s", "3")  # server TFO on, but the application never asks for it
     lab.start_server(srv, f"{PORT}:0")
@@ -129,10 +148,17 @@ def test_watch_names_the_plain_connecting_client_and_the_rotation(lab: Lab) -> N
     _, addr_tw = lab.link(twc, srv)
     twc.sysctl("net.ipv4.ip_local_port_range", "40000 40000")
     twc.sysctl("net.ipv4.tcp_tw_reuse", "0")
+    # A server whose TFO was turned off after the client got its cookie: its SYNs carry it.
+    off, addr_off = lab.server("o", "3")
+    lab.start_server(off, f"{PORT}:64")
+    lab.client.peer("client", addr_off, str(PORT), "1", "--comm", "stale-app")
+    off.sysctl("net.ipv4.tcp_fastopen", "1")
     # A long window, ended by SIGINT once the traffic is done: doctor then reports what it saw.
-    with DoctorWatch(srv, lab.client, twc) as watch:
+    with DoctorWatch(srv, lab.client, twc, off) as watch:
         lab.client.peer("client", addr, str(PORT), "3", "--comm", "tfo-app")
         lab.client.peer("client", addr, str(PORT), "2", "--comm", "tls-app", "--plain")
+        lab.client.peer("client", addr, str(PORT), "1", "--comm", "unbound", "--plain")
+        lab.client.peer("client", addr_off, str(PORT), "2", "--comm", "stale-app")
         srv.sysctl("net.ipv4.tcp_fastopen_key", KEY.format(2))
         lab.client.peer("client", addr, str(PORT), "1", "--comm", "tfo-app")
         # In the window (a TIME-WAIT socket lasts 60 s, less than doctor's start under emulation):
@@ -142,7 +168,12 @@ def test_watch_names_the_plain_connecting_client_and_the_rotation(lab: Lab) -> N
         code, report, err = watch.report()
     assert code == EXIT_FINDINGS, err
     assert report["probe_tier"] == planned_plan()["tier"], f"watched below the plan: {report['notes']}"
-    [plain] = findings(report, "plain_connect_to_tfo_server", lab.client)
+    plains = {f["evidence"]["comm"]: f for f in findings(report, "plain_connect_to_tfo_server", lab.client)}
+    assert set(plains) == {"tls-app", "unbound"}, plains
+    plain = plains["tls-app"]
+    assert "TCP_FASTOPEN_CONNECT" in plain["fix"]
+    # a program whose behaviour is known gets what its operator can change, not the generic fix
+    assert "never combines TFO with TLS" in plains["unbound"]["fix"], plains["unbound"]
     assert plain["severity"] == "warning"
     assert plain["evidence"]["comm"] == "tls-app"
     assert plain["evidence"]["destination"] == f"{addr}:{PORT}"
@@ -159,11 +190,24 @@ def test_watch_names_the_plain_connecting_client_and_the_rotation(lab: Lab) -> N
     assert noport["evidence"] | {"pids": []} == {
         "comm": "tw-app", "pids": [], "destination": f"{addr_tw}:{PORT}", "eaddrnotavail": 3,
         "time_wait": 1, "ephemeral_ports": 1, "tcp_tw_reuse": 0}
+    # SYNs with the cookie issued before server TFO went off are not called cookie requests
+    [stale] = findings(report, "server_tfo_disabled", off)
+    assert stale["evidence"]["TCPFastOpenCookieReqd"] == 0, stale
+    if report["probe_tier"] in ("kprobe", "sockops"):  # the SYN's option at the listener
+        assert stale["evidence"]["syns_with_a_cookie"] == 2, stale
+        assert "0 SYNs asked for a cookie in the last" in stale["summary"], stale
+        assert "2 carried a cookie issued while it was on" in stale["summary"], stale
+    # the namespaces' counters: since they started, and over the window
+    [ns_off] = [ns for ns in report["namespaces"] if ns["netns"] == off.inode]
+    assert ns_off["tcpext_since"] == "namespace_start"
+    assert ns_off["tcpext"]["TCPFastOpenPassive"] == off.tcpext()["TCPFastOpenPassive"] == 0
+    assert ns_off["tcpext_window"]["TCPFastOpenCookieReqd"] == 0
+    assert ns_off["tcpext"]["TCPFastOpenCookieReqd"] == off.tcpext()["TCPFastOpenCookieReqd"] == 1
     codes = {f["code"] for f in report["findings"]}
     # the kprobe tier also sees each refusal of the TIME-WAIT socket (reuse_disabled)
     refusals = {"time_wait_reuse_refused"} if report["probe_tier"] == "kprobe" else set()
     assert codes == {"plain_connect_to_tfo_server", "invalid_cookies", "connect_no_local_port",
-                     "time_wait_blocks_ports"} | refusals, report["findings"]
+                     "time_wait_blocks_ports", "server_tfo_disabled"} | refusals, report["findings"]
 
 
 @pytest.mark.host_only

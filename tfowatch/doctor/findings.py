@@ -65,11 +65,18 @@ class View:
                 fix: str) -> Finding:
         return Finding(severity, code, self.now.netns, self.now.config.name, summary, evidence, fix)
 
-    def server_events(self, port: int, *types: EventType) -> int:
+    def server_events(self, port: int | None, *types: EventType) -> int:
+        """Server events of these types the watch saw at `port` (None: any port here)."""
         if not self.obs:
             return 0
-        seen = self.obs.server.get((self.now.netns, port))
-        return sum(seen[t] for t in types) if seen else 0
+        return sum(seen[t] for (ns, p), seen in self.obs.server.items()
+                   if ns == self.now.netns and port in (None, p) for t in types)
+
+    def turned_away(self, port: int | None) -> tuple[int, int]:
+        """TFO SYNs a listener with TFO off answered without it (watch only), as (cookie
+        requests, SYNs that carried a cookie): server_disabled counts both kinds."""
+        requests = self.server_events(port, EventType.COOKIE_REQUEST)
+        return requests, max(0, self.server_events(port, EventType.SERVER_DISABLED) - requests)
 
 
 def endpoint(addr: str, port: int) -> str:
@@ -92,15 +99,23 @@ def server_tfo_disabled(v: View) -> Iterator[Finding]:
     severity = "warning" if wanting else "info"
     what = (f"listener(s) {', '.join(map(_listener_text, wanting))} set TCP_FASTOPEN"
             if wanting else "no listener sets TCP_FASTOPEN")
+    _, stale = v.turned_away(None)
+    carried = f", and {stale} carried a cookie issued while it was on" if stale else ""
+    accepted = v.counter("TCPFastOpenPassive")
+    earlier = (f" ({accepted} TFO connections were accepted {v.span}, while the server bit was on)"
+               if accepted else "")
+    evidence: dict[str, object] = {
+        "tcp_fastopen": hex(fastopen), "TCPFastOpenCookieReqd": asked, "TCPFastOpenPassive": accepted,
+        "tfo_listeners": [{"port": lst.port, "comms": sorted(lst.comms), "tfo_qlen": lst.tfo_qlen}
+                          for lst in wanting]}
+    if v.obs:
+        evidence["syns_with_a_cookie"] = stale
     yield v.finding(
         severity, "server_tfo_disabled",
         f"server TFO is off (net.ipv4.tcp_fastopen={fastopen:#x}: "
-        f"{', '.join(tfo_flags(fastopen)) or 'nothing'}); "
-        f"{what}, and {asked} SYNs asked for a cookie {v.span}: no cookie is ever issued",
-        {"tcp_fastopen": hex(fastopen), "TCPFastOpenCookieReqd": asked,
-         "TCPFastOpenPassive": v.counter("TCPFastOpenPassive"),
-         "tfo_listeners": [{"port": lst.port, "comms": sorted(lst.comms), "tfo_qlen": lst.tfo_qlen}
-                           for lst in wanting]},
+        f"{', '.join(tfo_flags(fastopen)) or 'nothing'}); {what}; {asked} SYNs asked for a cookie "
+        f"{v.span}{carried}: while it is off, no cookie is issued and no SYN data is accepted{earlier}",
+        evidence,
         f"{v.sysctl('tcp_fastopen', fastopen | TFO_SERVER)} (adds the server bit 0x2)")
 
 
@@ -112,15 +127,18 @@ def listener_without_tfo(v: View) -> Iterator[Finding]:
     no_tfo_listener = not any(lst.tfo_qlen for lst in v.now.listeners)
     asked = v.counter("TCPFastOpenCookieReqd")
     for lst in plain:
-        per_port = v.server_events(lst.port, EventType.COOKIE_REQUEST, EventType.SERVER_DISABLED)
+        requests, cookies = v.turned_away(lst.port)
+        per_port = requests + cookies
         if not per_port and not (no_tfo_listener and asked):
             continue  # nobody asked this listener for TFO
         evidence: dict[str, object] = {
             "port": lst.port, "comms": sorted(lst.comms), "pids": sorted(lst.pids), "tfo_qlen": 0,
             "tcp_fastopen": hex(fastopen), "TCPFastOpenCookieReqd": asked}
         if per_port:
-            evidence["tfo_syns_to_port"] = per_port
-            seen = f"{per_port} SYNs to port {lst.port} asked for TFO {v.span}"
+            evidence |= {"tfo_syns_to_port": per_port, "cookie_requests_to_port": requests,
+                         "syns_with_a_cookie_to_port": cookies}
+            seen = (f"{per_port} SYNs to port {lst.port} tried TFO {v.span} ({requests} asked for a "
+                    f"cookie, {cookies} carried one)")
         else:
             seen = f"{asked} SYNs asked for a cookie {v.span} and no listener here has TFO"
         yield v.finding(
@@ -259,9 +277,25 @@ def plain_connects(v: View) -> Iterator[Finding]:
             {"comm": key.comm, "pids": sorted(v.obs.pids[key]), "destination": endpoint(key.daddr, key.port),
              "plain_connects": plain, "tfo_attempts_by_others": others,
              "cookie_cached": bool(peer and peer.cookie)},
-            "enable TFO in the application: setsockopt(fd, IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1) "
-            "before connect() works under TLS libraries that connect and write themselves; "
-            "or send the first bytes with sendto(MSG_FASTOPEN)")
+            CLIENT_PROGRAMS.get(key.comm, GENERIC_CLIENT_FIX))
+
+
+# What is known of programs seen connecting without TFO to servers that offer it (from their
+# sources), and what their operator can change; any other program gets the generic fix.
+GENERIC_CLIENT_FIX = ("enable TFO in the application: setsockopt(fd, IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1) "
+                      "before connect() works under TLS libraries that connect and write themselves; "
+                      "or send the first bytes with sendto(MSG_FASTOPEN)")
+CLIENT_PROGRAMS = {
+    "unbound": "unbound uses client TFO (in a build configured with --enable-tfo-client) only for "
+               "upstream queries over plain TCP: it never combines TFO with TLS, so its DoT upstreams "
+               "(tls-upstream, forward-tls-upstream) always take a full handshake and no setting "
+               "changes that; for plain-TCP upstreams, tcp-upstream: yes with such a build sends TFO",
+    "haproxy": "haproxy sends TFO to a server only with `tfo` on its `server` line, only on the first "
+               "attempt (not on retries), and only when request data is already waiting at connect "
+               "time: health checks and connections opened before the request arrives go without it, "
+               "whatever the configuration; add `tfo` where it is missing (and 'retry-on conn-failure "
+               "empty-response response-timeout', which its documentation asks for with it)",
+}
 
 
 def _loopback(addr: str) -> bool:

@@ -24,6 +24,7 @@ class Report:
     watch: Observation | None = None
     probe_tier: str = ""
     notes: list[str] = field(default_factory=list)
+    before: dict[int, NamespaceSurvey] = field(default_factory=dict)  # at the watch's start
 
     @property
     def worst(self) -> str | None:
@@ -78,7 +79,8 @@ def diagnose(only: set[int] | None = None, seconds: float | None = None, mode: s
     findings = []
     for ino, ns in sorted(now.items()):
         findings += evaluate(View(now=ns, before=before.get(ino), obs=obs, own=ino == own))
-    report = Report(namespaces=now, findings=findings, watch=obs, probe_tier=obs.tier if obs else "")
+    report = Report(namespaces=now, findings=findings, watch=obs, probe_tier=obs.tier if obs else "",
+                    before=before)
     if obs and obs.degraded:
         report.notes.append(f"DEGRADED: {obs.degraded}")
     if obs and obs.tier == "sockops":
@@ -98,9 +100,22 @@ def diagnose(only: set[int] | None = None, seconds: float | None = None, mode: s
     return report
 
 
-def namespace_summary(ns: NamespaceSurvey) -> dict[str, object]:
+TCPEXT_SHOWN = ("TCPFastOpen", "TW")
+
+
+def tcpext_summary(ns: NamespaceSurvey, before: NamespaceSurvey | None) -> dict[str, object]:
+    """The namespace's TFO and TIME-WAIT counters: since it started (as the kernel keeps them),
+    and over the watch window when there was one."""
+    shown = {k: v for k, v in sorted(ns.tcpext.items()) if k.startswith(TCPEXT_SHOWN)}
+    out: dict[str, object] = {"tcpext": shown, "tcpext_since": "namespace_start"}
+    if before is not None:
+        out["tcpext_window"] = {k: v - before.tcpext.get(k, 0) for k, v in shown.items()}
+    return out
+
+
+def namespace_summary(ns: NamespaceSurvey, before: NamespaceSurvey | None = None) -> dict[str, object]:
     cfg = ns.config
-    return cfg.as_dict() | {
+    return cfg.as_dict() | tcpext_summary(ns, before) | {
         "tcp_tw_reuse_delay_ms": cfg.number("tcp_tw_reuse_delay"),
         "tcp_timestamps": cfg.number("tcp_timestamps"),
         "ip_local_port_range": cfg.raw.get("ip_local_port_range"),
@@ -109,7 +124,6 @@ def namespace_summary(ns: NamespaceSurvey) -> dict[str, object]:
                        "tfo_qlen": lst.tfo_qlen} for lst in ns.listeners],
         "time_wait": sum(ns.time_wait.values()),
         "tfo_servers_cached": sorted(a for a, p in ns.peers.items() if p.cookie),
-        "tcpext": {k: v for k, v in sorted(ns.tcpext.items()) if k.startswith(("TCPFastOpen", "TW"))},
     }
 
 
@@ -118,7 +132,8 @@ def as_json(report: Report) -> str:
         "worst": report.worst, "watch_seconds": report.watch.seconds if report.watch else None,
         "probe_tier": report.probe_tier or None, "notes": report.notes,
         "findings": [f.as_dict() for f in report.findings],
-        "namespaces": [namespace_summary(ns) for _, ns in sorted(report.namespaces.items())],
+        "namespaces": [namespace_summary(ns, report.before.get(ino))
+                       for ino, ns in sorted(report.namespaces.items())],
     }, indent=2)
 
 
