@@ -4,8 +4,10 @@ is removed by close()."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -386,6 +388,19 @@ def doctor(*hosts: Host, watch: float | None = None) -> tuple[int, dict[str, Any
     res = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert res.returncode in (0, EXIT_FINDINGS), res.stderr
     return res.returncode, json.loads(res.stdout)
+
+
+def config_hz() -> tuple[int, str]:
+    """The host kernel's CONFIG_HZ from its own config, and which file said it."""
+    for name in ("/proc/config.gz", f"/boot/config-{os.uname().release}"):
+        path = Path(name)
+        if not path.exists():
+            continue
+        raw = path.read_bytes()
+        text = (gzip.decompress(raw) if name.endswith(".gz") else raw).decode(errors="replace")
+        if m := re.search(r"^CONFIG_HZ=(\d+)$", text, re.M):
+            return int(m.group(1)), name
+    pytest.skip("this host has no readable kernel config to check CONFIG_HZ against")
 
 
 class DoctorWatch:

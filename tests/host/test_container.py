@@ -9,7 +9,6 @@ namespaces on the host exactly."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 from lab import pip_cert
-from netlab import Lab, planned_plan, scrape, series, skip_unless_root_bpf, tfo_exchange
+from netlab import Lab, config_hz, planned_plan, scrape, series, skip_unless_root_bpf, tfo_exchange
 
 from tfowatch import __version__
 
@@ -197,19 +196,6 @@ def test_a_default_seccomp_profile_that_denies_bpf_is_named(container: tuple[str
     assert "seccomp" in podman("logs", NAME).stderr
 
 
-def host_config_hz() -> tuple[int, str]:
-    """The host kernel's CONFIG_HZ from its own config, and which file said it."""
-    for name in ("/proc/config.gz", f"/boot/config-{os.uname().release}"):
-        path = Path(name)
-        if not path.exists():
-            continue
-        raw = path.read_bytes()
-        text = (gzip.decompress(raw) if name.endswith(".gz") else raw).decode(errors="replace")
-        if m := re.search(r"^CONFIG_HZ=(\d+)$", text, re.M):
-            return int(m.group(1)), name
-    pytest.skip("this host has no readable kernel config to check CONFIG_HZ against")
-
-
 def kernel_hz(listen: str) -> dict[str, float]:
     wait_for_metrics(listen)
     return {dict(k)["source"]: v for k, v in series(scrape(f"http://{listen}/metrics"),
@@ -219,7 +205,7 @@ def kernel_hz(listen: str) -> dict[str, float]:
 def test_the_daemonset_finds_config_hz(container: tuple[str, Any]) -> None:
     """The pod spec's mounts give the daemon the kernel's tick rate, which times the blackhole
     state: from /proc/config.gz, or the host's /boot it mounts."""
-    hz, where = host_config_hz()
+    hz, where = config_hz()
     source = "/proc/config.gz" if where == "/proc/config.gz" else "/boot/config-RELEASE"
     assert kernel_hz(container[0]) == {source: hz}
 
@@ -236,7 +222,7 @@ MEASURE_HZ = {"unmount": ("boot",), "flags": ("--security-opt", "mask=/proc/conf
                          indirect=True)
 def test_an_unknown_config_hz_is_loud_and_timer_list_measures_it(container: tuple[str, Any],
                                                                  request: pytest.FixtureRequest) -> None:
-    hz, _ = host_config_hz()
+    hz, _ = config_hz()
     found = kernel_hz(container[0])
     logs = podman("logs", NAME).stderr
     if request.node.callspec.id == "no-source":

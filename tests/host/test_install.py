@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from pathlib import Path
 import pytest
 from netlab import (
     Lab,
+    Samples,
+    config_hz,
     free_port,
     planned_plan,
     scrape,
@@ -131,6 +134,49 @@ def test_installed_wheel_runs_the_planned_tier_and_counts_exactly(installed: Ins
     assert set(series(samples, "tfowatch_tier_degraded").values()) == {0}
     assert "ERROR" not in err, err
     exchange.assert_counted_exactly(samples)
+
+
+BLACKHOLE_PORT = 7711
+
+
+def test_installed_wheel_reports_the_kernels_blackhole_state(installed: Installed) -> None:
+    """The installed daemon reads active TFO's blackhole state from the kernel: SYN-ACKs eaten
+    on the way until the kernel's detection disables active TFO in the client's namespace."""
+    hz, _ = config_hz()
+    lab = Lab()  # its own: the client's TFO stays disabled for the blackhole timeout
+    try:
+        route = lab.routed_server("b", "3")
+        lab.start_server(route.server, str(BLACKHOLE_PORT))
+        lab.client.sysctl("net.ipv4.tcp_fastopen_blackhole_timeout_sec", "60")
+        listen, proc = run_installed(installed)
+        try:
+            route.middlebox(f"tcp sport {BLACKHOLE_PORT} tcp flags & (syn | ack) == syn | ack drop")
+            [eaten] = lab.client.peer("client", route.v4, str(BLACKHOLE_PORT), "1", "--give-up-on-timeout")
+            assert eaten["detected"], eaten
+            samples = wait_for_series(f"http://{listen}/metrics", "tfowatch_active_tfo_disabled",
+                                      netns=str(lab.client.inode))
+        finally:
+            err = stop(proc)
+    finally:
+        lab.close()
+    assert "CONFIG_HZ unknown" not in err, err
+    assert list(series(samples, "tfowatch_kernel_hz").values()) == [hz]
+    state = {name: v for name in ("tfowatch_active_tfo_disabled", "tfowatch_active_tfo_disable_count",
+                                  "tfowatch_active_tfo_reenable_seconds")
+             for k, v in series(samples, name).items() if dict(k)["netns"] == str(lab.client.inode)}
+    reenable = state.pop("tfowatch_active_tfo_reenable_seconds")
+    assert 0 < reenable <= 60, reenable
+    assert state == {"tfowatch_active_tfo_disabled": 1, "tfowatch_active_tfo_disable_count": 1}, state
+
+
+def wait_for_series(url: str, name: str, **labels: str) -> Samples:
+    """The samples once `name` has a series with these labels (15 s at most)."""
+    deadline = time.monotonic() + 15
+    while True:
+        samples = scrape(url)
+        if any(set(labels.items()) <= k for k in series(samples, name)) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.5)
 
 
 @pytest.fixture
