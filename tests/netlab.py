@@ -50,11 +50,16 @@ class Host:
         sh("ip", "-n", name, "link", "set", "lo", "up")
         self.inode = netns.inode(f"/run/netns/{name}")
 
+    @property
+    def handle(self) -> str:
+        """How tfowatch enters it (netns.discover()'s form for a named namespace)."""
+        return f"/run/netns/{self.name}"
+
     def sysctl(self, key: str, value: str) -> None:
         sh("ip", "netns", "exec", self.name, "sysctl", "-q", "-w", f"{key}={value}")
 
     def tcpext(self) -> dict[str, int]:
-        return netns.tcpext(f"/run/netns/{self.name}")
+        return netns.tcpext(self.handle)
 
     @contextmanager
     def dropping_synacks(self, sport: int) -> Iterator[None]:

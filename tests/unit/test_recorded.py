@@ -4,6 +4,7 @@ root): tests/fixtures/procfs/record.py took it from real sockets in test namespa
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 
@@ -50,15 +51,31 @@ def ours(rows: list[socktable.SocketRow]) -> set[tuple[int, int, str, int | None
              None if r.state == socktable.LISTEN else r.remote_port) for r in rows}
 
 
+def recorded_rows(role: str) -> list[socktable.SocketRow]:
+    """The recorded namespace's sockets from its /proc/net/tcp{,6} (the live reader is
+    sock_diag: tests/host/test_socktable.py checks it against ss on real sockets)."""
+    rows = []
+    for name in ("tcp", "tcp6"):
+        for line in (TREE / str(META[role]["pid"]) / "net" / name).read_text().splitlines()[1:]:
+            f = line.split()
+            raw = bytes.fromhex(f[2].rsplit(":", 1)[0])  # each 32-bit word in host order
+            ip = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+            addr = str(getattr(ip, "ipv4_mapped", None) or ip)
+            rows.append(socktable.SocketRow(int(f[3], 16), int(f[1].rsplit(":", 1)[1], 16), addr,
+                                            int(f[2].rsplit(":", 1)[1], 16), int(f[9])))
+    return rows
+
+
 @pytest.mark.parametrize("role", ["server", "client"])
-def test_socket_table_is_what_ss_listed(role: str) -> None:
+def test_the_recorded_tables_are_what_ss_listed(role: str) -> None:
+    """The fixture itself: its socket tables and ss agree (the rows the tests below use)."""
     want = {(s, lp, "*" if s == socktable.LISTEN else ra, rp) for s, lp, ra, rp in ss(role)}
-    assert ours(socktable.read(handle(role))) == want
+    assert ours(recorded_rows(role)) == want
 
 
 def test_listeners_are_named_after_the_processes_holding_them() -> None:
     ino = META["server"]["netns"]
-    found = listeners.from_tables({ino: socktable.read(handle("server"))})
+    found = listeners.from_tables({ino: recorded_rows("server")})
     owners = {port: lst.pids for (_, port), lst in found.items()}
     assert owners == {**{p: {META["server"]["pid"]} for p in META["server"]["ports"]},
                       **{p: {META["v6"]["pid"]} for p in META["v6"]["ports"]}}
@@ -67,7 +84,7 @@ def test_listeners_are_named_after_the_processes_holding_them() -> None:
 
 
 def test_time_wait_is_counted_per_destination_on_ephemeral_ports_only() -> None:
-    rows = socktable.read(handle("client"))
+    rows = recorded_rows("client")
     tw_ports = sorted(lp for s, lp, _, _ in ss("client") if s == socktable.TIME_WAIT)
     assert len(tw_ports) == 3
     wide = NamespaceConfig(1, "c", {"ip_local_port_range": f"{tw_ports[0]} {tw_ports[-1]}"})

@@ -103,7 +103,7 @@ def discover(only: set[int] | None = None,
         if only is not None and ino not in only:
             continue
         try:
-            tables[ino] = socktable.read(handle)
+            tables[ino] = socktable.read(handle, socktable.LISTENERS)
         except OSError:  # namespace vanished
             continue
     return from_tables(tables)
