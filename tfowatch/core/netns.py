@@ -55,7 +55,8 @@ def discover() -> dict[int, str]:
 
 
 def parse_netstat(text: str, section: str = "TcpExt") -> dict[str, int]:
-    """The `section` counters of a /proc/net/netstat text (header line, then values)."""
+    """The `section` counters of a /proc/net/netstat text (header line, then values): the
+    kernel's only interface to its MIB counters, which pyroute2 and psutil do not read."""
     lines = [line.split() for line in text.splitlines() if line.startswith(section + ":")]
     out: dict[str, int] = {}
     for names, values in zip(lines[0::2], lines[1::2], strict=False):

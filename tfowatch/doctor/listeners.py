@@ -19,6 +19,8 @@ from tfowatch.doctor import socktable
 
 TCP_FASTOPEN = 23  # on a listener: the TFO queue length, 0 when TFO is off
 SYS_PIDFD_GETFD = 438  # x86_64 and arm64 (asm-generic) alike; Linux 5.6+
+# sock_diag reports a listener's accept queue, not its TFO queue: that is read from the socket.
+TFO_QLEN_SOURCE = "getsockopt(TCP_FASTOPEN) on a pidfd_getfd duplicate of a holder's fd"
 
 
 @dataclass
@@ -33,7 +35,10 @@ class Listener:
 
 
 def socket_owners() -> dict[int, set[tuple[int, int]]]:
-    """socket inode -> (pid, fd) pairs holding it, from every process's fd table."""
+    """socket inode -> (pid, fd) pairs holding it, from every process's fd table. The fd
+    tables are the kernel's only record of who holds a socket (sock_diag gives its inode, not
+    its holders); psutil's net_connections() maps the same links for the caller's namespace
+    only, and its per-process form reads the whole socket table again for each process."""
     owners: dict[int, set[tuple[int, int]]] = defaultdict(set)
     for pid in procfs.pids():
         try:

@@ -74,7 +74,9 @@ def parse_key(text: str) -> KeyInfo:
 
 
 def parse_tcp_metrics(text: str) -> dict[str, PeerMetrics]:
-    """`ip tcp_metrics show` lines: ADDR age ... [fo_cookie HEX] [fo_syn_drops N/...]."""
+    """`ip tcp_metrics show` lines: ADDR age ... [fo_cookie HEX] [fo_syn_drops N/...]. Parsed
+    by hand: pyroute2 0.9 has no client for the tcp_metrics genetlink family, and iproute2's
+    text is stable (one line per address)."""
     out = {}
     for line in text.splitlines():
         words = line.split()

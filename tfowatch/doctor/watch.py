@@ -13,6 +13,7 @@ from tfowatch.core import netns
 from tfowatch.core.kernel import hz_unknown
 from tfowatch.core.nsconfig import TFO_ALL_LISTENERS, TFO_CLIENT, TFO_SERVER, tfo_flags
 from tfowatch.doctor.findings import SEVERITIES, Finding, View, evaluate
+from tfowatch.doctor.listeners import TFO_QLEN_SOURCE
 from tfowatch.doctor.observe import Observation
 from tfowatch.doctor.survey import NamespaceSurvey, survey
 
@@ -122,6 +123,7 @@ def namespace_summary(ns: NamespaceSurvey, before: NamespaceSurvey | None = None
         "key": {"set": ns.key.set, "fingerprint": ns.key.fingerprint, "backup": ns.key.backup},
         "listeners": [{"port": lst.port, "comms": sorted(lst.comms), "pids": sorted(lst.pids),
                        "tfo_qlen": lst.tfo_qlen} for lst in ns.listeners],
+        "listeners_from": "sock_diag", "tfo_qlen_from": TFO_QLEN_SOURCE,
         "time_wait": sum(ns.time_wait.values()),
         "tfo_servers_cached": sorted(a for a, p in ns.peers.items() if p.cookie),
     }
