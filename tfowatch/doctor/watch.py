@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from tfowatch.core import netns
 from tfowatch.core.kernel import hz_unknown
 from tfowatch.core.nsconfig import TFO_ALL_LISTENERS, TFO_CLIENT, TFO_SERVER, tfo_flags
-from tfowatch.doctor.findings import SEVERITIES, Finding, View, evaluate
+from tfowatch.doctor.findings import SEVERITIES, Finding, View, endpoint, evaluate
 from tfowatch.doctor.listeners import TFO_QLEN_SOURCE
 from tfowatch.doctor.observe import Observation
 from tfowatch.doctor.survey import NamespaceSurvey, survey
@@ -125,6 +125,7 @@ def namespace_summary(ns: NamespaceSurvey, before: NamespaceSurvey | None = None
                        "tfo_qlen": lst.tfo_qlen} for lst in ns.listeners],
         "listeners_from": "sock_diag", "tfo_qlen_from": TFO_QLEN_SOURCE,
         "time_wait": sum(ns.time_wait.values()),
+        "time_wait_by_destination": {endpoint(a, p): n for (a, p), n in ns.time_wait.most_common(100)},
         "tfo_servers_cached": sorted(a for a, p in ns.peers.items() if p.cookie),
     }
 
