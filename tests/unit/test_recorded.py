@@ -4,7 +4,6 @@ root): tests/fixtures/procfs/record.py took it from real sockets in test namespa
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from pathlib import Path
 
@@ -52,18 +51,11 @@ def ours(rows: list[socktable.SocketRow]) -> set[tuple[int, int, str, int | None
 
 
 def recorded_rows(role: str) -> list[socktable.SocketRow]:
-    """The recorded namespace's sockets from its /proc/net/tcp{,6} (the live reader is
-    sock_diag: tests/host/test_socktable.py checks it against ss on real sockets)."""
-    rows = []
-    for name in ("tcp", "tcp6"):
-        for line in (TREE / str(META[role]["pid"]) / "net" / name).read_text().splitlines()[1:]:
-            f = line.split()
-            raw = bytes.fromhex(f[2].rsplit(":", 1)[0])  # each 32-bit word in host order
-            ip = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
-            addr = str(getattr(ip, "ipv4_mapped", None) or ip)
-            rows.append(socktable.SocketRow(int(f[3], 16), int(f[1].rsplit(":", 1)[1], 16), addr,
-                                            int(f[2].rsplit(":", 1)[1], 16), int(f[9])))
-    return rows
+    """The recorded namespace's sockets from its /proc/net/tcp{,6}, through socktable's parser
+    (the path of a daemon that may not enter namespaces; tests/host/test_socktable.py checks
+    the sock_diag path against ss on real sockets)."""
+    return [row for name in ("tcp", "tcp6")
+            for row in socktable.parse((TREE / str(META[role]["pid"]) / "net" / name).read_text())]
 
 
 @pytest.mark.parametrize("role", ["server", "client"])
