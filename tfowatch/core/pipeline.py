@@ -118,7 +118,7 @@ class Pipeline:
         self._folded: dict[bytes, int] = {}  # in-kernel count already added, per key
         self._gained_at: dict[bytes, float] = {}  # when each key's count last moved
         self._released: set[bytes] = set()  # taken out of the map during this drain
-        self._replaced_now: set[int] = set()  # inodes replaced during this state()
+        self._retired_now: set[int] = set()  # inodes replaced or retired during this state()
         self.series_ttl = series_ttl  # 0: series never expire
         self.counters = KernelCounters(max_namespaces=series_cap, grace=netns_grace)
         self.generations = Generations(self._replaced, enabled=self.counters.cookies.supported)
@@ -222,7 +222,7 @@ class Pipeline:
         and in-kernel counts go now; what they gained since last read is late (under _folding)."""
         log.info("netns %s: a new namespace took the inode of a gone one; the gone one's series "
                  "are retired", ino)
-        self._replaced_now.add(ino)
+        self._retired_now.add(ino)
         older = []
         for raw in self._folded:
             key = CountKey.from_buffer_copy(raw)
@@ -236,6 +236,7 @@ class Pipeline:
         """Namespaces gone for the grace period: their series, and their in-kernel counts."""
         log.info("retiring the series of %d network namespaces gone for %.0f s: %s", len(inodes),
                  self.counters.grace, ", ".join(map(str, sorted(inodes))))
+        self._retired_now |= inodes
         with self._folding:
             self._release([raw for raw in self._folded if CountKey.from_buffer_copy(raw).netns in inodes],
                           time.monotonic())
@@ -247,10 +248,10 @@ class Pipeline:
         parts: dict[str, Part] = {}
         no_probes: ProbeReading = (Snapshot.empty(), None, {})
         no_kernel: KernelReading = ({}, 0, {})
-        self._replaced_now.clear()
+        self._retired_now.clear()
         snap, totals, pending = take(parts, PROBES, self._probe_part, no_probes)
         kernel, unreadable, blackholes = take(parts, KERNEL, self._kernel_part, no_kernel)
-        if self._replaced_now and parts[PROBES].ok:  # the kernel part found a namespace replaced:
+        if self._retired_now and parts[PROBES].ok:  # the kernel part replaced or retired a namespace:
             snap = self.agg.snapshot()  # the snapshot must not hold the gone one's counts
         both = parts[PROBES].ok and parts[KERNEL].ok
         gap = drift(snap, self.counters.deltas(kernel), self.plan.reconciled, pending) if both else {}
