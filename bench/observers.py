@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +77,28 @@ class Observer:
     def rss_bytes(self) -> int:
         return psutil.Process(self.proc.pid).memory_info().rss if self.proc else 0
 
+    def rss_split(self) -> tuple[int, int]:
+        """(anonymous, file-backed) resident bytes: the daemon's own memory, and the mapped
+        libraries (libbcc's LLVM most of all), clean and shared with any other BCC tool."""
+        if self.proc is None:
+            return 0, 0
+        lines = Path(f"/proc/{self.proc.pid}/status").read_text().splitlines()
+        status = dict(line.split(":", 1) for line in lines)
+        anon, file = (int(status[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile"))
+        return anon, file
+
     def bpf_run_ns(self) -> int:
+        return sum(ns for _, ns in self.bpf_usage().values())
+
+    def bpf_usage(self) -> dict[str, tuple[int, int]]:
+        """Program name -> (runs, run time in ns) so far, of the programs this observer loaded."""
         progs = bpf_programs()
-        return sum(int(progs[i].get("run_time_ns", 0)) for i in self.programs if i in progs)
+        usage: dict[str, tuple[int, int]] = {}
+        for i in self.programs & set(progs):
+            runs, ns = usage.get(progs[i].get("name", str(i)), (0, 0))
+            usage[progs[i].get("name", str(i))] = (runs + int(progs[i].get("run_cnt", 0)),
+                                                   ns + int(progs[i].get("run_time_ns", 0)))
+        return usage
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -117,11 +137,18 @@ class Tfowatch(Observer):
                 time.sleep(0.02)
         raise RuntimeError(f"{self.name} did not serve in {START_TIMEOUT_S} s")
 
-    def scrape(self) -> tuple[float, Samples]:
-        """(seconds the scrape took, its samples)."""
+    def scrape(self, gzip: bool = False) -> tuple[float, Samples]:
+        """(seconds the scrape took, its samples); gzip: asked for as Prometheus asks, the
+        time including the client's decompression."""
+        request = urllib.request.Request(self.url, headers={"Accept-Encoding": "gzip"} if gzip else {})
         t0 = time.perf_counter()
-        text = urllib.request.urlopen(self.url, timeout=30).read().decode()
-        return time.perf_counter() - t0, parse(text)
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            body = answer.read()
+            if answer.headers.get("Content-Encoding") == "gzip":
+                body = zlib.decompress(body, 16 + zlib.MAX_WBITS)
+            elif gzip:
+                raise RuntimeError("asked for gzip, got an uncompressed answer")
+        return time.perf_counter() - t0, parse(body.decode())
 
     def tick(self) -> None:
         self.scrape()

@@ -73,9 +73,23 @@ def load_command(load: str, scratch: Path) -> list[str]:
     """How to run the load server and client: bench/load.py, or bench/loadgen.c built now."""
     if load == "python":
         return [sys.executable, str(LOAD)]
+    return [str(loadgen(scratch))]
+
+
+def loadgen(scratch: Path) -> Path:
+    """bench/loadgen.c, built once per run with the system's cc."""
     exe = scratch / "loadgen"
-    subprocess.run(["cc", "-O2", "-o", str(exe), str(LOADGEN)], check=True)
-    return [str(exe)]
+    if not exe.exists():
+        subprocess.run(["cc", "-O2", "-o", str(exe), str(LOADGEN)], check=True)
+    return exe
+
+
+def getppid_ns(scratch: Path) -> float:
+    """One syscall that tfowatch never looks at, timed beside the condition: what tracing a
+    syscall costs every other syscall of the host."""
+    out = subprocess.run([str(loadgen(scratch)), "syscall", "2000000"], capture_output=True,
+                         text=True, check=True)
+    return float(json.loads(out.stdout)["getppid_ns"])
 
 
 class Workload:
@@ -169,6 +183,17 @@ def exactness(obs: observers.Tfowatch, srv: Host, passive0: int, emitted0: float
             "syn_data_accepted_kernel": tcpext(srv, "TCPFastOpenPassive") - passive0}
 
 
+def per_connection(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]],
+                   conns: int) -> dict[str, dict[str, float]]:
+    """Per program, between two bpf_stats readings: runs and run time (µs, which is ms per
+    1k connections) per connection."""
+    out = {}
+    for name, (runs, ns) in after.items():
+        runs0, ns0 = before.get(name, (0, 0))
+        out[name] = {"runs": (runs - runs0) / conns, "us": (ns - ns0) / 1000 / conns}
+    return out
+
+
 def one_condition(name: str, wl: Workload, tier: str, args: argparse.Namespace,
                   scratch: Path) -> dict[str, Any]:
     obs = observers.make(name, tier, scratch)
@@ -179,21 +204,25 @@ def one_condition(name: str, wl: Workload, tier: str, args: argparse.Namespace,
         emitted0 = observers.total(obs.scrape()[1], "tfowatch_events_total")
     ticker = Ticker(obs.tick)
     try:
-        row: dict[str, Any] = {"startup_s": obs.startup_s, "bpf_programs": len(obs.programs)}
+        row: dict[str, Any] = {"startup_s": obs.startup_s, "bpf_programs": len(obs.programs),
+                               "getppid_ns": getppid_ns(scratch)}
         t0 = time.monotonic()
         for workload in WORKLOADS:
             row[f"{workload}_rate"] = wl.run(workload, args.seconds)["rate"]
         row["saturation_s"] = time.monotonic() - t0
-        cpu0, bpf0 = obs.cpu_s(), obs.bpf_run_ns()
+        cpu0, use0 = obs.cpu_s(), obs.bpf_usage()
         fixed = wl.run("tfo", args.seconds, rate=args.rate, workers=2)
         k = fixed["conns"] / 1000
+        row["programs_tfo"] = per_connection(use0, use1 := obs.bpf_usage(), fixed["conns"])
         row.update(fixed_conns=fixed["conns"], cpu_ms_per_1k=(obs.cpu_s() - cpu0) * 1000 / k,
-                   bpf_ms_per_1k=(obs.bpf_run_ns() - bpf0) / 1e6 / k)
-        bpf0 = obs.bpf_run_ns()  # what a connection that never tries TFO costs in the kernel
+                   bpf_ms_per_1k=sum(p["us"] for p in row["programs_tfo"].values()))
+        # what a connection that never tries TFO costs in the kernel
         plain = wl.run("plain", args.seconds, rate=args.rate, workers=2)
-        row["bpf_ms_per_1k_plain"] = (obs.bpf_run_ns() - bpf0) / 1e6 / (plain["conns"] / 1000)
+        row["programs_plain"] = per_connection(use1, obs.bpf_usage(), plain["conns"])
+        row["bpf_ms_per_1k_plain"] = sum(p["us"] for p in row["programs_plain"].values())
         if isinstance(obs, observers.Tfowatch):
             row["rss_bytes"] = obs.rss_bytes()
+            row["rss_anon_bytes"], row["rss_file_bytes"] = obs.rss_split()
             if obs.name == "tfowatch":
                 row["exactness"] = exactness(obs, wl.srv, passive0, emitted0)
         return row
@@ -225,10 +254,15 @@ def summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
             cond[key] = spread([r[key] for r in rows])
             cond[f"{workload}_ratio"] = spread([r[key] / b["rows"]["none"][key]
                                                 for r, b in zip(rows, reps, strict=True)])
-        for key in ("cpu_ms_per_1k", "bpf_ms_per_1k", "bpf_ms_per_1k_plain", "startup_s"):
+        for key in ("cpu_ms_per_1k", "bpf_ms_per_1k", "bpf_ms_per_1k_plain", "startup_s", "getppid_ns"):
             cond[key] = spread([r[key] for r in rows])
-        if "rss_bytes" in rows[0]:
-            cond["rss_bytes"] = spread([r["rss_bytes"] for r in rows])
+        for key in ("rss_bytes", "rss_anon_bytes", "rss_file_bytes"):
+            if key in rows[0]:
+                cond[key] = spread([r[key] for r in rows])
+        cond["programs"] = {w: {prog: {k: spread([r[f"programs_{w}"].get(prog, {k: 0.0})[k] for r in rows])
+                                       for k in ("runs", "us")}
+                                for prog in rows[0][f"programs_{w}"]}
+                            for w in ("tfo", "plain")}
         out[name] = cond
     ex = [r["rows"]["tfowatch"]["exactness"] for r in reps]
     out["tfowatch"]["exactness"] = {
@@ -242,9 +276,58 @@ def summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+STORM_CLIENTS = 20
+# A scrape storm: STORM_CLIENTS threads in a process of their own, each scraping in a loop
+# until stdin closes; it prints how many scrapes were answered.
+STORM = """
+import sys, threading, urllib.request
+done, stop = [0], threading.Event()
+def loop():
+    while not stop.is_set():
+        try:
+            urllib.request.urlopen(sys.argv[1], timeout=30).read()
+            done[0] += 1
+        except OSError:
+            pass
+threads = [threading.Thread(target=loop, daemon=True) for _ in range(int(sys.argv[2]))]
+[t.start() for t in threads]
+sys.stdin.read()
+stop.set()
+[t.join() for t in threads]
+print(done[0])
+"""
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50 and p99 (nearest rank), and the spread, of scrape times."""
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(0.99 * len(ordered)) - 1))
+    return {**spread(values), "p50": statistics.median(ordered), "p99": ordered[rank]}
+
+
+def timed_scrapes(obs: observers.Tfowatch, scrapes: int, gzip: bool = False) -> list[float]:
+    return [obs.scrape(gzip=gzip)[0] for _ in range(scrapes)]
+
+
+def under_storm(obs: observers.Tfowatch, scrapes: int) -> dict[str, Any]:
+    """Scrape times while STORM_CLIENTS other clients scrape flat out (the storm's own scrapes
+    per second beside them)."""
+    storm = subprocess.Popen([sys.executable, "-c", STORM, obs.url, str(STORM_CLIENTS)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # every storm thread has connected
+        t0 = time.monotonic()
+        times = timed_scrapes(obs, scrapes, gzip=True)
+        elapsed = time.monotonic() - t0
+    finally:
+        out, _ = storm.communicate("", timeout=60)
+    return {"scrape_s": percentiles(times), "storm_scrapes_per_s": int(out.strip() or 0) / (elapsed + 1.0)}
+
+
 def scrape_latency(wl: Workload, series_points: list[int], scrapes: int) -> list[dict[str, Any]]:
     """tfowatch with room for every series; SYN data to N distinct closed ports makes N
-    label sets in tfowatch_syn_data_sent_total; scrapes timed from the client side."""
+    label sets in tfowatch_syn_data_sent_total; scrapes timed from the client side, plain and
+    gzip (as Prometheus asks), and gzip while a storm of other clients scrapes."""
     obs = observers.Tfowatch(series_cap=2 * max(series_points))
     obs.start()
     out = []
@@ -253,15 +336,11 @@ def scrape_latency(wl: Workload, series_points: list[int], scrapes: int) -> list
         for n in series_points:
             wl.spray(20000 + sprayed, n - sprayed)
             sprayed = n
-            obs.scrape()  # the first scrape after the spray drains the buffer
-            times: list[float] = []
-            samples: observers.Samples = {}
-            for _ in range(scrapes):
-                dt, samples = obs.scrape()
-                times.append(dt)
-            lines = sum(1 for _ in samples)
+            _, samples = obs.scrape()  # the first scrape after the spray drains the buffer
             out.append({"target_series": n, "series": observers.total(samples, "tfowatch_series"),
-                        "samples": lines, "scrape_s": spread(times)})
+                        "samples": len(samples), "scrape_s": percentiles(timed_scrapes(obs, scrapes)),
+                        "gzip_scrape_s": percentiles(timed_scrapes(obs, scrapes, gzip=True)),
+                        "storm": under_storm(obs, scrapes)})
     finally:
         obs.stop()
     return out
@@ -329,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             result["overhead"] = overhead(wl, tier, args, Path(tmp))
             result["scrape"] = scrape_latency(wl, [int(n) for n in args.series.split(",")],
-                                              scrapes=5 if args.quick else 30)
+                                              scrapes=5 if args.quick else 200)
     finally:
         if wl is not None:
             wl.close()

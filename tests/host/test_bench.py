@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import report  # noqa: E402
 from run import CONDITIONS, WORKLOADS  # noqa: E402
 
-PER_CONDITION = ["startup_s", "cpu_ms_per_1k", "bpf_ms_per_1k", "bpf_ms_per_1k_plain"] + \
+PER_CONDITION = ["startup_s", "cpu_ms_per_1k", "bpf_ms_per_1k", "bpf_ms_per_1k_plain", "getppid_ns"] + \
     [f"{w}_{k}" for w in WORKLOADS for k in ("rate", "ratio")]
 
 
@@ -59,7 +59,25 @@ def test_scrape_latency_at_each_series_count(result: dict[str, Any]) -> None:
     points = result["scrape"]
     assert [p["target_series"] for p in points] == [200, 1000]
     for p in points:
-        assert p["series"] >= p["target_series"] and p["scrape_s"]["median"] > 0
+        assert p["series"] >= p["target_series"]
+        for times in (p["scrape_s"], p["gzip_scrape_s"], p["storm"]["scrape_s"]):
+            assert 0 < times["p50"] <= times["p99"] <= times["max"]
+        assert p["storm"]["storm_scrapes_per_s"] > 0  # the storm scraped beside the timed client
+
+
+def test_bpf_time_is_split_per_program_and_rss_into_anonymous_and_file(result: dict[str, Any]) -> None:
+    summary = result["overhead"]["summary"]
+    for name in ("tfowatch", "tracepoint", "bpftrace"):
+        for workload in WORKLOADS:
+            progs = summary[name]["programs"][workload]
+            assert progs and all(p["runs"]["n"] == 1 for p in progs.values()), (name, workload)
+        # the per-program times add up to the condition's total
+        total = sum(p["us"]["median"] for p in summary[name]["programs"]["plain"].values())
+        assert total == pytest.approx(summary[name]["bpf_ms_per_1k_plain"]["median"])
+    assert summary["none"]["programs"] == {"tfo": {}, "plain": {}}
+    for name in ("tfowatch", "tracepoint", "counters"):
+        anon, file = summary[name]["rss_anon_bytes"]["median"], summary[name]["rss_file_bytes"]["median"]
+        assert anon > 0 and file > 0 and anon + file <= summary[name]["rss_bytes"]["median"] * 1.05
 
 
 def test_aggregator_capacity(result: dict[str, Any]) -> None:

@@ -36,15 +36,14 @@ def test_debian_kernels_get_the_kprobe_tier(release: str) -> None:
     assert "tfowatch_tw_reuse_age_seconds" in {m.name for m in plan.metrics}
     assert plan.defines == {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 1, "TW_KPROBE": 1,
                             "BLACKHOLE_KPROBE": 1, "CGROUP_NAMES": 1, "CONNECT_ERRORS": 1,
-                            "STATE_TRACEPOINTS": 0, "SOCKOPS": 1, "SOCKOPS_PASSIVE": 0,
+                            "CONNECT_AT_EXIT": 1, "STATE_TRACEPOINTS": 0, "SOCKOPS": 1, "SOCKOPS_PASSIVE": 0,
                             "SOCKOPS_ACTIVE": 1, "TW_SOCKOPS": 0, "BLACKHOLE_SOCKOPS": 0,
                             "DETECT_KPROBE": 1, "DETECT_SOCKOPS": 0, "KERNEL_HZ": 250}
     # The blackhole detection's TCPFastOpenActiveFail: the kernel's own check, kprobed (both
     # sides: a server's TFO child times out too).
     assert targets(plan, "tcp_fastopen_active_detect_blackhole") == {
         "kprobe:tcp_fastopen_active_detect_blackhole"}
-    assert targets(plan, "connect_eaddrnotavail") == {"tracepoint:syscalls:sys_enter_connect",
-                                                      "tracepoint:syscalls:sys_exit_connect"}
+    assert targets(plan, "connect_eaddrnotavail") == {"tracepoint:syscalls:sys_exit_connect"}
     assert targets(plan, "cgroup_mkdir") == {"tracepoint:cgroup:cgroup_mkdir"}
     # Substitutes say what they replace and why; tcp_twsk_unique is used as designed.
     subs = {r.point: r.substitute for r in plan.points}
@@ -72,8 +71,7 @@ def test_sockops_mode_sees_every_tfo_point_of_both_sides_with_one_program(releas
     assert set(plan.reconciled) == {"cookie_requests", "syn_data_accepted", "invalid_cookie",
                                     "queue_overflow", "syn_data_acked", "active_fail",
                                     "tw_reuse_granted", "blackhole_disables"}
-    assert targets(plan, "connect_eaddrnotavail") == {"tracepoint:syscalls:sys_enter_connect",
-                                                      "tracepoint:syscalls:sys_exit_connect"}
+    assert targets(plan, "connect_eaddrnotavail") == {"tracepoint:syscalls:sys_exit_connect"}
     for point in ("tcp_fastopen_active_disable", "tcp_fastopen_active_detect_blackhole"):
         assert targets(plan, point) == {"sockops:cgroup2_root"}
     assert plan.defines["BLACKHOLE_SOCKOPS"] == plan.defines["DETECT_SOCKOPS"] == 1
@@ -136,6 +134,21 @@ def test_without_syscall_tracepoints_connect_errors_are_missing_not_silent() -> 
         plan.attachment_states(lambda _a: True)
     off = resolve(f, "counters")
     assert not [s for s in off.attachment_states(lambda _a: True) if s[0] == "cgroup_mkdir"]
+
+
+def test_connect_errors_read_the_arguments_at_exit_where_the_registers_are_known() -> None:
+    """x86-64 (pt_regs.si in BTF): one tracepoint per connect(2); elsewhere the entry keeps the
+    arguments for the exit, two runs and a map entry per call."""
+    plan = resolve(facts("6.18."), "sockops")
+    assert targets(plan, "connect_eaddrnotavail") == {"tracepoint:syscalls:sys_exit_connect"}
+    assert plan.defines["CONNECT_AT_EXIT"] == 1
+    f = facts("6.18.")
+    f = dataclasses.replace(f, fields={**f.fields, "syscall_regs": False})
+    plan = resolve(f, "sockops")
+    assert targets(plan, "connect_eaddrnotavail") == {"tracepoint:syscalls:sys_enter_connect",
+                                                      "tracepoint:syscalls:sys_exit_connect"}
+    assert plan.defines["CONNECT_AT_EXIT"] == 0
+    assert "kept from the entry" in next(r.why for r in plan.points if r.point == "connect_eaddrnotavail")
 
 
 def test_explicit_kprobe_mode_without_kprobes_is_an_error() -> None:

@@ -82,6 +82,9 @@ OPTIONAL_OFFSETS = {
     "OFF_TW_ENTRY_STAMP": ("inet_timewait_sock", "tw_entry_stamp", "HAVE_TW_ENTRY_STAMP"),
     "OFF_NET_TW_REUSE_DELAY": ("net", "ipv4.sysctl_tcp_tw_reuse_delay", "HAVE_TW_ENTRY_STAMP"),
     "OFF_NET_COOKIE": ("net", "net_cookie", "HAVE_NET_COOKIE"),
+    # x86-64's syscall argument registers, read at connect(2)'s exit (plan: CONNECT_AT_EXIT)
+    "OFF_PT_REGS_DI": ("pt_regs", "di", "HAVE_SYSCALL_REGS"),
+    "OFF_PT_REGS_SI": ("pt_regs", "si", "HAVE_SYSCALL_REGS"),
 }
 # TP_BIT(sk, NAME) -> tcp_sock bitfield
 BITFIELDS = {

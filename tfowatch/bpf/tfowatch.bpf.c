@@ -17,8 +17,10 @@
  *                   need every event (pid, remote address) and leave it off
  *   CGROUP_NAMES    cgroup:cgroup_mkdir attached: the path of each new cgroup v2, so a
  *                   client whose cgroup is gone by the time its counts are read keeps its name
- *   CONNECT_ERRORS  syscalls:sys_{enter,exit}_connect attached: TCP connect()s that fail with
+ *   CONNECT_ERRORS  syscalls:sys_exit_connect attached: TCP connect()s that fail with
  *                   EADDRNOTAVAIL, per process and remote port
+ *   CONNECT_AT_EXIT   the call's arguments read at its exit (x86-64's saved registers); else
+ *                     sys_enter_connect keeps them for the exit
  *   SOCKOPS         one BPF sock_ops program on the cgroup v2 root (on_sock_ops), for:
  *   SOCKOPS_PASSIVE   the server side (the sockops tier: listeners, SYN-ACKs, children)
  *   SOCKOPS_ACTIVE    the client side (the sockops tier, and the kprobe tier where the
@@ -1006,6 +1008,21 @@ struct connect_call {
 	u64 uservaddr;
 	u32 fd;
 };
+
+#if CONNECT_AT_EXIT
+/* The call's arguments at its exit, from the task's saved user registers (x86-64: di holds
+ * the fd and si the address; the kernel reads them from there and never writes them back):
+ * one tracepoint run per connect(2), which returns at once unless it failed so. */
+static __always_inline int connect_call(struct connect_call *call)
+{
+	const void *regs = (const void *)bpf_task_pt_regs(bpf_get_current_task_btf());
+
+	call->fd = read_u64(regs + OFF_PT_REGS_DI);
+	call->uservaddr = read_u64(regs + OFF_PT_REGS_SI);
+	return 1;
+}
+#else
+/* Where the registers are not known: the arguments kept from the call's entry. */
 BPF_HASH(connect_calls, u64, struct connect_call, 4096);
 
 TRACEPOINT_PROBE(syscalls, sys_enter_connect)
@@ -1018,6 +1035,19 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 	connect_calls.update(&id, &call);
 	return 0;
 }
+
+static __always_inline int connect_call(struct connect_call *call)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	struct connect_call *kept = connect_calls.lookup(&id);
+
+	if (!kept)
+		return 0;
+	*call = *kept;
+	connect_calls.delete(&id);
+	return 1;
+}
+#endif
 
 /* The struct sock of this task's file descriptor fd (0 when there is none). */
 static __always_inline const void *fd_sock(u32 fd)
@@ -1037,34 +1067,34 @@ static __always_inline const void *fd_sock(u32 fd)
 
 TRACEPOINT_PROBE(syscalls, sys_exit_connect)
 {
-	u64 id = bpf_get_current_pid_tgid();
-	struct connect_call *call = connect_calls.lookup(&id);
+	struct connect_call call = {};
 	struct tfo_event ev = {};
 	const void *sk;
 	u8 addr[8] = {};
+	long ret = args->ret;
 
-	if (!call)
+#if CONNECT_AT_EXIT
+	if (ret != -EADDRNOTAVAIL) /* nearly every call: nothing else is read */
 		return 0;
-	if (args->ret != -EADDRNOTAVAIL)
-		goto out;
-	sk = fd_sock(call->fd); /* a socket: connect() on anything else fails with ENOTSOCK */
+#endif
+	if (!connect_call(&call) || ret != -EADDRNOTAVAIL) /* (the entry's copy goes either way) */
+		return 0;
+	sk = fd_sock(call.fd); /* a socket: connect() on anything else fails with ENOTSOCK */
 	if (!sk || read_u16(sk + OFF_SK_PROTOCOL) != PROTO_TCP)
-		goto out;
-	bpf_probe_read_user(addr, sizeof(addr), (const void *)call->uservaddr);
+		return 0;
+	bpf_probe_read_user(addr, sizeof(addr), (const void *)call.uservaddr);
 	ev.family = *(u16 *)addr;
 	if (ev.family == AF_INET6)
-		bpf_probe_read_user(ev.daddr, 16, (const void *)(call->uservaddr + 8));
+		bpf_probe_read_user(ev.daddr, 16, (const void *)(call.uservaddr + 8));
 	else
 		__builtin_memcpy(ev.daddr, addr + 4, 4);
 	ev.type = EV_CONNECT_EADDRNOTAVAIL;
 	ev.port = ((u16)addr[2] << 8) | addr[3];
 	SET_NETNS(&ev, sk_net(sk));
-	ev.pid = id >> 32;
+	ev.pid = bpf_get_current_pid_tgid() >> 32;
 	ev.cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
 	emit(args, &ev);
-out:
-	connect_calls.delete(&id);
 	return 0;
 }
 #endif

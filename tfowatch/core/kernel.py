@@ -44,6 +44,7 @@ OPTIONAL_FIELDS = {
     "tcp_tw_reuse_delay": ("net", "ipv4.sysctl_tcp_tw_reuse_delay"),
     "fastopen_client_fail": ("tcp_sock", "fastopen_client_fail"),
     "sock_ops_hdr_opt": ("bpf_sock_ops_kern", "remaining_opt_len"),  # 5.10: SYN-ACK callbacks
+    "syscall_regs": ("pt_regs", "si"),  # x86-64: a syscall's arguments are readable at its exit
 }
 
 SYSCTLS = (

@@ -294,7 +294,8 @@ def _tw(facts: KernelFacts, tier: str) -> Resolution:
 def _connect_errors(facts: KernelFacts, tier: str) -> Resolution:
     """Not a design-card point: TCP connect()s failing with EADDRNOTAVAIL (no local port)."""
     point = "connect_eaddrnotavail"
-    atts = [Attachment("tracepoint", tp) for tp in CONNECT_SYSCALL]
+    at_exit = facts.fields.get("syscall_regs", False)
+    atts = [Attachment("tracepoint", tp) for tp in CONNECT_SYSCALL[at_exit:]]
     if tier == "counters":
         return Resolution(point, "counters", [], True, "BPF disabled; no kernel counter", [])
     if not all(a.target.replace(":", "/") in facts.tracepoints for a in atts):
@@ -303,7 +304,8 @@ def _connect_errors(facts: KernelFacts, tier: str) -> Resolution:
     return Resolution(point, tier, atts, False,
                       "extra point: each TCP connect(2) that fails with EADDRNOTAVAIL (every local "
                       "port taken for the destination, or held by TIME-WAIT sockets), per process "
-                      "and remote port", events_of(point))
+                      "and remote port; " + ("its arguments read at the exit" if at_exit else
+                                             "its arguments kept from the entry"), events_of(point))
 
 
 def _blackhole(facts: KernelFacts, tier: str) -> Resolution:
@@ -385,6 +387,7 @@ def resolve(facts: KernelFacts, mode: str = "auto", sockops: bool = True) -> Pla
         "KERNEL_HZ": facts.hz,  # 0: the blackhole state's times are unknown
         "CGROUP_NAMES": int(bool(names.attachments)),
         "CONNECT_ERRORS": int(bool(errors.attachments)),
+        "CONNECT_AT_EXIT": int(errors.attachments == [Attachment("tracepoint", CONNECT_SYSCALL[1])]),
         "STATE_TRACEPOINTS": int(SET_STATE in traced),
         "SOCKOPS": int(any(SOCK_OPS in r.attachments for r in points)),
         "SOCKOPS_PASSIVE": int(gen.tier == "sockops"),
