@@ -879,13 +879,18 @@ static __always_inline void so_connect(void *ctx, struct bpf_sock_ops *skops)
 }
 
 /* The client's SYN-ACK (ACTIVE_ESTABLISHED: before the kernel sets syn_data_acked, so the
- * ack is read from snd_una). The socket stays tracked until it closes. */
+ * ack is read from snd_una). The socket stays tracked until it closes. Every client socket
+ * passes here; only those so_connect tracked carry the state flag it set, so the others (the
+ * plain connections) cost no lookup. */
 static __always_inline void so_client_established(void *ctx, struct bpf_sock_ops *skops)
 {
 	const void *sk = ops_sk(skops);
 	u64 key = (u64)sk;
-	struct conn *c = conns.lookup(&key);
+	struct conn *c;
 
+	if (!(skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG))
+		return;
+	c = conns.lookup(&key);
 	if (!c)
 		return;
 	c->established = 1;
