@@ -90,9 +90,10 @@ def test_aggregator_capacity(result: dict[str, Any]) -> None:
 
 def test_report_renders_every_section(result: dict[str, Any]) -> None:
     text = "\n".join(report.section(result))
-    for heading in ("| Target |", "| Beside the load |", "| Series |", "| Offered events/s |"):
+    for heading in ("| Target |", "| Beside the load |", "| Beside the load | program |", "| Series |",
+                    "| Offered events/s |"):
         assert heading in text
-    assert text.count("| yes |") + text.count("| **no** |") == 9
+    assert text.count("| yes |") + text.count("| **no** |") == 10  # a verdict for each target
 
 
 @pytest.mark.host_only
