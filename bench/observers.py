@@ -87,17 +87,14 @@ class Observer:
         anon, file = (int(status[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile"))
         return anon, file
 
-    def bpf_run_ns(self) -> int:
-        return sum(ns for _, ns in self.bpf_usage().values())
-
     def bpf_usage(self) -> dict[str, tuple[int, int]]:
         """Program name -> (runs, run time in ns) so far, of the programs this observer loaded."""
         progs = bpf_programs()
         usage: dict[str, tuple[int, int]] = {}
         for i in self.programs & set(progs):
-            runs, ns = usage.get(progs[i].get("name", str(i)), (0, 0))
-            usage[progs[i].get("name", str(i))] = (runs + int(progs[i].get("run_cnt", 0)),
-                                                   ns + int(progs[i].get("run_time_ns", 0)))
+            name = progs[i].get("name", str(i))
+            runs, ns = usage.get(name, (0, 0))
+            usage[name] = (runs + int(progs[i].get("run_cnt", 0)), ns + int(progs[i].get("run_time_ns", 0)))
         return usage
 
     def stop(self) -> None:

@@ -262,7 +262,7 @@ def summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
         cond["programs"] = {w: {prog: {k: spread([r[f"programs_{w}"].get(prog, {k: 0.0})[k] for r in rows])
                                        for k in ("runs", "us")}
                                 for prog in rows[0][f"programs_{w}"]}
-                            for w in ("tfo", "plain")}
+                            for w in WORKLOADS}
         out[name] = cond
     ex = [r["rows"]["tfowatch"]["exactness"] for r in reps]
     out["tfowatch"]["exactness"] = {
@@ -321,7 +321,8 @@ def under_storm(obs: observers.Tfowatch, scrapes: int) -> dict[str, Any]:
         elapsed = time.monotonic() - t0
     finally:
         out, _ = storm.communicate("", timeout=60)
-    return {"scrape_s": percentiles(times), "storm_scrapes_per_s": int(out.strip() or 0) / (elapsed + 1.0)}
+    return {"scrape_s": percentiles(times), "clients": STORM_CLIENTS,
+            "storm_scrapes_per_s": int(out.strip() or 0) / (elapsed + 1.0)}
 
 
 def scrape_latency(wl: Workload, series_points: list[int], scrapes: int) -> list[dict[str, Any]]:
