@@ -1,12 +1,16 @@
-"""What runs beside the workload while it is measured: nothing, tfowatch (its planned tier or
-the counters tier), or the bpftrace equivalent. Each reports its own CPU time, RSS and the
+"""What runs beside the workload while it is measured: nothing, tfowatch (its planned tier, the
+tracepoint tier or the counters tier), the bpftrace equivalent, or empty programs on the
+sockops tier's hooks (bench/floor.py). Each reports its own CPU time, RSS and the
 kernel run time of the BPF programs it loaded (kernel.bpf_stats_enabled)."""
 
 from __future__ import annotations
 
 import json
+import os
+import select
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 import zlib
@@ -20,6 +24,16 @@ BENCH = Path(__file__).resolve().parent
 TFOWATCH = BENCH.parent / ".venv" / "bin" / "tfowatch"
 START_TIMEOUT_S = 300  # BCC and bpftrace compile for ~1 min each under emulation (VM lab)
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+# Every condition bench/run.py measures, in its order, with its label in the tables ({tier}:
+# the tier this kernel plans).
+CONDITIONS = {
+    "none": "nothing",
+    "tfowatch": "tfowatch ({tier} tier)",
+    "tracepoint": "tfowatch, tracepoint tier",
+    "bpftrace": "bpftrace equivalent",
+    "counters": "tfowatch, TcpExt counters only",
+    "floor": "empty programs on the sockops tier's hooks (the floor)",
+}
 
 
 def bpf_programs() -> dict[int, dict[str, Any]]:
@@ -180,6 +194,20 @@ class Bpftrace(Observer):
             time.sleep(0.05)
 
 
+class Floor(Observer):
+    name = "floor"
+
+    def _launch(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(BENCH.parent)}
+        self.proc = subprocess.Popen([sys.executable, str(BENCH / "floor.py")], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT_S)
+        if not ready or self.proc.stdout.readline().strip() != b"attached":
+            self._died()
+            raise RuntimeError(f"floor did not attach in {START_TIMEOUT_S} s")
+
+
 def make(name: str, tier: str, scratch: Path) -> Observer:
     if name == "tfowatch":
         return Tfowatch()
@@ -187,4 +215,6 @@ def make(name: str, tier: str, scratch: Path) -> Observer:
         return Tfowatch(mode=name)
     if name == "bpftrace":
         return Bpftrace(tier, scratch / "bpftrace.out")
+    if name == "floor":
+        return Floor()
     return Observer()

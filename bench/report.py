@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from observers import CONDITIONS
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "PERFORMANCE.md"
@@ -93,9 +95,7 @@ def side_by_side(r: dict[str, Any]) -> list[str]:
     rows = ["| Beside the load | TFO conn/s | ÷ none | plain TCP conn/s | ÷ none | its CPU ms per 1k conns "
             "| its BPF ms per 1k TFO conns | per 1k plain conns | rate ratio implied by CPU "
             "| getppid(2) ns |", "|---|---|---|---|---|---|---|---|---|---|"]
-    names = {"none": "nothing", "tfowatch": f"tfowatch ({r['environment']['tier']} tier)",
-             "tracepoint": "tfowatch, tracepoint tier", "bpftrace": "bpftrace equivalent",
-             "counters": "tfowatch, TcpExt counters only"}
+    names = {n: label.format(tier=r["environment"]["tier"]) for n, label in CONDITIONS.items()}
     summary = r["overhead"]["summary"]
     for name in (n for n in names if n in summary):  # results before a condition existed lack it
         c = summary[name]

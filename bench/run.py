@@ -4,11 +4,12 @@
 
 In namespaces of its own (a client and a server joined by a veth pair) it measures, with
 every condition interleaved in each repetition (none, tfowatch, tfowatch in the tracepoint
-tier, bpftrace, counters only): connection rate at saturation (TFO and plain TCP), CPU and BPF
-run time per 1k connections at a fixed rate (BPF also for plain connections),
-tfowatch's startup, RSS and exactness (drift against TcpExt, events lost); then scrape
-latency at 1k and 10k series, and the aggregator's capacity with synthetic events. The JSON
-goes to --json; --doc also rewrites docs/PERFORMANCE.md from every bench/results/*.json.
+tier, bpftrace, counters only, and empty programs on the sockops hooks: the floor):
+connection rate at saturation (TFO and plain TCP), CPU and BPF run time per 1k connections at
+a fixed rate (BPF also for plain connections), tfowatch's startup, RSS and exactness (drift
+against TcpExt, events lost); then scrape latency at 1k and 10k series, and the aggregator's
+capacity with synthetic events. The JSON goes to --json; --doc also rewrites
+docs/PERFORMANCE.md from every bench/results/*.json.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ LOAD = BENCH / "load.py"
 LOADGEN = BENCH / "loadgen.c"  # the same server and client in C (--load c)
 PORT = 9000
 # tfowatch as auto plans it, and in the tracepoint tier (the one auto picked on kernels without
-# kprobes before the sockops tier): their costs side by side in one run.
-CONDITIONS = ("none", "tfowatch", "tracepoint", "bpftrace", "counters")
+# kprobes before the sockops tier): their costs side by side in one run (observers.CONDITIONS).
+CONDITIONS = tuple(observers.CONDITIONS)
 WORKLOADS = ("tfo", "plain")
 
 

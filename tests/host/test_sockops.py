@@ -8,6 +8,7 @@ capabilities), and one that cannot be is named and counted, not missed."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -27,8 +28,8 @@ from netlab import (
     value,
 )
 
-from tfowatch.bpf.loader import TASK_HELPER_REFUSED
-from tfowatch.core.cgroups import cgroup2_mount
+from tfowatch.bpf.loader import BPF_CGROUP_SOCK_OPS, TASK_HELPER_REFUSED, link_cgroup
+from tfowatch.core.cgroups import cgroup2_mount, host_cgroup2_root
 
 PORT = 7601
 
@@ -160,3 +161,51 @@ def test_a_kernel_whose_sock_ops_cannot_name_the_task_says_so() -> None:
     print(err)
     assert "exited 1" in err and TASK_HELPER_REFUSED.search(err), err  # the verifier's words
     assert "enable kprobes" in err and "Traceback" not in err, err
+
+
+# Another sock_ops program (a CNI's, say), attached before tfowatch: it asks for the SYN-ACK
+# callback (the flag tfowatch uses) on the listeners of its ports, and counts the callbacks
+# the children of every listener get once they are no longer request sockets.
+FOREIGN = """
+#define BPF_TCP_NEW_SYN_RECV 12
+BPF_HASH(after_accept, u32, u64, 64);
+int foreign(struct bpf_sock_ops *skops) {
+    u32 port = skops->local_port;
+    if (skops->op == BPF_SOCK_OPS_TCP_LISTEN_CB && (port == EARLY || port == LATE))
+        bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+    else if (skops->op == BPF_SOCK_OPS_HDR_OPT_LEN_CB && skops->state != BPF_TCP_NEW_SYN_RECV)
+        after_accept.increment(port);
+    return 1;
+}
+"""
+
+
+def test_another_programs_flag_survives_and_tfowatchs_own_goes(lab: Lab) -> None:
+    """Children inherit their listener's callback flags. tfowatch takes off only the SYN-ACK
+    flag it set itself (else every segment a child sends would run its program), never one
+    another program set: on a listener opened before tfowatch (adopted) or after it."""
+    from bcc import BPF
+
+    early, late, ours = PORT + 1, PORT + 2, PORT
+    bpf = BPF(text=FOREIGN.encode(), cflags=[f"-DEARLY={early}", f"-DLATE={late}"])
+    root, _ = host_cgroup2_root()
+    assert root is not None
+    link = link_cgroup(bpf.load_func(b"foreign", BPF.SOCK_OPS).fd, root, BPF_CGROUP_SOCK_OPS)
+    try:
+        srv, addr = lab.server("s", "3")
+        lab.start_server(srv, str(early))  # before the daemon: adopted, with the flag it has
+        daemon = start_daemon(f"127.0.0.1:{free_port()}", unit_caps(), "--mode", "sockops")
+        try:
+            lab.start_server(srv, str(late), str(ours))
+            for port in (early, late, ours):
+                lab.client.peer("client", addr, str(port), "3")
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=30)
+        seen = {k.value: v.value for k, v in bpf[b"after_accept"].items()}
+    finally:
+        os.close(link)
+        bpf.cleanup()
+    print(f"SYN-ACK-flag callbacks after accept, per port: {seen}")
+    assert seen.get(early, 0) > 0 and seen.get(late, 0) > 0, seen  # the other program's flag kept
+    assert seen.get(ours, 0) == 0, seen  # tfowatch's own flag taken off each child

@@ -25,10 +25,12 @@ from tfowatch.doctor import listeners
 
 log = logging.getLogger(__name__)
 
-OPT_CB_FLAGS = 1008  # TCP_BPF_SOCK_OPS_CB_FLAGS, as tfowatch.bpf.c has it
+# Passed to tfowatch.bpf.c as defines (loader.cflags): these are the only definitions.
+OPT_CB_FLAGS = 1008  # TCP_BPF_SOCK_OPS_CB_FLAGS (6.12): BPF's own, refused to userspace
 BPF_PROG_TYPE_CGROUP_SOCKOPT = 25  # enum bpf_prog_type (BCC's BPF class does not name it)
 BPF_CGROUP_SETSOCKOPT = 22  # enum bpf_attach_type
 ADOPTED, REFUSED, UNSEEN = "adopted", "refused", "unseen"
+PORT_MIXED = 2  # synack_ports: a port whose children are looked up per namespace
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ def adopt_listeners(bpf: Any, root: Path, link: Any) -> tuple[int, list[Unwatche
         found = listeners.discover()
     except OSError as exc:
         log.warning("sockops: cannot list the listeners open now: %s", exc)
+        mark_unknown(bpf, range(1, 65536))  # any of them may carry another program's flag
         return 0, []
     if not found:
         return 0, []
@@ -78,11 +81,24 @@ def adopt_listeners(bpf: Any, root: Path, link: Any) -> tuple[int, list[Unwatche
         fd = link(fn.fd, cgroup, BPF_CGROUP_SETSOCKOPT)
     except Exception as exc:  # BCC raises bare Exception; the tier still runs without it
         why = f"cannot adopt listeners: {exc}"
-        return 0, [Unwatched(lst.netns, lst.port, tuple(sorted(lst.comms)), why) for lst in found.values()]
+        unwatched = [Unwatched(lst.netns, lst.port, tuple(sorted(lst.comms)), why) for lst in found.values()]
+        mark_unknown(bpf, {u.port for u in unwatched})
+        return 0, unwatched
     try:
-        return _adopt_all(found)
+        adopted, unwatched = _adopt_all(found)
     finally:
         os.close(fd)
+    mark_unknown(bpf, {u.port for u in unwatched})
+    return adopted, unwatched
+
+
+def mark_unknown(bpf: Any, ports: Any) -> None:
+    """Ports with a listener whose SYN-ACK flag tfowatch did not see set (not adopted): their
+    children are looked up per namespace before a flag is cleared (synack_ports in
+    tfowatch.bpf.c), so another program's flag is never taken off."""
+    table = bpf[b"synack_ports"]
+    for port in ports:
+        table[ctypes.c_int(port)] = ctypes.c_uint8(PORT_MIXED)
 
 
 def _adopt_all(found: dict[tuple[int, int], listeners.Listener]) -> tuple[int, list[Unwatched]]:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tfowatch.bpf.adopt import Unwatched, adopt_listeners
+from tfowatch.bpf.adopt import OPT_CB_FLAGS, PORT_MIXED, Unwatched, adopt_listeners
 from tfowatch.core.blackhole import Blackhole
 from tfowatch.core.btf import Btf, BtfError
 from tfowatch.core.cgroups import host_cgroup2_root
@@ -196,7 +196,8 @@ def offset_defines(btf: Btf) -> dict[str, int]:
 def cflags(btf: Btf, plan: Plan, variant: Variant = PLAIN_BUILD) -> list[str]:
     defines = (offset_defines(btf) | plan.defines | variant.defines()
                | {"MAX_CONNS": MAX_CONNS, "MAX_COUNTS": MAX_COUNTS, "CGROUP_PATH_LEN": CGROUP_PATH_LEN,
-                  "MAX_CGROUP_PATHS": MAX_CGROUP_PATHS, "MAX_LISTENERS": MAX_LISTENERS})
+                  "MAX_CGROUP_PATHS": MAX_CGROUP_PATHS, "MAX_LISTENERS": MAX_LISTENERS,
+                  "OPT_CB_FLAGS": OPT_CB_FLAGS, "PORT_MIXED": PORT_MIXED})
     return [f"-I{BPF_DIR}", "-Wno-pointer-arith", "-Wno-unused-function",
             "-Wno-unused-variable", "-Wno-unused-parameter"] + \
         [f"-D{k}={v}" for k, v in sorted(defines.items())]

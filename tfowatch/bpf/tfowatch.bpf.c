@@ -714,6 +714,21 @@ struct listener_key {
  * so the children that inherit it have it cleared; 0 when one had it already (another
  * program's, left alone). */
 BPF_TABLE("lru_hash", struct listener_key, u8, synack_listeners, MAX_LISTENERS);
+/* The same per port alone, so that most children need no synack_listeners lookup (a hash of
+ * the namespace, whose reads and lookup cost more than the rest of the callback): */
+#define PORT_NONE 0  /* tfowatch flagged no listener on this port */
+#define PORT_OURS 1  /* tfowatch set the flag of every listener it knows on this port */
+/* PORT_MIXED (from adopt.py): one had it already, or could not be adopted: look it up */
+BPF_ARRAY(synack_ports, u8, 65536);
+
+static __always_inline void note_synack_port(u16 port, u8 ours)
+{
+	u32 i = port;
+	u8 *state = synack_ports.lookup(&i);
+
+	if (state && *state != PORT_MIXED)
+		*state = ours ? PORT_OURS : PORT_MIXED;
+}
 
 static __always_inline void listener_key(struct listener_key *k, const void *sk, u16 port)
 {
@@ -734,6 +749,7 @@ static __always_inline void so_listen(struct bpf_sock_ops *skops)
 	if (was)
 		ours &= *was;
 	synack_listeners.update(&k, &ours);
+	note_synack_port(k.port, ours);
 	ops_set_flags(skops, SYNACK_FLAG);
 }
 
@@ -761,20 +777,22 @@ static __always_inline s32 syn_tfo_cookie_len(struct bpf_sock_ops *skops)
  * the SYN's TFO option asked, and what the kernel decided, as the kprobe tier reads it. */
 static __always_inline void so_synack(void *ctx, struct bpf_sock_ops *skops)
 {
-	const void *req = ops_sk(skops), *listener, *net;
+	const void *req, *listener, *net;
 	s32 len_in;
 	u32 sysctl, max_qlen;
 	u16 port = skops->local_port;
 
 	if (skops->args[0] != 0 || (skops->skb_tcp_flags & (TCPHDR_SYN | TCPHDR_ACK)) != (TCPHDR_SYN | TCPHDR_ACK))
 		return; /* an MSS estimate, or a SYN-ACK in syncookie mode (TFO is off for it) */
+	/* The SYN's option first: most SYNs carry none, and then no kernel read is needed. */
+	len_in = syn_tfo_cookie_len(skops);
+	if (len_in < 0)
+		return; /* no TFO option in the SYN (or no SYN to read, on a retransmission) */
+	req = ops_sk(skops);
 	if (READ_KERNEL(u8, req + OFF_TREQ_TFO_LISTENER))
 		return; /* an accepted TFO child's: counted at PASSIVE_ESTABLISHED */
 	if (READ_KERNEL(u8, req + OFF_REQ_NUM_RETRANS))
 		return; /* a retransmission: the first SYN-ACK was counted */
-	len_in = syn_tfo_cookie_len(skops);
-	if (len_in < 0)
-		return; /* no TFO option in the SYN (or no SYN to read, on a retransmission) */
 	listener = (const void *)read_u64(req + OFF_REQ_LISTENER);
 	net = sk_net(listener);
 	sysctl = read_u32(net + OFF_NET_TCP_FASTOPEN);
@@ -797,22 +815,29 @@ static __always_inline void so_synack(void *ctx, struct bpf_sock_ops *skops)
 /* A passive child is made (a TFO child at SYN time): count it if TFO, and clear the SYN-ACK
  * flag it inherited from a listener tfowatch flagged (else every segment it sends would run
  * this program). */
+/* Whether the SYN-ACK flag a child inherited from its listener is tfowatch's. */
+static __always_inline int synack_flag_ours(const void *sk, u16 port)
+{
+	struct listener_key k = {};
+	u32 i = port;
+	u8 *state = synack_ports.lookup(&i), *ours;
+
+	if (!state || *state != PORT_MIXED)
+		return state && *state == PORT_OURS;
+	listener_key(&k, sk, port);
+	ours = synack_listeners.lookup(&k);
+	return ours && *ours;
+}
+
 static __always_inline void so_passive(void *ctx, struct bpf_sock_ops *skops)
 {
 	const void *sk = ops_sk(skops);
-	struct listener_key k = {};
-	u8 *ours;
-
 	u32 flags = skops->bpf_sock_ops_cb_flags, tfo = read_u64(sk + OFF_TP_FASTOPEN_RSK) != 0;
 
 	if (tfo)
 		emit_server(ctx, EV_SYN_DATA_ACCEPTED, sk_net(sk), skops->local_port);
-	if (flags & SYNACK_FLAG) {
-		listener_key(&k, sk, skops->local_port);
-		ours = synack_listeners.lookup(&k);
-		if (ours && *ours)
-			flags &= ~SYNACK_FLAG;
-	}
+	if ((flags & SYNACK_FLAG) && synack_flag_ours(sk, skops->local_port))
+		flags &= ~SYNACK_FLAG;
 	if (tfo) /* its timeouts count in the kernel's blackhole detection too */
 		flags |= RTO_FLAG;
 	if (flags != skops->bpf_sock_ops_cb_flags)
@@ -884,12 +909,14 @@ static __always_inline void so_connect(void *ctx, struct bpf_sock_ops *skops)
  * plain connections) cost no lookup. */
 static __always_inline void so_client_established(void *ctx, struct bpf_sock_ops *skops)
 {
-	const void *sk = ops_sk(skops);
-	u64 key = (u64)sk;
+	const void *sk;
+	u64 key;
 	struct conn *c;
 
 	if (!(skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG))
 		return;
+	sk = ops_sk(skops); /* a kernel read (~25 ns): only for the sockets it may concern */
+	key = (u64)sk;
 	c = conns.lookup(&key);
 	if (!c)
 		return;
@@ -930,7 +957,7 @@ static __always_inline void so_client_closed(void *ctx, struct bpf_sock_ops *sko
 
 #if SOCKOPS_PASSIVE
 #define LEVEL_TCP 6
-#define OPT_CB_FLAGS 1008 /* TCP_BPF_SOCK_OPS_CB_FLAGS (6.12): BPF's own, refused to userspace */
+/* OPT_CB_FLAGS: TCP_BPF_SOCK_OPS_CB_FLAGS (6.12), from adopt.py */
 /* tfowatch's pid: the only caller whose setsockopt() on_adopt acts on (adopt.py sets it). */
 BPF_ARRAY(adopter, u32, 1);
 
@@ -961,7 +988,8 @@ int on_adopt(struct bpf_sockopt *ctx)
 		return 0;
 	/* bpf_sockopt_kern starts with the kernel's struct sock, as bpf_sock_ops_kern does */
 	listener_key(&k, (const void *)read_u64((const void *)ctx), sk->src_port);
-	synack_listeners.insert(&k, &ours); /* a listen() seen meanwhile keeps its own entry */
+	if (synack_listeners.insert(&k, &ours) == 0) /* a listen() seen meanwhile keeps its own */
+		note_synack_port(k.port, ours);
 	ctx->optlen = -1; /* handled: the kernel's setsockopt() is skipped */
 	return 1;
 }
