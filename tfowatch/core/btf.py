@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 BTF_MAGIC = 0xEB9F
@@ -75,7 +76,7 @@ class Btf:
         self._data = data
         self._strs = hdr_len + str_off
         self._str_end = self._strs + str_len
-        self._types: list[_Type | None] = [None]  # id 0 is void
+        self._types: list[int] = [0]  # each type's header position; id 0 is void
         self._structs: dict[str, int] = {}
         self.functions: set[str] = set()  # FUNC entries: functions with a traceable body
         self.typedefs: set[str] = set()
@@ -83,10 +84,9 @@ class Btf:
 
     @classmethod
     def load(cls, path: Path = VMLINUX_BTF) -> Btf:
-        try:
-            return cls(path.read_bytes())
-        except OSError as exc:
-            raise BtfError(f"cannot read BTF at {path}: {exc.strerror}") from exc
+        """The BTF at `path`, parsed once per process (the kernel's does not change while it
+        runs; parsing its ~150k types is most of the daemon's startup after the compile)."""
+        return _load(path)
 
     def _name(self, off: int) -> str:
         start = self._strs + off
@@ -94,31 +94,38 @@ class Btf:
         return self._data[start:end].decode()
 
     def _index(self, pos: int, end: int) -> None:
-        data = self._data
+        """Every type's position, and the names looked up by name: structs, typedefs and
+        functions. A type is decoded only when asked for (_type)."""
+        data, types, unpack = self._data, self._types, struct.unpack_from
+        extra = {kind: fixed for kind, (fixed, _) in _EXTRA.items()}
+        per_item = {kind: item for kind, (_, item) in _EXTRA.items()}
         while pos < end:
-            name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
+            name_off, info, size_or_type = unpack("<III", data, pos)
             kind = (info >> 24) & 0x1F
-            vlen = info & 0xFFFF
-            fixed, per_item = _EXTRA.get(kind, (0, 0))
-            t = _Type(kind, "", bool(info >> 31), size_or_type, pos + 12, vlen)
-            if kind in (KIND_STRUCT, KIND_UNION) and name_off:
-                name = self._name(name_off)
-                t = _Type(kind, name, t.kind_flag, size_or_type, t.pos, vlen)
+            if name_off:
                 if kind == KIND_STRUCT and size_or_type:
-                    self._structs.setdefault(name, len(self._types))
-            elif kind == KIND_TYPEDEF and name_off:
-                t = _Type(kind, self._name(name_off), False, size_or_type, t.pos, vlen)
-                self.typedefs.add(t.name)
-            elif kind == KIND_FUNC and name_off:
-                self.functions.add(self._name(name_off))
-            self._types.append(t)
-            pos += 12 + fixed + per_item * vlen
+                    self._structs.setdefault(self._name(name_off), len(types))
+                elif kind == KIND_TYPEDEF:
+                    self.typedefs.add(self._name(name_off))
+                elif kind == KIND_FUNC:
+                    self.functions.add(self._name(name_off))
+            types.append(pos)
+            pos += 12 + extra.get(kind, 0) + per_item.get(kind, 0) * (info & 0xFFFF)
+
+    def _type(self, type_id: int) -> _Type | None:
+        if type_id == 0:
+            return None
+        pos = self._types[type_id]
+        name_off, info, size_or_type = struct.unpack_from("<III", self._data, pos)
+        kind = (info >> 24) & 0x1F
+        name = self._name(name_off) if name_off and kind in (KIND_STRUCT, KIND_UNION, KIND_TYPEDEF) else ""
+        return _Type(kind, name, bool(info >> 31), size_or_type, pos + 12, info & 0xFFFF)
 
     def _resolve(self, type_id: int) -> _Type:
         """Skip typedefs and qualifiers."""
-        t = self._types[type_id]
+        t = self._type(type_id)
         while t is not None and t.kind in _MODIFIERS:
-            t = self._types[t.size_or_type]
+            t = self._type(t.size_or_type)
         if t is None:
             raise BtfError("member of type void")
         return t
@@ -194,3 +201,11 @@ class Btf:
         except BtfError:
             return False
         return True
+
+
+@cache
+def _load(path: Path) -> Btf:
+    try:
+        return Btf(path.read_bytes())
+    except OSError as exc:
+        raise BtfError(f"cannot read BTF at {path}: {exc.strerror}") from exc
