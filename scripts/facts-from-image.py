@@ -52,7 +52,7 @@ def _has_tracepoint(btf: Btf, tp: str, syscalls: bool) -> bool:
 
 
 def facts_from_btf(btf: Btf, release: str, kprobes: bool, syscalls: bool = True, hz: int = 0) -> KernelFacts:
-    present = {s: s in btf.functions for s in SYMBOLS}
+    present = {s: btf.has_function(s) for s in SYMBOLS}
     return KernelFacts(
         release=release, kprobes=kprobes, kprobes_why="", btf=True, headers=True,
         symbols={s: kprobes and p for s, p in present.items()}, present=present,

@@ -9,6 +9,8 @@ and handed to the C code as a byte/bit offset.
 from __future__ import annotations
 
 import struct
+from array import array
+from bisect import bisect_left
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -76,10 +78,11 @@ class Btf:
         self._data = data
         self._strs = hdr_len + str_off
         self._str_end = self._strs + str_len
-        self._types: list[int] = [0]  # each type's header position; id 0 is void
+        # Arrays of ints, not lists of objects: a kernel has ~150k types, and what the parse
+        # allocates stays in the daemon's heap after it is dropped.
+        self._types = array("I", [0])  # each type's header position; id 0 is void
+        self._func_names = array("I")  # string offsets of FUNC names (sorted after the index)
         self._structs: dict[str, int] = {}
-        self.functions: set[str] = set()  # FUNC entries: functions with a traceable body
-        self.typedefs: set[str] = set()
         self._index(hdr_len + type_off, hdr_len + type_off + type_len)
 
     @classmethod
@@ -88,29 +91,44 @@ class Btf:
         runs; parsing its ~150k types is most of the daemon's startup after the compile)."""
         return _load(path)
 
+    @staticmethod
+    def forget() -> None:
+        """Drop the parsed BTF kept by load() (~10 MB): once the programs are built, nothing
+        reads it again."""
+        _load.cache_clear()
+
     def _name(self, off: int) -> str:
         start = self._strs + off
         end = self._data.index(b"\0", start, self._str_end)
         return self._data[start:end].decode()
 
     def _index(self, pos: int, end: int) -> None:
-        """Every type's position, and the names looked up by name: structs, typedefs and
-        functions. A type is decoded only when asked for (_type)."""
-        data, types, unpack = self._data, self._types, struct.unpack_from
+        """Every type's position, struct ids by name and the FUNC names' offsets. A type is
+        decoded only when asked for (_type)."""
+        data, types, funcs, unpack = self._data, self._types, self._func_names, struct.unpack_from
         extra = {kind: fixed for kind, (fixed, _) in _EXTRA.items()}
         per_item = {kind: item for kind, (_, item) in _EXTRA.items()}
         while pos < end:
             name_off, info, size_or_type = unpack("<III", data, pos)
             kind = (info >> 24) & 0x1F
-            if name_off:
-                if kind == KIND_STRUCT and size_or_type:
-                    self._structs.setdefault(self._name(name_off), len(types))
-                elif kind == KIND_TYPEDEF:
-                    self.typedefs.add(self._name(name_off))
-                elif kind == KIND_FUNC:
-                    self.functions.add(self._name(name_off))
+            if kind == KIND_STRUCT and name_off and size_or_type:
+                self._structs.setdefault(self._name(name_off), len(types))
+            elif kind == KIND_FUNC:
+                funcs.append(name_off)
             types.append(pos)
             pos += 12 + extra.get(kind, 0) + per_item.get(kind, 0) * (info & 0xFFFF)
+        self._func_names = array("I", sorted(funcs))
+
+    def has_function(self, name: str) -> bool:
+        """Whether BTF has a FUNC `name` (pahole emits one for each function with an ftrace
+        entry: one a kprobe can attach to)."""
+        # BTF keeps each string once: find it in the string section, then among FUNC names.
+        at = self._data.find(b"\0" + name.encode() + b"\0", self._strs - 1, self._str_end)
+        if at < 0:
+            return False
+        off = at + 1 - self._strs
+        i = bisect_left(self._func_names, off)
+        return i < len(self._func_names) and self._func_names[i] == off
 
     def _type(self, type_id: int) -> _Type | None:
         if type_id == 0:

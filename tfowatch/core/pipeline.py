@@ -132,7 +132,8 @@ class Pipeline:
             self.ingest = Ingest(self.agg, keep, sink, self.generations)
             self.ingest.cgroups.made = self.probes.cgroup_path
             self.probes.open_events(self.ingest, self.agg.add_lost, perf_pages)
-        release_compiler_heap()
+        Btf.forget()
+        release_compiler_heap()  # after forget(): the BTF's memory is handed back too
 
     def poll_once(self) -> None:
         if self.probes is not None:
