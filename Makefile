@@ -49,16 +49,18 @@ test-unit: setup
 		$(VENV)/bin/pytest -q -rs -p no:cacheprovider tests/unit
 
 # `make bench`: the benchmarks on this host (its best tier), with the Python load generator
-# and with the C one (bench/loadgen.c: no interpreter between the load and the kernel), then
-# in each VM lab kernel (kprobe tier, ~20 min each under emulation); results in
-# bench/results/, table in docs/PERFORMANCE.md. BENCH_ARGS go to the host runs, e.g.
-# BENCH_ARGS="--reps 3".
+# and with the C one (bench/loadgen.c: no interpreter between the load and the kernel; it
+# also runs tfowatch at saturation for 10 minutes, its memory sampled), the price of each
+# kind of work in a sock_ops program (bench/primitives.py), then in each VM lab kernel
+# (kprobe tier, ~20 min each under emulation); results in bench/results/, tables in
+# docs/PERFORMANCE.md. BENCH_ARGS go to the host runs, e.g. BENCH_ARGS="--reps 3".
 BENCH_ARGS ?=
 HOST_TIER = $$($(VENV)/bin/tfowatch probes --json | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["tier"])')
 bench: setup
-	$(PY) bench/run.py --label "Host ($(HOST_TIER) tier)" --json bench/results/host.json $(BENCH_ARGS)
+	$(PY) bench/run.py --soak 0 --label "Host ($(HOST_TIER) tier)" --json bench/results/host.json $(BENCH_ARGS)
 	$(PY) bench/run.py --load c --label "Host ($(HOST_TIER) tier), C load generator" \
 		--json bench/results/host-c.json $(BENCH_ARGS)
+	$(PY) bench/primitives.py > bench/results/primitives.md
 	for rel in $$(grep -v '^#' tests/vm/kernels.txt); do \
 		$(PY) tests/vm/lab.py --bench $$rel tests/vm/out/bench-$$rel || exit 1; done
 	$(PY) bench/report.py

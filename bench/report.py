@@ -15,7 +15,8 @@ DOC = ROOT / "docs" / "PERFORMANCE.md"
 START, END = "<!-- bench:start (written by bench/report.py) -->", "<!-- bench:end -->"
 # issue 19's targets
 TARGETS = {"ratio": 0.98, "bpf_us_tfo": 1.0, "bpf_us_plain": 0.1, "events_per_s": 100_000,
-           "startup_s": 1.5, "rss_anon_mb": 40.0, "scrape_p99_ms": 10.0}
+           "startup_s": 1.5, "rss_anon_mb": 40.0, "scrape_p99_ms": 10.0,
+           "growth_mb": 1.0}  # "no growth": what the allocator moves by itself is ~1 MB
 
 
 def med(s: dict[str, float], fmt: str = "{:.0f}", scale: float = 1.0) -> str:
@@ -87,8 +88,23 @@ def targets(r: dict[str, Any]) -> list[str]:
         f"{measured(worst, p99_text, worst is not None and worst <= TARGETS['scrape_p99_ms'])} |",
         f"| Drift against TcpExt at saturation; events lost | 0; 0 | {ex['max_abs_drift']:.0f}; "
         f"{ex['events_lost']:.0f} | {yes(ex['max_abs_drift'] == 0 and ex['events_lost'] == 0)} |",
+        soak_row(r.get("soak")),
     ]
     return rows
+
+
+def soak_row(soak: dict[str, Any] | None) -> str:
+    """Anonymous RSS from its first sample to its last over the soak at saturation."""
+    if not soak:
+        return f"| Anonymous RSS growth at saturation | ≤ {TARGETS['growth_mb']:.0f} MB | - | - |"
+    anon = [a / 1e6 for _, a in soak["rss_anon"]]
+    growth, ex = anon[-1] - anon[0], soak["exactness"]
+    exact = ex["max_abs_drift"] == 0 and ex["events_lost"] == 0
+    return (f"| Anonymous RSS growth over {soak['seconds'] / 60:.0f} min at saturation "
+            f"({soak['rate']:.0f} TFO conn/s; drift {ex['max_abs_drift']:.0f}, "
+            f"lost {ex['events_lost']:.0f}) | ≤ {TARGETS['growth_mb']:.0f} MB | {growth:+.1f} MB "
+            f"({anon[0]:.1f} → {anon[-1]:.1f}, largest {max(anon):.1f}) | "
+            f"{yes(growth <= TARGETS['growth_mb'] and exact)} |")
 
 
 def side_by_side(r: dict[str, Any]) -> list[str]:
@@ -160,6 +176,17 @@ def scrape(r: dict[str, Any]) -> list[str]:
         rate = f"{storm['storm_scrapes_per_s']:.0f}" if storm else "-"
         rows.append(f"| {s['series']:.0f} | {s['samples']} | {p50_p99(s['scrape_s'])} | "
                     f"{p50_p99(s.get('gzip_scrape_s'))} | {p50_p99(storm.get('scrape_s'))} | {rate} |")
+    inside = [s for s in r["scrape"] if "inside" in s]
+    if inside:
+        rows += ["", "Where a plain scrape's time goes (medians of 20, ms; from the daemon's own "
+                 "`tfowatch_scrape_collector_duration_seconds` and `tfowatch_scrape_duration_seconds`):", "",
+                 "| Series | probes: perf buffers, counts map, snapshot | kernel: every namespace's TcpExt "
+                 "| the text | answer built | HTTP and reading it | client total |",
+                 "|---|---|---|---|---|---|---|"]
+        for s in inside:
+            ms = " | ".join(f"{s['inside'][k] * 1000:.1f}"
+                            for k in ("probes_s", "kernel_s", "render_s", "build_s", "http_s", "client_s"))
+            rows.append(f"| {s['series']:.0f} | {ms} |")
     return rows
 
 
@@ -188,7 +215,12 @@ def section(r: dict[str, Any]) -> list[str]:
 
 def render() -> str:
     results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
-    return "\n".join(line for r in results for line in section(r))
+    text = "\n".join(line for r in results for line in section(r))
+    prices = RESULTS / "primitives.md"  # bench/primitives.py's table, as it printed it
+    if prices.exists():
+        text += ("\n### What each kind of work costs in a sock_ops program (host)\n\n"
+                 "`bench/primitives.py`, in the same `make bench` run:\n\n" + prices.read_text())
+    return text
 
 
 def write() -> None:

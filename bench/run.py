@@ -1,15 +1,17 @@
 """`make bench`: what tfowatch costs the host, side by side with the alternatives.
 
-    bench/run.py [--reps N] [--seconds S] [--rate R] [--load python|c] [--quick] [--json FILE] [--doc]
+    bench/run.py [--reps N] [--seconds S] [--rate R] [--load python|c] [--soak S] [--quick]
+                 [--json FILE] [--doc]
 
 In namespaces of its own (a client and a server joined by a veth pair) it measures, with
 every condition interleaved in each repetition (none, tfowatch, tfowatch in the tracepoint
 tier, bpftrace, counters only, and empty programs on the sockops hooks: the floor):
 connection rate at saturation (TFO and plain TCP), CPU and BPF run time per 1k connections at
 a fixed rate (BPF also for plain connections), tfowatch's startup, RSS and exactness (drift
-against TcpExt, events lost); then scrape latency at 1k and 10k series, and the aggregator's
-capacity with synthetic events. The JSON goes to --json; --doc also rewrites
-docs/PERFORMANCE.md from every bench/results/*.json.
+against TcpExt, events lost); then scrape latency at 1k and 10k series, tfowatch's memory over
+a 10-minute run at saturation (--soak), and the aggregator's capacity with synthetic events.
+The JSON goes to --json; --doc also rewrites docs/PERFORMANCE.md from every
+bench/results/*.json.
 """
 
 from __future__ import annotations
@@ -132,16 +134,16 @@ class Workload:
             os.killpg(self.server.pid, signal.SIGTERM)
         self.server.wait(timeout=10)
 
-    def _client(self, *args: str) -> dict[str, Any]:
+    def _client(self, *args: str, seconds: float = 0.0) -> dict[str, Any]:
         load = self.load if args[0] == "client" else [sys.executable, str(LOAD)]  # spray: Python's
         cmd = ["ip", "netns", "exec", self.lab.client.name, *load, *args]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 600)
         return json.loads(out.stdout.splitlines()[-1])  # type: ignore[no-any-return]
 
     def run(self, workload: str, seconds: float, rate: float = 0.0, workers: int = 0) -> dict[str, Any]:
         args = ["client", self.addr, str(PORT), str(workers or self.workers), str(seconds)]
         args += ["--plain"] * (workload == "plain") + (["--rate", str(rate)] if rate else [])
-        res = self._client(*args)
+        res = self._client(*args, seconds=seconds)
         res["rate"] = res["conns"] / seconds
         return res
 
@@ -150,15 +152,15 @@ class Workload:
 
 
 class Ticker:
-    """Calls tick() once a second in a thread (the scraper of a scraped observer)."""
+    """Calls tick() every `every` seconds in a thread (the scraper of a scraped observer)."""
 
-    def __init__(self, tick: Callable[[], None]) -> None:
+    def __init__(self, tick: Callable[[], None], every: float = 1.0) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, args=(tick,), daemon=True)
+        self._thread = threading.Thread(target=self._loop, args=(tick, every), daemon=True)
         self._thread.start()
 
-    def _loop(self, tick: Callable[[], None]) -> None:
-        while not self._stop.wait(1.0):
+    def _loop(self, tick: Callable[[], None], every: float) -> None:
+        while not self._stop.wait(every):
             tick()
 
     def stop(self) -> None:
@@ -310,6 +312,35 @@ def timed_scrapes(obs: observers.Tfowatch, scrapes: int, gzip: bool = False) -> 
     return [obs.scrape(gzip=gzip)[0] for _ in range(scrapes)]
 
 
+PART = "tfowatch_scrape_collector_duration_seconds"
+BUILD = "tfowatch_scrape_duration_seconds"
+
+
+def where_a_scrape_goes(obs: observers.Tfowatch, scrapes: int) -> dict[str, Any]:
+    """Where the time of a plain scrape goes, from the daemon's own self-metrics of each of
+    `scrapes` scrapes: each part of its state (probes: the perf buffers, the counts map and
+    the aggregator's snapshot; kernel: every namespace's TcpExt; self), the whole answer's
+    build (the state, the text and any gzip: its histogram), and the rest of the client's
+    time (HTTP, and reading the answer). Medians, in seconds."""
+    client, build, parts = [], [], {}  # type: ignore[var-annotated]
+    _, last = obs.scrape()
+    for _ in range(scrapes):
+        took, samples = obs.scrape()
+        client.append(took)
+        build.append((samples[(f"{BUILD}_sum", frozenset())] - last[(f"{BUILD}_sum", frozenset())])
+                     / (samples[(f"{BUILD}_count", frozenset())] - last[(f"{BUILD}_count", frozenset())]))
+        for (name, labels), value in samples.items():
+            if name == PART:
+                parts.setdefault(dict(labels)["collector"], []).append(value)
+        last = samples
+    out = {f"{name}_s": statistics.median(values) for name, values in parts.items()}
+    out["build_s"] = statistics.median(build)
+    out["render_s"] = out["build_s"] - sum(statistics.median(v) for v in parts.values())
+    out["client_s"] = statistics.median(client)
+    out["http_s"] = out["client_s"] - out["build_s"]
+    return out
+
+
 def under_storm(obs: observers.Tfowatch, scrapes: int) -> dict[str, Any]:
     """Scrape times while STORM_CLIENTS other clients scrape flat out (the storm's own scrapes
     per second beside them)."""
@@ -342,10 +373,33 @@ def scrape_latency(wl: Workload, series_points: list[int], scrapes: int) -> list
             out.append({"target_series": n, "series": observers.total(samples, "tfowatch_series"),
                         "samples": len(samples), "scrape_s": percentiles(timed_scrapes(obs, scrapes)),
                         "gzip_scrape_s": percentiles(timed_scrapes(obs, scrapes, gzip=True)),
-                        "storm": under_storm(obs, scrapes)})
+                        "storm": under_storm(obs, scrapes), "inside": where_a_scrape_goes(obs, 20)})
     finally:
         obs.stop()
     return out
+
+
+def soak(wl: Workload, seconds: float) -> dict[str, Any]:
+    """tfowatch beside TFO connections at saturation for `seconds`, scraped every second: its
+    anonymous RSS sampled 20 times over the run, and its exactness at the end."""
+    obs = observers.Tfowatch()
+    obs.start()
+    passive0 = tcpext(wl.srv, "TCPFastOpenPassive")
+    emitted0 = observers.total(obs.scrape()[1], "tfowatch_events_total")
+    rss: list[tuple[float, int]] = []
+    t0 = time.monotonic()
+    sampler = Ticker(lambda: rss.append((time.monotonic() - t0, obs.rss_split()[0])), every=seconds / 20)
+    ticker = Ticker(obs.tick)
+    try:
+        res = wl.run("tfo", seconds)
+    finally:
+        sampler.stop()
+        ticker.stop()
+    try:
+        return {"seconds": seconds, "rate": res["rate"], "rss_anon": rss,
+                "exactness": exactness(obs, wl.srv, passive0, emitted0)}
+    finally:
+        obs.stop()
 
 
 def environment(tier: str) -> dict[str, Any]:
@@ -377,6 +431,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=2000.0, help="fixed rate, connections/s (default 2000)")
     p.add_argument("--workers", type=int, default=4, help="client processes at saturation (default 4)")
     p.add_argument("--series", default="1000,10000", help="series counts for scrape latency")
+    p.add_argument("--soak", type=float, default=600.0,
+                   help="seconds of tfowatch at saturation, its memory sampled (default 600; 0: none)")
     p.add_argument("--load", choices=("python", "c"), default="python",
                    help="load generator: bench/load.py, or bench/loadgen.c (default python)")
     p.add_argument("--quick", action="store_true", help="one short repetition: the smoke test's run")
@@ -385,7 +441,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--doc", action="store_true", help="also rewrite docs/PERFORMANCE.md")
     args = p.parse_args(argv)
     if args.quick:
-        args.reps, args.seconds, args.rate, args.series = 1, 1.0, 500.0, "200,1000"
+        args.reps, args.seconds, args.rate, args.series, args.soak = 1, 1.0, 500.0, "200,1000", 4.0
     return args
 
 
@@ -411,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
             result["overhead"] = overhead(wl, tier, args, Path(tmp))
             result["scrape"] = scrape_latency(wl, [int(n) for n in args.series.split(",")],
                                               scrapes=5 if args.quick else 200)
+            if args.soak:
+                result["soak"] = soak(wl, args.soak)
     finally:
         if wl is not None:
             wl.close()

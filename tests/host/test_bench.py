@@ -45,6 +45,7 @@ def test_every_condition_has_every_figure(result: dict[str, Any]) -> None:
     rows = result["overhead"]["reps"][0]["rows"]
     assert rows["tfowatch"]["bpf_programs"] > 0 and rows["bpftrace"]["bpf_programs"] > 0
     assert rows["tracepoint"]["bpf_programs"] > 0
+    assert rows["floor"]["bpf_programs"] == 2  # the empty sock_ops program and tracepoint
     assert rows["none"]["bpf_programs"] == rows["counters"]["bpf_programs"] == 0
 
 
@@ -63,11 +64,14 @@ def test_scrape_latency_at_each_series_count(result: dict[str, Any]) -> None:
         for times in (p["scrape_s"], p["gzip_scrape_s"], p["storm"]["scrape_s"]):
             assert 0 < times["p50"] <= times["p99"] <= times["max"]
         assert p["storm"]["storm_scrapes_per_s"] > 0  # the storm scraped beside the timed client
+        inside = p["inside"]  # where a scrape's time goes, from the daemon's own self-metrics
+        assert {"probes_s", "kernel_s", "self_s", "render_s", "http_s"} <= set(inside)
+        assert inside["build_s"] > 0 and inside["client_s"] > 0
 
 
 def test_bpf_time_is_split_per_program_and_rss_into_anonymous_and_file(result: dict[str, Any]) -> None:
     summary = result["overhead"]["summary"]
-    for name in ("tfowatch", "tracepoint", "bpftrace"):
+    for name in ("tfowatch", "tracepoint", "bpftrace", "floor"):
         for workload in WORKLOADS:
             progs = summary[name]["programs"][workload]
             assert progs and all(p["runs"]["n"] == 1 for p in progs.values()), (name, workload)
@@ -91,9 +95,16 @@ def test_aggregator_capacity(result: dict[str, Any]) -> None:
 def test_report_renders_every_section(result: dict[str, Any]) -> None:
     text = "\n".join(report.section(result))
     for heading in ("| Target |", "| Beside the load |", "| Beside the load | program |", "| Series |",
-                    "| Offered events/s |"):
+                    "| Series | probes:", "| Offered events/s |", "the floor"):
         assert heading in text
-    assert text.count("| yes |") + text.count("| **no** |") == 10  # a verdict for each target
+    assert text.count("| yes |") + text.count("| **no** |") == 11  # a verdict for each target
+
+
+def test_memory_is_sampled_over_a_run_at_saturation(result: dict[str, Any]) -> None:
+    soak = result["soak"]
+    assert soak["rate"] > 0 and len(soak["rss_anon"]) >= 10
+    assert all(anon > 0 for _, anon in soak["rss_anon"])
+    assert {"max_abs_drift", "events_lost"} <= set(soak["exactness"])
 
 
 @pytest.mark.host_only
