@@ -812,9 +812,6 @@ static __always_inline void so_synack(void *ctx, struct bpf_sock_ops *skops)
 	emit_server(ctx, EV_COOKIE_ISSUED, net, port); /* a request, or a valid one for a bad cookie */
 }
 
-/* A passive child is made (a TFO child at SYN time): count it if TFO, and clear the SYN-ACK
- * flag it inherited from a listener tfowatch flagged (else every segment it sends would run
- * this program). */
 /* Whether the SYN-ACK flag a child inherited from its listener is tfowatch's. */
 static __always_inline int synack_flag_ours(const void *sk, u16 port)
 {
@@ -829,6 +826,9 @@ static __always_inline int synack_flag_ours(const void *sk, u16 port)
 	return ours && *ours;
 }
 
+/* A passive child is made (a TFO child at SYN time): count it if TFO, and clear the SYN-ACK
+ * flag it inherited from a listener tfowatch flagged (else every segment it sends would run
+ * this program). */
 static __always_inline void so_passive(void *ctx, struct bpf_sock_ops *skops)
 {
 	const void *sk = ops_sk(skops);

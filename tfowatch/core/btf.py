@@ -106,8 +106,6 @@ class Btf:
         """Every type's position, struct ids by name and the FUNC names' offsets. A type is
         decoded only when asked for (_type)."""
         data, types, funcs, unpack = self._data, self._types, self._func_names, struct.unpack_from
-        extra = {kind: fixed for kind, (fixed, _) in _EXTRA.items()}
-        per_item = {kind: item for kind, (_, item) in _EXTRA.items()}
         while pos < end:
             name_off, info, size_or_type = unpack("<III", data, pos)
             kind = (info >> 24) & 0x1F
@@ -116,7 +114,8 @@ class Btf:
             elif kind == KIND_FUNC:
                 funcs.append(name_off)
             types.append(pos)
-            pos += 12 + extra.get(kind, 0) + per_item.get(kind, 0) * (info & 0xFFFF)
+            fixed, per_item = _EXTRA.get(kind, (0, 0))
+            pos += 12 + fixed + per_item * (info & 0xFFFF)
         self._func_names = array("I", sorted(funcs))
 
     def has_function(self, name: str) -> bool:
