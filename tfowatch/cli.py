@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from tfowatch import __version__
+from tfowatch.core import signals
 from tfowatch.core.kernel import KernelFacts, detect, hz_unknown, missing_bpf_caps, namespace_blind_spots
 from tfowatch.core.metrics import KERNEL_HZ, TIERS
 from tfowatch.core.plan import MODES, Plan, PlanError, resolve
@@ -235,10 +236,7 @@ def stop_on_signals() -> threading.Event:
     if missing := missing_bpf_caps():
         raise CliError("must run as root (or with CAP_BPF and CAP_PERFMON) to load BPF programs; "
                        f"this process lacks {' and '.join(missing)}")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
+    return signals.stop_event()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -258,7 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         server = MetricsServer(host, port, web, settings.max_connections, settings.header_timeout)
     except OSError as exc:
         raise CliError(f"cannot listen on {settings.listen}: {exc.strerror}") from exc
-    signal.signal(signal.SIGHUP, lambda *_: reload_web_config(settings, server, log))
+    signals.on(signal.SIGHUP, lambda: reload_web_config(settings, server, log))
     try:
         daemon = Daemon(settings, server)
     except BaseException:
