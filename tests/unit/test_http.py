@@ -4,6 +4,7 @@ mid-request."""
 
 from __future__ import annotations
 
+import gzip
 import socket
 import ssl
 import sys
@@ -29,10 +30,10 @@ class FixedScrape:
         self.registry = CollectorRegistry()  # the server adds its own metrics to it
         self.gate = gate
 
-    def render(self) -> bytes:
+    def render(self, gzipped: bool = False) -> bytes:
         if self.gate is not None:  # a scrape that takes until the test lets it go
             self.gate.wait(30)
-        return BODY
+        return gzip.compress(BODY) if gzipped else BODY
 
 
 def serve(tmp_path: Path | None = None, pki: certs.Pki | None = None) -> tuple[MetricsServer, int]:

@@ -7,7 +7,6 @@ probes` tells which tier provides what. `families(st)` is a pure function of the
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -27,6 +26,7 @@ from prometheus_client.utils import floatToGoString
 from tfowatch.core import metrics as m
 from tfowatch.core.aggregator import Histogram, Labels
 from tfowatch.core.state import KERNEL, PROBES, SELF, ExportState
+from tfowatch.exporter.shared import SharedBuild
 
 
 def family(metric: m.Metric, value: float | None = None) -> Family:
@@ -187,8 +187,10 @@ class ProbeText:
 
 
 class Scrape:
-    """One /metrics answer from one state: the probe counters written by ProbeText, every
-    other family by prometheus_client, then `registry`'s (the process and the HTTP server)."""
+    """The /metrics answer from one state: the probe counters written by ProbeText, every
+    other family by prometheus_client, then `registry`'s (the process and the HTTP server).
+    Scrapes at once share builds (SharedBuild), which also keeps ProbeText's cache to one
+    builder at a time."""
 
     def __init__(self, state: Callable[[], ExportState]) -> None:
         # *_created series would double the exposition, and no dashboard or alert uses them.
@@ -197,11 +199,14 @@ class Scrape:
         ProcessCollector(namespace="tfowatch", registry=self.registry)
         self._state = state
         self._text = ProbeText()
-        self._lock = threading.Lock()  # ProbeText's cache is not shared between scrapes
+        self._shared = SharedBuild(self._build)
 
-    def render(self) -> bytes:
-        with self._lock:
-            st = self._state()
-            return (self._text.render(st).encode()
-                    + generate_latest(_Fixed(list(families(st, counters=False))))
-                    + generate_latest(self.registry))
+    def _build(self) -> bytes:
+        st = self._state()
+        return (self._text.render(st).encode()
+                + generate_latest(_Fixed(list(families(st, counters=False))))
+                + generate_latest(self.registry))
+
+    def render(self, gzipped: bool = False) -> bytes:
+        answer = self._shared.get()
+        return answer.gzipped() if gzipped else answer.text

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import gzip
 import hashlib
 import io
 import logging
@@ -283,7 +282,7 @@ class MetricsServer:
                                          name="tfowatch-http-accept", daemon=True)
         self._thread.start()
 
-    def _app(self, render: Callable[[], bytes]) -> Callable[[Environ, StartResponse], Iterable[bytes]]:
+    def _app(self, render: Callable[[bool], bytes]) -> Callable[[Environ, StartResponse], Iterable[bytes]]:
         Answer = tuple[str, list[tuple[str, str]], bytes]
         text = [("Content-Type", "text/plain")]
 
@@ -315,10 +314,10 @@ class MetricsServer:
             assert self._scrape is not None
             try:
                 with self._scrape.time():
-                    body = render()
+                    gzipped = "gzip" in environ.get("HTTP_ACCEPT_ENCODING", "")
+                    body = render(gzipped)
                     headers = [("Content-Type", CONTENT_TYPE_LATEST)]
-                    if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
-                        body = gzip.compress(body, compresslevel=1)
+                    if gzipped:
                         headers.append(("Content-Encoding", "gzip"))
                     return "200 OK", headers, body
             except Exception:  # e.g. a scrape racing shutdown: an answer, not a traceback
