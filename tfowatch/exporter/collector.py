@@ -158,22 +158,30 @@ def _escape(value: str) -> str:
 
 class ProbeText:
     """The probe counter families in the text format (0.0.4), as prometheus_client would
-    write them (tests/unit/test_exporter.py compares the two), but with each label set's
-    `name{...}` written once and kept: per scrape only the values are formatted, which is
-    what makes a 10k-series scrape take milliseconds (docs/PERFORMANCE.md)."""
+    write them (tests/unit/test_exporter.py compares the two), but with each series' line
+    kept with its value: per scrape only the lines of series whose value moved are written
+    again, which is what makes a 10k-series scrape take milliseconds (docs/PERFORMANCE.md)."""
 
     def __init__(self) -> None:
-        self._prefix: dict[tuple[str, Labels], str] = {}
+        # (name, labels) -> (value, its line, length of the line's `name{...} ` prefix)
+        self._lines: dict[tuple[str, Labels], tuple[float, str, int]] = {}
 
-    def _line_prefix(self, name: str, labelnames: tuple[str, ...], labels: Labels) -> str:
-        if len(self._prefix) > 100_000:  # label sets come and go (namespaces, processes)
-            self._prefix.clear()
-        pairs = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(zip(labelnames, labels, strict=True)))
-        prefix = self._prefix[(name, labels)] = f"{name}{{{pairs}}} "
-        return prefix
+    def _line(self, key: tuple[str, Labels], labelnames: tuple[str, ...], value: float) -> str:
+        kept = self._lines.get(key)
+        if kept is not None:
+            prefix = kept[1][:kept[2]]
+        else:
+            if len(self._lines) > 100_000:  # label sets come and go (namespaces, processes)
+                self._lines.clear()
+            pairs = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(zip(labelnames, key[1], strict=True)))
+            prefix = f"{key[0]}{{{pairs}}} "
+        line = prefix + floatToGoString(value) + "\n"  # type: ignore[no-untyped-call]
+        self._lines[key] = (value, line, len(prefix))
+        return line
 
     def render(self, st: ExportState) -> str:
         out: list[str] = []
+        lines = self._lines
         for metric in st.plan.metrics if st.ok(PROBES) else []:
             if metric.kind != "counter":
                 continue
@@ -181,8 +189,9 @@ class ProbeText:
             help_text = metric.help.replace("\\", r"\\").replace("\n", r"\n")
             out.append(f"# HELP {name} {help_text}\n# TYPE {name} counter\n")
             for labels, value in st.snap.counters.get(metric, {}).items():
-                prefix = self._prefix.get((name, labels)) or self._line_prefix(name, metric.labels, labels)
-                out.append(prefix + floatToGoString(value) + "\n")  # type: ignore[no-untyped-call]
+                kept = lines.get((name, labels))
+                out.append(kept[1] if kept is not None and kept[0] == value
+                           else self._line((name, labels), metric.labels, value))
         return "".join(out)
 
 
