@@ -175,7 +175,7 @@ class ProbeText:
                 self._lines.clear()
             pairs = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(zip(labelnames, key[1], strict=True)))
             prefix = f"{key[0]}{{{pairs}}} "
-        line = prefix + floatToGoString(value) + "\n"  # type: ignore[no-untyped-call]
+        line: str = prefix + floatToGoString(value) + "\n"  # type: ignore[no-untyped-call]
         self._lines[key] = (value, line, len(prefix))
         return line
 
