@@ -152,10 +152,11 @@ class Pipeline:
             return
         self.probes.consume()
         now = time.monotonic()
-        with self._folding:
+        with self._folding:  # the read too: a release between it and the fold would be missed
             self._released.clear()
-            late = [raw for raw, count, pid in self.probes.counts()
-                    if raw not in self._released and not self._fold(raw, count, pid, now)]
+            folded = self._folded  # most keys have not moved since the last read: skip them here
+            late = [raw for raw, count, pid in self.probes.counts() if folded.get(raw) != count
+                    and raw not in self._released and not self._fold(raw, count, pid, now)]
             self._release(late, now)  # a replaced namespace's: they can only be late
 
     def _fold(self, raw: bytes, count: int, pid: int, now: float) -> bool:
