@@ -148,6 +148,10 @@ class _Server(WSGIServer):
         self._admitted: set[int] = set()
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
+        # socketserver's listen backlog is 5: twenty clients at once overflowed it, and a SYN the
+        # kernel dropped cost its client a 1 s retransmission (the storm's p99). The kernel caps
+        # it at net.core.somaxconn; the bounds that matter are the ones above.
+        self.request_queue_size = socket.SOMAXCONN
         super().__init__(address, _QuietHandler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
