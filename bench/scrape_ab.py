@@ -1,0 +1,68 @@
+"""Scrape latency of two or more checkouts side by side: bench/run.py's scrape measurement
+(plain, gzip, gzip beside 20 scraping clients, and where a scrape's time goes) for each, in an
+order rotated per repetition, in one run.
+
+    sudo .venv/bin/python bench/scrape_ab.py before=/tmp/old after=. [--reps 2] [--series 10000]
+
+Each NAME=PATH runs the daemon with PYTHONPATH=PATH (a `git worktree` of the commit before a
+change, say), so only the tfowatch package differs between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import run
+from netlab import Lab
+
+
+def summary(name: str, res: dict[str, Any]) -> dict[str, Any]:
+    def ms(p: dict[str, float]) -> str:
+        return f"{p['p50'] * 1e3:.1f} / {p['p99'] * 1e3:.1f}"
+    inside = res["inside"]
+    return {"name": name, "plain p50/p99 ms": ms(res["scrape_s"]), "gzip": ms(res["gzip_scrape_s"]),
+            "gzip beside 20 clients": ms(res["storm"]["scrape_s"]),
+            "their scrapes/s": round(res["storm"]["storm_scrapes_per_s"]),
+            "built ms": round(inside["build_s"] * 1e3, 1), "probes ms": round(inside["probes_s"] * 1e3, 1)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("versions", nargs="+", help="NAME=PATH: a checkout to run the daemon from")
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--series", type=int, default=10000)
+    p.add_argument("--scrapes", type=int, default=200)
+    args = p.parse_args()
+    versions = [tuple(v.split("=", 1)) for v in args.versions]
+    if any(len(v) != 2 or not Path(v[1], "tfowatch").is_dir() for v in versions):
+        p.error("each version is NAME=PATH, PATH a checkout (it holds tfowatch/)")
+    lab = Lab()
+    wl = None
+    results = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="tfowatch-bench-") as tmp:
+            wl = run.Workload(lab, workers=2, load=run.load_command("python", Path(tmp)))
+            for rep in range(args.reps):
+                for name, path in versions[rep % len(versions):] + versions[:rep % len(versions)]:
+                    os.environ["PYTHONPATH"] = str(Path(path).resolve())
+                    res = run.scrape_latency(wl, [args.series], args.scrapes)[0]
+                    results.append({"rep": rep, **summary(name, res)})
+                    print(json.dumps(results[-1]), flush=True)
+    finally:
+        if wl is not None:
+            wl.close()
+        lab.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
