@@ -52,6 +52,15 @@ CONDITIONS = tuple(observers.CONDITIONS)
 WORKLOADS = ("tfo", "plain")
 
 
+def checkouts(parser: argparse.ArgumentParser, versions: list[str]) -> list[tuple[str, str]]:
+    """The NAME=PATH arguments of an A/B run (bench/*_ab.py): each PATH a checkout whose
+    tfowatch package the daemon is run from (PYTHONPATH)."""
+    pairs = [tuple(v.split("=", 1)) for v in versions]
+    if any(len(v) != 2 or not Path(v[-1], "tfowatch").is_dir() for v in pairs):
+        parser.error("each version is NAME=PATH, PATH a checkout (it holds tfowatch/)")
+    return [(name, path) for name, path in pairs]
+
+
 def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "n": len(values)}

@@ -42,9 +42,7 @@ def main() -> int:
     p.add_argument("--series", type=int, default=10000)
     p.add_argument("--scrapes", type=int, default=200)
     args = p.parse_args()
-    versions = [tuple(v.split("=", 1)) for v in args.versions]
-    if any(len(v) != 2 or not Path(v[1], "tfowatch").is_dir() for v in versions):
-        p.error("each version is NAME=PATH, PATH a checkout (it holds tfowatch/)")
+    versions = run.checkouts(p, args.versions)
     lab = Lab()
     wl = None
     results = []

@@ -134,3 +134,32 @@ def test_the_c_load_generator_does_what_the_python_one_does(tmp_path: Path, work
         if wl is not None:
             wl.close()
         lab.close()
+
+
+@pytest.mark.host_only
+def test_each_sock_ops_callback_is_priced(tmp_path: Path) -> None:
+    """bench/callbacks.py (where a connection's BPF time goes, per callback): the profiling
+    build loads, the callbacks every TCP connection makes are each timed once per connection
+    on the side it runs on, the TFO client asks for its state changes and a plain one does
+    not, and the counts stay exact (drift 0) with the timing in."""
+    skip_unless_root_bpf("sock_ops callback profile", "bpftool")
+    from netlab import planned_plan
+
+    if planned_plan()["tier"] != "sockops":
+        pytest.skip("the callback profile runs the sockops tier: this kernel's auto tier is another "
+                    "(the VM lab's kernels have kprobes)")
+    out = tmp_path / "callbacks.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "callbacks.py"), "--seconds", "1",
+                           "--rate", "500", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["drift"] == {}
+    res = res["workloads"]
+    for workload in WORKLOADS:
+        ops = res[workload]["ops"]
+        for op in ("TCP_CONNECT_CB", "ACTIVE_ESTABLISHED_CB", "PASSIVE_ESTABLISHED_CB"):
+            assert ops[op]["runs"] == pytest.approx(1.0, abs=0.05), (workload, op)
+        timed_runs = sum(o["runs"] for o in ops.values())
+        assert res[workload]["bpf_stats"]["runs"] == pytest.approx(timed_runs, rel=0.02)
+    assert res["tfo"]["ops"]["STATE_CB"]["runs"] >= 1.9
+    assert res["plain"]["ops"].get("STATE_CB", {"runs": 0.0})["runs"] < 0.05

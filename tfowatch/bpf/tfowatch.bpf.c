@@ -82,30 +82,51 @@ static long (*kread)(void *dst, u32 size, const void *unsafe_ptr) = (void *)BPF_
 #define read_u16(p) READ_KERNEL(u16, p)
 #define read_s8(p) READ_KERNEL(s8, p)
 
+/* A kernel pointer, and how to read through it. Most are addresses, read with
+ * bpf_probe_read_kernel (~23 ns a read). A sock_ops callback's full socket is a BTF pointer
+ * (bpf_skc_to_tcp_sock): the verifier checks every load through it, and through the pointers
+ * loaded from it, against the kernel's BTF, and such a load costs ~4 ns (docs/PERFORMANCE.md).
+ * The helpers below take either; `btf` is a constant at each call site, so once they are
+ * inlined only one way of reading is compiled. */
+struct kp {
+	const void *p;
+	int btf;
+};
+#define KP(ptr) ((struct kp){ (const void *)(ptr), 0 })
+#define KP_BTF(ptr) ((struct kp){ (const void *)(ptr), 1 })
+
+/* The `type` at byte `off` of k (0 when unreadable), and the pointer there, read alike. */
+#define KREAD(type, k, off) ((k).btf ? (type)BTF_LOAD(type, (k).p + (off)) \
+					: READ_KERNEL(type, (k).p + (off)))
+/* One load instruction, written in assembly: BCC would rewrite a C dereference of a pointer
+ * that may come from a kprobe into a probe read (and cannot rewrite one inside a macro). */
+#define BTF_LOAD(type, addr) ({ u64 __v; asm("%0 = *(" #type " *)(%1 + 0)" : "=r"(__v) : "r"(addr)); __v; })
+#define KPTR(k, off) ((struct kp){ (const void *)KREAD(u64, k, off), (k).btf })
+
 /* A bitfield at a BTF bit offset (little-endian), at most 8 bits wide. */
-static __always_inline u32 read_bits(const void *base, u32 bit_off, u32 nbits)
+static __always_inline u32 read_bits(struct kp base, u32 bit_off, u32 nbits)
 {
-	u16 v = 0;
-	kread(&v, sizeof(v), base + bit_off / 8);
+	u16 v = KREAD(u16, base, bit_off / 8);
+
 	return (v >> (bit_off % 8)) & ((1u << nbits) - 1);
 }
 
 #define TP_BIT(sk, name) read_bits((sk), BIT_TP_##name, NBITS_TP_##name)
 
-static __always_inline void *sk_net(const void *sk)
+static __always_inline struct kp sk_net(struct kp sk)
 {
-	return (void *)read_u64(sk + OFF_SK_NET);
+	return KPTR(sk, OFF_SK_NET);
 }
 
-static __always_inline u32 net_inum(const void *net)
+static __always_inline u32 net_inum(struct kp net)
 {
-	return read_u32(net + OFF_NET_INUM);
+	return KREAD(u32, net, OFF_NET_INUM);
 }
 
-static __always_inline u64 net_cookie(const void *net)
+static __always_inline u64 net_cookie(struct kp net)
 {
 #if HAVE_NET_COOKIE
-	return read_u64(net + OFF_NET_COOKIE);
+	return KREAD(u64, net, OFF_NET_COOKIE);
 #else
 	return 0; /* before 5.12: the inode alone names a namespace */
 #endif
@@ -113,7 +134,7 @@ static __always_inline u64 net_cookie(const void *net)
 
 /* A namespace is its inode (the `netns` label) and its cookie: the kernel gives a dead
  * namespace's inode to the next new one at once, never its cookie. */
-#define SET_NETNS(dst, net) do { const void *__n = (net); \
+#define SET_NETNS(dst, net) do { struct kp __n = (net); \
 	(dst)->netns = net_inum(__n); (dst)->netns_cookie = net_cookie(__n); } while (0)
 
 #if IN_KERNEL_COUNTS
@@ -161,7 +182,7 @@ static __always_inline void emit(void *ctx, struct tfo_event *ev)
 	events.perf_submit(ctx, ev, sizeof(*ev));
 }
 
-static __always_inline void emit_server(void *ctx, u32 type, const void *net, u16 port)
+static __always_inline void emit_server(void *ctx, u32 type, struct kp net, u16 port)
 {
 	struct tfo_event ev = {};
 
@@ -188,18 +209,26 @@ static __always_inline void emit_client(void *ctx, u32 type, const struct conn *
 }
 
 /* The remote address of a socket (a TIME-WAIT one too: both start with sock_common). */
-static __always_inline void read_addr(u16 *family, u8 *daddr, const void *sk)
+static __always_inline void read_addr(u16 *family, u8 *daddr, struct kp sk)
 {
-	*family = read_u16(sk + OFF_SKC_FAMILY);
-	if (*family == AF_INET6)
-		kread(daddr, 16, sk + OFF_SKC_V6_DADDR);
-	else
-		kread(daddr, 4, sk + OFF_SKC_DADDR);
+	u32 *words = (u32 *)daddr; /* 4-byte aligned in every struct that holds one */
+
+	*family = KREAD(u16, sk, OFF_SKC_FAMILY);
+	if (*family != AF_INET6) {
+		words[0] = KREAD(u32, sk, OFF_SKC_DADDR);
+	} else if (!sk.btf) {
+		kread(daddr, 16, sk.p + OFF_SKC_V6_DADDR);
+	} else {
+		words[0] = KREAD(u32, sk, OFF_SKC_V6_DADDR);
+		words[1] = KREAD(u32, sk, OFF_SKC_V6_DADDR + 4);
+		words[2] = KREAD(u32, sk, OFF_SKC_V6_DADDR + 8);
+		words[3] = KREAD(u32, sk, OFF_SKC_V6_DADDR + 12);
+	}
 }
 
 #define read_daddr(ev, sk) read_addr(&(ev)->family, (ev)->daddr, (sk))
 
-static __always_inline u32 client_fail(const void *sk)
+static __always_inline u32 client_fail(struct kp sk)
 {
 #if HAVE_CLIENT_FAIL
 	return TP_BIT(sk, CLIENT_FAIL);
@@ -226,14 +255,14 @@ BPF_HASH(blackholes, struct blackhole_key, struct blackhole_state, 4096);
 
 /* `disabling`: called just before the kernel disables (it writes the stamp and the count
  * after), so the state it is about to write is noted. */
-static __always_inline void note_blackhole(const void *net, int disabling)
+static __always_inline void note_blackhole(struct kp net, int disabling)
 {
 	struct blackhole_key k = {};
 	struct blackhole_state st = {}, *was;
 	u64 stamp, now_j;
 	u32 shift;
 
-	st.times = read_u32(net + OFF_NET_TFO_DISABLE_TIMES) + (disabling ? 1 : 0);
+	st.times = KREAD(u32, net, OFF_NET_TFO_DISABLE_TIMES) + (disabling ? 1 : 0);
 	SET_NETNS(&k, net);
 	if (!st.times) { /* never disabled, or TFO worked again since: news only if it was */
 		was = blackholes.lookup(&k);
@@ -241,8 +270,8 @@ static __always_inline void note_blackhole(const void *net, int disabling)
 			return; /* every TFO attempt where TFO works: one read and one lookup */
 	}
 	now_j = bpf_jiffies64();
-	stamp = disabling ? now_j : read_u64(net + OFF_NET_TFO_DISABLE_STAMP);
-	st.timeout_s = read_u32(net + OFF_NET_BLACKHOLE_TIMEOUT);
+	stamp = disabling ? now_j : KREAD(u64, net, OFF_NET_TFO_DISABLE_STAMP);
+	st.timeout_s = KREAD(u32, net, OFF_NET_BLACKHOLE_TIMEOUT);
 #if KERNEL_HZ
 	if (st.times && now_j >= stamp) {
 		shift = st.times - 1 > 6 ? 6 : st.times - 1;
@@ -254,7 +283,7 @@ static __always_inline void note_blackhole(const void *net, int disabling)
 }
 
 /* Client: what the SYN carried, read once the SYN has been sent. */
-static __always_inline void client_syn_outcome(void *ctx, const void *sk, const struct conn *c)
+static __always_inline void client_syn_outcome(void *ctx, struct kp sk, const struct conn *c)
 {
 	if (c->attempted) /* where active TFO is disabled, this is what it meets */
 		note_blackhole(sk_net(sk), 0);
@@ -271,7 +300,7 @@ static __always_inline void client_syn_outcome(void *ctx, const void *sk, const 
 }
 
 /* Client: SYN-ACK processed; was the SYN data acked? */
-static __always_inline void client_resolve(void *ctx, const void *sk, struct conn *c)
+static __always_inline void client_resolve(void *ctx, struct kp sk, struct conn *c)
 {
 	u32 fail;
 
@@ -289,13 +318,13 @@ static __always_inline void client_resolve(void *ctx, const void *sk, struct con
 		emit_client(ctx, EV_SYN_RETRANSMITTED, c);
 }
 
-static __always_inline int fastopen_attempted(const void *sk)
+static __always_inline int fastopen_attempted(struct kp sk)
 {
-	return read_u64(sk + OFF_TP_FASTOPEN_REQ) != 0 || TP_BIT(sk, FASTOPEN_CONNECT);
+	return KREAD(u64, sk, OFF_TP_FASTOPEN_REQ) != 0 || TP_BIT(sk, FASTOPEN_CONNECT);
 }
 
 /* Who connects: the task in whose context the connect runs, and the socket's namespace. */
-static __always_inline void conn_task(struct conn *c, const void *sk)
+static __always_inline void conn_task(struct conn *c, struct kp sk)
 {
 	c->pid = bpf_get_current_pid_tgid() >> 32;
 	c->cgroup_id = bpf_get_current_cgroup_id();
@@ -303,10 +332,10 @@ static __always_inline void conn_task(struct conn *c, const void *sk)
 	bpf_get_current_comm(&c->comm, sizeof(c->comm));
 }
 
-static __always_inline void track_connect(const void *sk, u16 dport, u16 family,
+static __always_inline void track_connect(struct kp sk, u16 dport, u16 family,
 					      const u8 *daddr4, const u8 *daddr6)
 {
-	u64 key = (u64)sk;
+	u64 key = (u64)sk.p;
 	struct conn c = {};
 
 	c.family = family;
@@ -322,7 +351,7 @@ static __always_inline void track_connect(const void *sk, u16 dport, u16 family,
 
 /* Server: a child leaves SYN_RECV; TFO children are counted here when the
  * tcp_try_fastopen kprobe is not attached. */
-static __always_inline void on_child_leaves_syn_recv(void *ctx, const void *sk, u16 sport)
+static __always_inline void on_child_leaves_syn_recv(void *ctx, struct kp sk, u16 sport)
 {
 #if !PASSIVE_KPROBE
 #if HAVE_SYN_FASTOPEN_CHILD
@@ -338,8 +367,8 @@ static __always_inline void on_child_leaves_syn_recv(void *ctx, const void *sk, 
 #if STATE_TRACEPOINTS
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
-	const void *sk = args->skaddr;
-	u64 key = (u64)sk;
+	struct kp sk = KP(args->skaddr);
+	u64 key = (u64)sk.p;
 	int old = args->oldstate, new = args->newstate;
 	struct conn *c;
 
@@ -377,8 +406,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 
 TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 {
-	const void *sk = args->skaddr;
-	u64 key = (u64)sk;
+	struct kp sk = KP(args->skaddr);
+	u64 key = (u64)sk.p;
 	struct conn *c = conns.lookup(&key);
 
 	if (!c)
@@ -406,7 +435,7 @@ int on_try_fastopen(struct pt_regs *ctx, const void *sk, const void *skb, const 
 {
 	u32 zero = 0;
 	struct passive_call *pc = passive_calls.lookup(&zero);
-	const void *net = sk_net(sk);
+	const void *net = sk_net(KP(sk)).p;
 	u32 sysctl, max_qlen, qlen, seq, end_seq;
 
 	if (!pc)
@@ -429,7 +458,7 @@ int on_try_fastopen(struct pt_regs *ctx, const void *sk, const void *skb, const 
 			pc->gate = 2;
 	}
 	if (pc->len_in == 0)
-		emit_server(ctx, EV_COOKIE_REQUEST, pc->net, pc->port);
+		emit_server(ctx, EV_COOKIE_REQUEST, KP(pc->net), pc->port);
 	return 0;
 }
 
@@ -443,15 +472,15 @@ int on_try_fastopen_ret(struct pt_regs *ctx)
 		return 0;
 	len_out = read_s8(pc->foc + OFF_FOC_LEN);
 	if (PT_REGS_RC(ctx))
-		emit_server(ctx, EV_SYN_DATA_ACCEPTED, pc->net, pc->port);
+		emit_server(ctx, EV_SYN_DATA_ACCEPTED, KP(pc->net), pc->port);
 	else if (pc->gate == 1)
-		emit_server(ctx, EV_SERVER_DISABLED, pc->net, pc->port);
+		emit_server(ctx, EV_SERVER_DISABLED, KP(pc->net), pc->port);
 	else if (pc->gate == 2 && len_out < 0)
-		emit_server(ctx, EV_QUEUE_OVERFLOW, pc->net, pc->port);
+		emit_server(ctx, EV_QUEUE_OVERFLOW, KP(pc->net), pc->port);
 	else if (pc->len_in > 0)
-		emit_server(ctx, EV_INVALID_COOKIE, pc->net, pc->port);
+		emit_server(ctx, EV_INVALID_COOKIE, KP(pc->net), pc->port);
 	if (len_out > 0)
-		emit_server(ctx, EV_COOKIE_ISSUED, pc->net, pc->port);
+		emit_server(ctx, EV_COOKIE_ISSUED, KP(pc->net), pc->port);
 	pc->sk = 0;
 	return 0;
 }
@@ -491,16 +520,16 @@ int on_connect_ret(struct pt_regs *ctx)
 			return 0;
 		c = &plain;
 	}
-	conn_task(c, (const void *)key);
+	conn_task(c, KP(key));
 	c->dport = __builtin_bswap16(read_u16((const void *)key + OFF_SKC_DPORT));
-	read_addr(&c->family, c->daddr, (const void *)key);
+	read_addr(&c->family, c->daddr, KP(key));
 #else
 	if (!c)
 		return 0;
 	/* TCP_FASTOPEN_CONNECT allocates fastopen_req after SYN_SENT is set. */
-	c->attempted |= fastopen_attempted((const void *)key);
+	c->attempted |= fastopen_attempted(KP(key));
 #endif
-	client_syn_outcome(ctx, (const void *)key, c);
+	client_syn_outcome(ctx, KP(key), c);
 	return 0;
 }
 #endif
@@ -555,7 +584,7 @@ int on_twsk_unique_ret(struct pt_regs *ctx)
 
 	if (!call)
 		return 0;
-	net = sk_net(call->tw);
+	net = sk_net(KP(call->tw)).p;
 	ts_stamp = read_u32(call->tw + OFF_TW_TS_RECENT_STAMP);
 #if HAVE_TW_ENTRY_STAMP
 	ev.age_ms = (u32)(now / 1000000) - read_u32(call->tw + OFF_TW_ENTRY_STAMP);
@@ -566,9 +595,9 @@ int on_twsk_unique_ret(struct pt_regs *ctx)
 	ev.type = PT_REGS_RC(ctx) ? EV_TW_REUSE_GRANTED : EV_TW_REUSE_REFUSED;
 	if (ev.type == EV_TW_REUSE_REFUSED)
 		ev.reason = tw_refuse_reason(net, ts_stamp, ev.age_ms);
-	SET_NETNS(&ev, net);
+	SET_NETNS(&ev, KP(net));
 	ev.port = __builtin_bswap16(read_u16(call->tw + OFF_SKC_DPORT));
-	read_daddr(&ev, call->tw);
+	read_daddr(&ev, KP(call->tw));
 	ev.pid = id >> 32;
 	ev.cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
@@ -581,17 +610,17 @@ int on_twsk_unique_ret(struct pt_regs *ctx)
 /* tcp_fastopen_active_disable(sk): active TFO disabled in the namespace (it counts, and
  * disables, only when the blackhole timeout is set). `before`: called ahead of the kernel's
  * own disable (a kprobe at its entry), not after it. */
-static __always_inline void emit_blackhole(void *ctx, const void *sk, int before)
+static __always_inline void emit_blackhole(void *ctx, struct kp sk, int before)
 {
-	const void *net = sk_net(sk);
+	struct kp net = sk_net(sk);
 	struct tfo_event ev = {};
 
-	if (!read_u32(net + OFF_NET_BLACKHOLE_TIMEOUT))
+	if (!KREAD(u32, net, OFF_NET_BLACKHOLE_TIMEOUT))
 		return;
 	note_blackhole(net, before);
 	ev.type = EV_BLACKHOLE_DISABLE;
 	SET_NETNS(&ev, net);
-	ev.port = __builtin_bswap16(read_u16(sk + OFF_SKC_DPORT));
+	ev.port = __builtin_bswap16(KREAD(u16, sk, OFF_SKC_DPORT));
 	read_daddr(&ev, sk);
 	emit(ctx, &ev);
 }
@@ -602,11 +631,13 @@ static __always_inline void emit_blackhole(void *ctx, const void *sk, int before
  * after it closes): a TFO connection that received no data and holds only a FIN out of order
  * was black-holed after its handshake, and active TFO is disabled. Replayed here, as the
  * kernel calls tcp_fastopen_active_disable() inline (tcp_fastopen.c): no probe sees that call. */
-static __always_inline void fin_only_ofo(void *ctx, const void *sk)
+static __always_inline void fin_only_ofo(void *ctx, struct kp sk)
 {
-	const void *node = (const void *)read_u64(sk + OFF_TP_OOO_QUEUE);
+	/* read as an address: the skb is found by arithmetic on its rb_node, which the
+	 * verifier does not allow on a BTF pointer (and this runs only as a TFO socket closes) */
+	const void *node = (const void *)read_u64(sk.p + OFF_TP_OOO_QUEUE);
 
-	if (!node || !TP_BIT(sk, SYN_FASTOPEN) || read_u32(sk + OFF_TP_DATA_SEGS_IN))
+	if (!node || !TP_BIT(sk, SYN_FASTOPEN) || KREAD(u32, sk, OFF_TP_DATA_SEGS_IN))
 		return;
 	if (read_u64(node + OFF_RB_LEFT) || read_u64(node + OFF_RB_RIGHT))
 		return; /* the only segment out of order: a root without children */
@@ -619,7 +650,7 @@ static __always_inline void fin_only_ofo(void *ctx, const void *sk)
 /* tcp_fastopen_active_disable_ofo_check(sk), from tcp_v4_destroy_sock() and tcp_disconnect(). */
 int on_ofo_check(struct pt_regs *ctx, const void *sk)
 {
-	fin_only_ofo(ctx, sk);
+	fin_only_ofo(ctx, KP(sk));
 	return 0;
 }
 #endif
@@ -631,10 +662,10 @@ int on_ofo_check(struct pt_regs *ctx, const void *sk)
  * TCPFastOpenActiveFail and (with a blackhole timeout set) disables active TFO in the
  * namespace. A client is labelled by its tracked connect; a server's TFO child (or a client
  * whose entry the LRU dropped) by its namespace and port only: the listener's, or the remote. */
-static __always_inline void on_tfo_timeout(void *ctx, const void *sk, u32 timeouts, u32 expired)
+static __always_inline void on_tfo_timeout(void *ctx, struct kp sk, u32 timeouts, u32 expired)
 {
 	int client = TP_BIT(sk, SYN_FASTOPEN) || TP_BIT(sk, SYN_DATA);
-	u64 key = (u64)sk;
+	u64 key = (u64)sk.p;
 	struct conn anon = {}, *c;
 
 	if (!client && !TP_BIT(sk, SYN_DATA_ACKED))
@@ -646,7 +677,7 @@ static __always_inline void on_tfo_timeout(void *ctx, const void *sk, u32 timeou
 		emit_client(ctx, EV_TFO_TIMEOUT, c);
 	} else {
 		SET_NETNS(&anon, sk_net(sk));
-		anon.dport = client ? __builtin_bswap16(read_u16(sk + OFF_SKC_DPORT)) : read_u16(sk + OFF_SK_NUM);
+		anon.dport = client ? __builtin_bswap16(KREAD(u16, sk, OFF_SKC_DPORT)) : KREAD(u16, sk, OFF_SK_NUM);
 		read_addr(&anon.family, anon.daddr, sk);
 		emit_client(ctx, EV_TFO_TIMEOUT, &anon);
 	}
@@ -662,7 +693,7 @@ static __always_inline void on_tfo_timeout(void *ctx, const void *sk, u32 timeou
 /* tcp_fastopen_active_detect_blackhole(sk, expired), from tcp_write_timeout(). */
 int on_detect_blackhole(struct pt_regs *ctx, const void *sk, int expired)
 {
-	on_tfo_timeout(ctx, sk, READ_KERNEL(u8, sk + OFF_ICSK_RETRANSMITS), (u8)expired);
+	on_tfo_timeout(ctx, KP(sk), READ_KERNEL(u8, sk + OFF_ICSK_RETRANSMITS), (u8)expired);
 	return 0;
 }
 #endif
@@ -686,11 +717,20 @@ int on_detect_blackhole(struct pt_regs *ctx, const void *sk, int expired)
 #endif
 #define CLIENT_FLAGS (BPF_SOCK_OPS_STATE_CB_FLAG | RTO_FLAG)
 
-/* The kernel's struct sock of a callback: bpf_sock_ops_kern starts with it (the program's
- * ctx pointer is that struct; the verifier forbids arithmetic on skops->sk itself). */
+/* The kernel's struct sock of a callback, as an address: bpf_sock_ops_kern starts with it (the
+ * program's ctx pointer is that struct). A request socket (a SYN-ACK's) is only had so. */
 static __always_inline const void *ops_sk(struct bpf_sock_ops *skops)
 {
 	return (const void *)read_u64((const void *)skops);
+}
+
+/* The full socket of a callback as a BTF pointer (loads through it are checked by the
+ * verifier, and cheap); .p is 0 where the callback has none. */
+static __always_inline struct kp ops_full_sk(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+
+	return KP_BTF(sk ? bpf_skc_to_tcp_sock(sk) : 0);
 }
 
 static __always_inline void ops_set_flags(struct bpf_sock_ops *skops, u32 add)
@@ -730,7 +770,7 @@ static __always_inline void note_synack_port(u16 port, u8 ours)
 		*state = ours ? PORT_OURS : PORT_MIXED;
 }
 
-static __always_inline void listener_key(struct listener_key *k, const void *sk, u16 port)
+static __always_inline void listener_key(struct listener_key *k, struct kp sk, u16 port)
 {
 	SET_NETNS(k, sk_net(sk));
 	k->port = port;
@@ -740,10 +780,12 @@ static __always_inline void listener_key(struct listener_key *k, const void *sk,
  * option can be read). Listeners opened before tfowatch started are not seen here. */
 static __always_inline void so_listen(struct bpf_sock_ops *skops)
 {
-	const void *sk = ops_sk(skops);
+	struct kp sk = ops_full_sk(skops);
 	struct listener_key k = {};
 	u8 ours = !(skops->bpf_sock_ops_cb_flags & SYNACK_FLAG), *was;
 
+	if (!sk.p)
+		return;
 	listener_key(&k, sk, skops->local_port);
 	was = synack_listeners.lookup(&k);
 	if (was)
@@ -777,7 +819,8 @@ static __always_inline s32 syn_tfo_cookie_len(struct bpf_sock_ops *skops)
  * the SYN's TFO option asked, and what the kernel decided, as the kprobe tier reads it. */
 static __always_inline void so_synack(void *ctx, struct bpf_sock_ops *skops)
 {
-	const void *req, *listener, *net;
+	const void *req, *listener;
+	struct kp net;
 	s32 len_in;
 	u32 sysctl, max_qlen;
 	u16 port = skops->local_port;
@@ -794,8 +837,8 @@ static __always_inline void so_synack(void *ctx, struct bpf_sock_ops *skops)
 	if (READ_KERNEL(u8, req + OFF_REQ_NUM_RETRANS))
 		return; /* a retransmission: the first SYN-ACK was counted */
 	listener = (const void *)read_u64(req + OFF_REQ_LISTENER);
-	net = sk_net(listener);
-	sysctl = read_u32(net + OFF_NET_TCP_FASTOPEN);
+	net = sk_net(KP(listener));
+	sysctl = read_u32(net.p + OFF_NET_TCP_FASTOPEN);
 	max_qlen = read_u32(listener + OFF_TP_FOQ_MAX_QLEN);
 	if (len_in == 0)
 		emit_server(ctx, EV_COOKIE_REQUEST, net, port);
@@ -813,7 +856,7 @@ static __always_inline void so_synack(void *ctx, struct bpf_sock_ops *skops)
 }
 
 /* Whether the SYN-ACK flag a child inherited from its listener is tfowatch's. */
-static __always_inline int synack_flag_ours(const void *sk, u16 port)
+static __always_inline int synack_flag_ours(struct kp sk, u16 port)
 {
 	struct listener_key k = {};
 	u32 i = port;
@@ -831,9 +874,12 @@ static __always_inline int synack_flag_ours(const void *sk, u16 port)
  * this program). */
 static __always_inline void so_passive(void *ctx, struct bpf_sock_ops *skops)
 {
-	const void *sk = ops_sk(skops);
-	u32 flags = skops->bpf_sock_ops_cb_flags, tfo = read_u64(sk + OFF_TP_FASTOPEN_RSK) != 0;
+	struct kp sk = ops_full_sk(skops);
+	u32 flags = skops->bpf_sock_ops_cb_flags, tfo;
 
+	if (!sk.p)
+		return;
+	tfo = KREAD(u64, sk, OFF_TP_FASTOPEN_RSK) != 0;
 	if (tfo)
 		emit_server(ctx, EV_SYN_DATA_ACCEPTED, sk_net(sk), skops->local_port);
 	if ((flags & SYNACK_FLAG) && synack_flag_ours(sk, skops->local_port))
@@ -851,9 +897,9 @@ static __always_inline void so_passive(void *ctx, struct bpf_sock_ops *skops)
  * before its SYN is sent (a new socket has none; TWRecycled counts the same grants). The age
  * is the TIME-WAIT socket's, from its last timestamp, in whole seconds (CLOCK_MONOTONIC, as
  * the kernel stamps it). Refusals are not seen here: see CONNECT_ERRORS. */
-static __always_inline void so_tw_takeover(void *ctx, const void *sk)
+static __always_inline void so_tw_takeover(void *ctx, struct kp sk)
 {
-	u32 stamp = read_u32(sk + OFF_TP_TS_RECENT_STAMP);
+	u32 stamp = KREAD(u32, sk, OFF_TP_TS_RECENT_STAMP);
 	struct tfo_event ev = {};
 
 	if (!stamp)
@@ -862,7 +908,7 @@ static __always_inline void so_tw_takeover(void *ctx, const void *sk)
 	ev.age_res = 1;
 	ev.age_ms = ((u32)(bpf_ktime_get_ns() / 1000000000) - stamp) * 1000;
 	SET_NETNS(&ev, sk_net(sk));
-	ev.port = __builtin_bswap16(read_u16(sk + OFF_SKC_DPORT));
+	ev.port = __builtin_bswap16(KREAD(u16, sk, OFF_SKC_DPORT));
 	read_daddr(&ev, sk);
 	ev.pid = bpf_get_current_pid_tgid() >> 32;
 	ev.cgroup_id = bpf_get_current_cgroup_id();
@@ -874,10 +920,12 @@ static __always_inline void so_tw_takeover(void *ctx, const void *sk)
  * connects where. Only TFO attempts are tracked, and asked for their state changes. */
 static __always_inline void so_connect(void *ctx, struct bpf_sock_ops *skops)
 {
-	const void *sk = ops_sk(skops);
-	u64 key = (u64)sk;
+	struct kp sk = ops_full_sk(skops);
+	u64 key = (u64)sk.p;
 	struct conn c = {};
 
+	if (!sk.p)
+		return;
 #if TW_SOCKOPS
 	so_tw_takeover(ctx, sk);
 #endif
@@ -891,7 +939,7 @@ static __always_inline void so_connect(void *ctx, struct bpf_sock_ops *skops)
 	if (!c.attempted && !PLAIN_CONNECTS)
 		return;
 	conn_task(&c, sk);
-	c.dport = __builtin_bswap16(read_u16(sk + OFF_SKC_DPORT));
+	c.dport = __builtin_bswap16(KREAD(u16, sk, OFF_SKC_DPORT));
 	read_addr(&c.family, c.daddr, sk);
 	if (!c.attempted) {
 		emit_client(ctx, EV_PLAIN_CONNECT, &c);
@@ -909,14 +957,16 @@ static __always_inline void so_connect(void *ctx, struct bpf_sock_ops *skops)
  * plain connections) cost no lookup. */
 static __always_inline void so_client_established(void *ctx, struct bpf_sock_ops *skops)
 {
-	const void *sk;
+	struct kp sk;
 	u64 key;
 	struct conn *c;
 
 	if (!(skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG))
 		return;
-	sk = ops_sk(skops); /* a kernel read (~25 ns): only for the sockets it may concern */
-	key = (u64)sk;
+	sk = ops_full_sk(skops);
+	key = (u64)sk.p;
+	if (!sk.p)
+		return;
 	c = conns.lookup(&key);
 	if (!c)
 		return;
@@ -937,10 +987,13 @@ static __always_inline void so_client_established(void *ctx, struct bpf_sock_ops
 /* A tracked client socket closes: what its SYN carried when it never had a SYN-ACK. */
 static __always_inline void so_client_closed(void *ctx, struct bpf_sock_ops *skops)
 {
-	const void *sk = ops_sk(skops);
-	u64 key = (u64)sk;
-	struct conn *c = conns.lookup(&key);
+	struct kp sk = ops_full_sk(skops);
+	u64 key = (u64)sk.p;
+	struct conn *c;
 
+	if (!sk.p)
+		return;
+	c = conns.lookup(&key);
 	if (!c)
 		return;
 #if !ACTIVE_KPROBE
@@ -987,7 +1040,7 @@ int on_adopt(struct bpf_sockopt *ctx)
 	if (bpf_setsockopt(sk, LEVEL_TCP, OPT_CB_FLAGS, &flags, sizeof(flags)))
 		return 0;
 	/* bpf_sockopt_kern starts with the kernel's struct sock, as bpf_sock_ops_kern does */
-	listener_key(&k, (const void *)read_u64((const void *)ctx), sk->src_port);
+	listener_key(&k, KP(read_u64((const void *)ctx)), sk->src_port);
 	if (synack_listeners.insert(&k, &ours) == 0) /* a listen() seen meanwhile keeps its own */
 		note_synack_port(k.port, ours);
 	ctx->optlen = -1; /* handled: the kernel's setsockopt() is skipped */
@@ -995,7 +1048,7 @@ int on_adopt(struct bpf_sockopt *ctx)
 }
 #endif
 
-int on_sock_ops(struct bpf_sock_ops *skops)
+static __always_inline void sock_ops_dispatch(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
 #if SOCKOPS_PASSIVE
@@ -1022,11 +1075,52 @@ int on_sock_ops(struct bpf_sock_ops *skops)
 		break;
 #endif
 #if DETECT_SOCKOPS
-	case BPF_SOCK_OPS_RTO_CB: /* right after the kernel's blackhole detection, with its values */
-		on_tfo_timeout(skops, ops_sk(skops), skops->args[0], skops->args[2]);
+	case BPF_SOCK_OPS_RTO_CB: { /* right after the kernel's blackhole detection, with its values */
+		struct kp sk = ops_full_sk(skops);
+
+		if (sk.p)
+			on_tfo_timeout(skops, sk, skops->args[0], skops->args[2]);
 		break;
+	}
 #endif
 	}
+}
+
+#if PROFILE_OPS
+/* bench/callbacks.py only, never a shipped build: each callback's runs and nanoseconds, timed
+ * around the dispatch; slot PROFILE_CLOCK times two clock reads alone (what the timing adds). */
+#define PROFILE_SLOTS 64
+#define PROFILE_CLOCK (PROFILE_SLOTS - 1)
+struct op_cost {
+	u64 runs;
+	u64 ns;
+};
+BPF_PERCPU_ARRAY(op_costs, struct op_cost, PROFILE_SLOTS);
+
+static __always_inline void op_cost_add(u32 slot, u64 ns)
+{
+	struct op_cost *c = op_costs.lookup(&slot);
+
+	if (c) {
+		c->runs++;
+		c->ns += ns;
+	}
+}
+#endif
+
+int on_sock_ops(struct bpf_sock_ops *skops)
+{
+#if PROFILE_OPS
+	u64 t0 = bpf_ktime_get_ns(), t1 = bpf_ktime_get_ns();
+	u32 op = skops->op;
+
+	op_cost_add(PROFILE_CLOCK, t1 - t0);
+	t0 = bpf_ktime_get_ns();
+	sock_ops_dispatch(skops);
+	op_cost_add(op < PROFILE_CLOCK ? op : PROFILE_CLOCK - 1, bpf_ktime_get_ns() - t0);
+#else
+	sock_ops_dispatch(skops);
+#endif
 	return 1;
 }
 #endif
@@ -1123,7 +1217,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
 		__builtin_memcpy(ev.daddr, addr + 4, 4);
 	ev.type = EV_CONNECT_EADDRNOTAVAIL;
 	ev.port = ((u16)addr[2] << 8) | addr[3];
-	SET_NETNS(&ev, sk_net(sk));
+	SET_NETNS(&ev, sk_net(KP(sk)));
 	ev.pid = bpf_get_current_pid_tgid() >> 32;
 	ev.cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(&ev.comm, sizeof(ev.comm));

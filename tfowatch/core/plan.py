@@ -69,9 +69,11 @@ class Variant:
     choice, passed to the loader, never written into a Plan)."""
     plain_connects: bool = False  # `doctor --watch`: report connects without TFO too
     in_kernel_counts: bool = False  # `run`: count per label set in a map, not a sample per event
+    profile_ops: bool = False  # bench/callbacks.py: time each sock_ops callback (never shipped)
 
     def defines(self) -> dict[str, int]:
-        return {"PLAIN_CONNECTS": int(self.plain_connects), "IN_KERNEL_COUNTS": int(self.in_kernel_counts)}
+        return {"PLAIN_CONNECTS": int(self.plain_connects), "IN_KERNEL_COUNTS": int(self.in_kernel_counts),
+                "PROFILE_OPS": int(self.profile_ops)}
 
 
 PLAIN_BUILD = Variant()  # `top`'s: one perf sample per event, TFO connects only
