@@ -252,6 +252,9 @@ struct blackhole_state {
 	u32 timeout_s; /* tcp_fastopen_blackhole_timeout_sec, doubled per disable (at most 64x) */
 };
 BPF_HASH(blackholes, struct blackhole_key, struct blackhole_state, 4096);
+/* 1 once any namespace's active TFO was seen disabled: until then a TFO attempt where TFO
+ * works (nearly all of them) needs no lookup in `blackholes` to know there is no news. */
+BPF_ARRAY(blackhole_seen, u32, 1);
 
 /* `disabling`: called just before the kernel disables (it writes the stamp and the count
  * after), so the state it is about to write is noted. */
@@ -262,13 +265,18 @@ static __always_inline void note_blackhole(struct kp net, int disabling)
 	u64 stamp, now_j;
 	u32 shift;
 
+	u32 zero = 0, *seen = blackhole_seen.lookup(&zero);
+
 	st.times = KREAD(u32, net, OFF_NET_TFO_DISABLE_TIMES) + (disabling ? 1 : 0);
+	if (!seen || (!st.times && !*seen))
+		return; /* every TFO attempt where TFO works, until a disable is seen: one read */
 	SET_NETNS(&k, net);
 	if (!st.times) { /* never disabled, or TFO worked again since: news only if it was */
 		was = blackholes.lookup(&k);
 		if (!was || !was->times)
-			return; /* every TFO attempt where TFO works: one read and one lookup */
+			return;
 	}
+	*seen = 1;
 	now_j = bpf_jiffies64();
 	stamp = disabling ? now_j : KREAD(u64, net, OFF_NET_TFO_DISABLE_STAMP);
 	st.timeout_s = KREAD(u32, net, OFF_NET_BLACKHOLE_TIMEOUT);
@@ -633,11 +641,14 @@ static __always_inline void emit_blackhole(void *ctx, struct kp sk, int before)
  * kernel calls tcp_fastopen_active_disable() inline (tcp_fastopen.c): no probe sees that call. */
 static __always_inline void fin_only_ofo(void *ctx, struct kp sk)
 {
-	/* read as an address: the skb is found by arithmetic on its rb_node, which the
-	 * verifier does not allow on a BTF pointer (and this runs only as a TFO socket closes) */
-	const void *node = (const void *)read_u64(sk.p + OFF_TP_OOO_QUEUE);
+	const void *node;
 
-	if (!node || !TP_BIT(sk, SYN_FASTOPEN) || KREAD(u32, sk, OFF_TP_DATA_SEGS_IN))
+	if (!TP_BIT(sk, SYN_FASTOPEN) || KREAD(u32, sk, OFF_TP_DATA_SEGS_IN))
+		return;
+	/* an address, read so: its skb is found by arithmetic on it, which the verifier does
+	 * not allow on a BTF pointer (and it is read only for a TFO socket that got no data) */
+	node = (const void *)read_u64(sk.p + OFF_TP_OOO_QUEUE);
+	if (!node)
 		return;
 	if (read_u64(node + OFF_RB_LEFT) || read_u64(node + OFF_RB_RIGHT))
 		return; /* the only segment out of order: a root without children */
