@@ -1,6 +1,6 @@
 """`make bench`: what tfowatch costs the host, side by side with the alternatives.
 
-    bench/run.py [--reps N] [--seconds S] [--rate R] [--load python|c] [--soak S] [--quick]
+    bench/run.py [--reps N] [--seconds S] [--rate R] [--load python|c] [--soak S] [--scrapes N] [--quick]
                  [--json FILE] [--doc]
 
 In namespaces of its own (a client and a server joined by a veth pair) it measures, with
@@ -440,6 +440,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=2000.0, help="fixed rate, connections/s (default 2000)")
     p.add_argument("--workers", type=int, default=4, help="client processes at saturation (default 4)")
     p.add_argument("--series", default="1000,10000", help="series counts for scrape latency")
+    p.add_argument("--scrapes", type=int, default=200,
+                   help="timed scrapes per series count, each way (default 200)")
     p.add_argument("--soak", type=float, default=600.0,
                    help="seconds of tfowatch at saturation, its memory sampled (default 600; 0: none)")
     p.add_argument("--load", choices=("python", "c"), default="python",
@@ -451,6 +453,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.reps, args.seconds, args.rate, args.series, args.soak = 1, 1.0, 500.0, "200,1000", 4.0
+        args.scrapes = 5
     return args
 
 
@@ -475,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             result["overhead"] = overhead(wl, tier, args, Path(tmp))
             result["scrape"] = scrape_latency(wl, [int(n) for n in args.series.split(",")],
-                                              scrapes=5 if args.quick else 200)
+                                              scrapes=args.scrapes)
             if args.soak:
                 result["soak"] = soak(wl, args.soak)
     finally:

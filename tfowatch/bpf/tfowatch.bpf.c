@@ -263,9 +263,7 @@ static __always_inline void note_blackhole(struct kp net, int disabling)
 	struct blackhole_key k = {};
 	struct blackhole_state st = {}, *was;
 	u64 stamp, now_j;
-	u32 shift;
-
-	u32 zero = 0, *seen = blackhole_seen.lookup(&zero);
+	u32 shift, zero = 0, *seen = blackhole_seen.lookup(&zero);
 
 	st.times = KREAD(u32, net, OFF_NET_TFO_DISABLE_TIMES) + (disabling ? 1 : 0);
 	if (!seen || (!st.times && !*seen))
