@@ -11,12 +11,10 @@ measurement, then a Markdown table of medians (min-max).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import observers
 import run
-from netlab import Lab
 
 FLOOR = "floor"
 
@@ -60,31 +57,23 @@ def table(rows: list[dict[str, Any]], names: list[str]) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("versions", nargs="+", help="NAME=PATH: a checkout to run the daemon from")
-    p.add_argument("--reps", type=int, default=5)
+    p = run.ab_parser(__doc__, reps=5)
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--rate", type=float, default=2000.0)
     args = p.parse_args()
     versions = run.checkouts(p, args.versions)
     conditions = [*versions, (FLOOR, "")]
-    lab, wl, rows = Lab(), None, []
-    try:
-        with run.bpf_stats(), tempfile.TemporaryDirectory(prefix="tfowatch-bench-") as tmp:
-            wl = run.Workload(lab, workers=2, load=run.load_command("c", Path(tmp)))
-            for rep in range(args.reps):
-                for name, path in conditions[rep % len(conditions):] + conditions[:rep % len(conditions)]:
-                    if name == FLOOR:
-                        obs: observers.Observer = observers.Floor()
-                    else:
-                        os.environ["PYTHONPATH"] = str(Path(path).resolve())
-                        obs = observers.Tfowatch()
-                    rows.append({"rep": rep, "name": name, **measure(wl, obs, args.seconds, args.rate)})
-                    print(json.dumps(rows[-1]), flush=True)
-    finally:
-        if wl is not None:
-            wl.close()
-        lab.close()
+    rows = []
+    with run.bpf_stats(), run.workload("c") as wl:
+        for rep in range(args.reps):
+            for name, path in run.rotated(conditions, rep):
+                if name == FLOOR:
+                    obs: observers.Observer = observers.Floor()
+                else:
+                    os.environ["PYTHONPATH"] = str(Path(path).resolve())
+                    obs = observers.Tfowatch()
+                rows.append({"rep": rep, "name": name, **measure(wl, obs, args.seconds, args.rate)})
+                print(json.dumps(rows[-1]), flush=True)
     print(table(rows, [name for name, _ in conditions]))
     return 0
 

@@ -16,7 +16,6 @@ import argparse
 import ctypes
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests"), str(BENCH.parent)]
 import observers  # noqa: E402
 import run  # noqa: E402
-from netlab import Lab  # noqa: E402
 
 from tfowatch.core.pipeline import Pipeline  # noqa: E402
 from tfowatch.core.plan import Variant  # noqa: E402
@@ -107,19 +105,13 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=2000.0)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    lab, wl, pipe = Lab(), None, None
-    try:
-        with run.bpf_stats(), tempfile.TemporaryDirectory(prefix="tfowatch-bench-") as tmp:
-            wl = run.Workload(lab, workers=2, load=run.load_command("c", Path(tmp)))
-            pipe = Pipeline(mode="sockops", variant=Variant(in_kernel_counts=True, profile_ops=True))
+    with run.bpf_stats(), run.workload("c") as wl:
+        pipe = Pipeline(mode="sockops", variant=Variant(in_kernel_counts=True, profile_ops=True))
+        try:
             results = {w: measure(pipe, wl, w, args.seconds, args.rate) for w in run.WORKLOADS}
             drift = pipe.state().drift
-    finally:
-        if pipe is not None:
+        finally:
             pipe.close()
-        if wl is not None:
-            wl.close()
-        lab.close()
     print(table(results))
     off = {f"{ns} {name}": v for (ns, name), v in drift.items() if v}
     print(f"\nDrift after the runs (probes minus the kernel's counters): {off or 'none'}")

@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests"), str(BENCH.parent)]
 import observers  # noqa: E402
 import run  # noqa: E402
-from netlab import Lab  # noqa: E402
 
 from tfowatch.bpf.loader import BPF_CGROUP_SOCK_OPS, link_cgroup  # noqa: E402
 from tfowatch.core.cgroups import host_cgroup2_root  # noqa: E402
@@ -88,16 +86,8 @@ def main() -> None:
     root, why = host_cgroup2_root()
     if root is None:
         sys.exit(f"primitives: {why}")
-    lab, wl = Lab(), None
-    try:
-        with run.bpf_stats(), tempfile.TemporaryDirectory() as tmp:
-            wl = run.Workload(lab, workers=2, load=run.load_command("c", Path(tmp)))
-            measured = {name: ns_per_run(body, root, wl, args.seconds)
-                        for name, (body, _) in VARIANTS.items()}
-    finally:
-        if wl is not None:
-            wl.close()
-        lab.close()
+    with run.bpf_stats(), run.workload("c") as wl:
+        measured = {name: ns_per_run(body, root, wl, args.seconds) for name, (body, _) in VARIANTS.items()}
     empty = measured["empty program"][0]
     print(f"| Work in a sock_ops callback | ns per run | ns each, above the empty program "
           f"({measured['empty program'][1]:.1f} runs per plain connection) |\n|---|---|---|")

@@ -29,10 +29,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -50,15 +50,30 @@ PORT = 9000
 # kprobes before the sockops tier): their costs side by side in one run (observers.CONDITIONS).
 CONDITIONS = tuple(observers.CONDITIONS)
 WORKLOADS = ("tfo", "plain")
+T = TypeVar("T")
+
+
+def ab_parser(doc: str, reps: int) -> argparse.ArgumentParser:
+    """The arguments every A/B run (bench/*_ab.py) takes: checkouts, and repetitions."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("versions", nargs="+", help="NAME=PATH: a checkout to run the daemon from")
+    p.add_argument("--reps", type=int, default=reps)
+    return p
 
 
 def checkouts(parser: argparse.ArgumentParser, versions: list[str]) -> list[tuple[str, str]]:
-    """The NAME=PATH arguments of an A/B run (bench/*_ab.py): each PATH a checkout whose
-    tfowatch package the daemon is run from (PYTHONPATH)."""
+    """The NAME=PATH arguments of an A/B run: each PATH a checkout whose tfowatch package the
+    daemon is run from (PYTHONPATH)."""
     pairs = [tuple(v.split("=", 1)) for v in versions]
     if any(len(v) != 2 or not Path(v[-1], "tfowatch").is_dir() for v in pairs):
         parser.error("each version is NAME=PATH, PATH a checkout (it holds tfowatch/)")
     return [(name, path) for name, path in pairs]
+
+
+def rotated(items: Sequence[T], rep: int) -> list[T]:
+    """items in the order of repetition `rep`: each starts one later than in the one before."""
+    k = rep % len(items)
+    return [*items[k:], *items[:k]]
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -160,6 +175,23 @@ class Workload:
         self._client("spray", self.addr, str(first), str(count))
 
 
+@contextmanager
+def workload(load: str) -> Iterator[Workload]:
+    """A load server (`load`: python or c) in a lab of its own, for the scripts that measure
+    beside it (bench/*_ab.py, callbacks.py, primitives.py); its processes and namespaces go
+    on the way out, however it is left."""
+    lab = Lab()
+    wl = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="tfowatch-bench-") as tmp:
+            wl = Workload(lab, workers=2, load=load_command(load, Path(tmp)))
+            yield wl
+    finally:
+        if wl is not None:
+            wl.close()
+        lab.close()
+
+
 class Ticker:
     """Calls tick() every `every` seconds in a thread (the scraper of a scraped observer)."""
 
@@ -246,7 +278,7 @@ def one_condition(name: str, wl: Workload, tier: str, args: argparse.Namespace,
 def overhead(wl: Workload, tier: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     reps: list[dict[str, Any]] = []
     for rep in range(args.reps):
-        order = CONDITIONS[rep % len(CONDITIONS):] + CONDITIONS[:rep % len(CONDITIONS)]
+        order = tuple(rotated(CONDITIONS, rep))
         rows = {name: one_condition(name, wl, tier, args, scratch) for name in order}
         reps.append({"order": list(order), "rows": rows})
         print(f"rep {rep + 1}/{args.reps}: " + ", ".join(

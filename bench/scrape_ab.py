@@ -10,11 +10,9 @@ change, say), so only the tfowatch package differs between them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import run
-from netlab import Lab
 
 
 def summary(name: str, res: dict[str, Any]) -> dict[str, Any]:
@@ -36,29 +33,19 @@ def summary(name: str, res: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("versions", nargs="+", help="NAME=PATH: a checkout to run the daemon from")
-    p.add_argument("--reps", type=int, default=2)
+    p = run.ab_parser(__doc__, reps=2)
     p.add_argument("--series", type=int, default=10000)
     p.add_argument("--scrapes", type=int, default=200)
     args = p.parse_args()
     versions = run.checkouts(p, args.versions)
-    lab = Lab()
-    wl = None
     results = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="tfowatch-bench-") as tmp:
-            wl = run.Workload(lab, workers=2, load=run.load_command("python", Path(tmp)))
-            for rep in range(args.reps):
-                for name, path in versions[rep % len(versions):] + versions[:rep % len(versions)]:
-                    os.environ["PYTHONPATH"] = str(Path(path).resolve())
-                    res = run.scrape_latency(wl, [args.series], args.scrapes)[0]
-                    results.append({"rep": rep, **summary(name, res)})
-                    print(json.dumps(results[-1]), flush=True)
-    finally:
-        if wl is not None:
-            wl.close()
-        lab.close()
+    with run.workload("python") as wl:
+        for rep in range(args.reps):
+            for name, path in run.rotated(versions, rep):
+                os.environ["PYTHONPATH"] = str(Path(path).resolve())
+                res = run.scrape_latency(wl, [args.series], args.scrapes)[0]
+                results.append({"rep": rep, **summary(name, res)})
+                print(json.dumps(results[-1]), flush=True)
     return 0
 
 
