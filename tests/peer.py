@@ -1,15 +1,18 @@
 """TFO test peer, run inside a test namespace (`ip netns exec NS python peer.py ...`).
 
-server PORT[:QLEN] ... --log FILE   listen with TCP_FASTOPEN (on IPv6 too with --v6); one JSON
-        [--v6]                      line per accepted connection: {port, syn_data, tfo_child}
+server PORT[:QLEN[:close]] ...     listen with TCP_FASTOPEN (on IPv6 too with --v6); one JSON
+        --log FILE [--v6]           line per accepted connection: {port, syn_data, tfo_child};
+                                    `close`: answer, then close first (the FIN on its own)
 client HOST PORT COUNT [--comm C]   COUNT connections with MSG_FASTOPEN (or plain connect with
         [--plain] [--hold]          --plain, TCP_FASTOPEN_CONNECT with --fastopen-connect; HOST
         [--fastopen-connect]        may be IPv6); prints one JSON line per connection with what
         [--give-up-on-timeout]      the client saw in tcp_info: {acked, client_fail}; --hold keeps
-                                    each one open until stdin closes; --give-up-on-timeout: a
+        [--unanswered]              each one open until stdin closes; --give-up-on-timeout: a
                                     connection whose SYN-ACKs are lost is closed once the kernel's
                                     blackhole detection counted it (TCPFastOpenActiveFail), and
-                                    prints {established: false, ...}
+                                    prints {established: false, ...}; --unanswered: an answer
+                                    that does not come within 1 s is given up with a reset
+                                    ({answered: false, ...})
 syn-hold HOST PORT COUNT [--comm C] COUNT non-blocking MSG_FASTOPEN SYNs, held open briefly and
                                     closed unanswered; one JSON line per SYN: {syn_data}
 tw-bind-reuse HOST PORT             TIME-WAIT reuse by bind()+connect() from the same port
@@ -65,14 +68,18 @@ def listener(port: int, tfo_qlen: int, family: int = socket.AF_INET) -> socket.s
     return ls
 
 
-def converse(conn: socket.socket) -> None:
+def converse(conn: socket.socket, close_first: bool = False) -> None:
     """Answer, then wait for the client's FIN before closing: the client closes first
     (TIME-WAIT lands on its side), and a client that holds its connection open (--hold)
-    keeps it open on this side too."""
+    keeps it open on this side too. close_first: answer, then close a moment later (the FIN in
+    a segment of its own)."""
     conn.settimeout(5)
     try:
         conn.recv(4096)
         conn.sendall(b"ok")
+        if close_first:
+            time.sleep(0.3)
+            return
         conn.settimeout(600)
         while conn.recv(4096):
             pass
@@ -87,20 +94,21 @@ def serve(specs: list[str], log_path: str, v6: bool = False) -> None:
     thread of its own, so a held connection does not stop the others."""
     sel = selectors.DefaultSelector()
     families = (socket.AF_INET, socket.AF_INET6) if v6 else (socket.AF_INET,)
-    for spec in specs:
-        port, _, qlen = spec.partition(":")
+    for spec in specs:  # PORT[:TFO_QLEN[:close]]
+        port, qlen, close_first = [*spec.split(":"), "", ""][:3]
         for family in families:
-            sel.register(listener(int(port), int(qlen or 64), family), selectors.EVENT_READ, int(port))
+            sel.register(listener(int(port), int(qlen or 64), family), selectors.EVENT_READ,
+                         (int(port), close_first == "close"))
     print("ready", flush=True)
     with open(log_path, "a", buffering=1) as log:
         while True:
             for key, _ in sel.select():
                 conn, _addr = key.fileobj.accept()  # type: ignore[union-attr]
                 options, _ = tcp_info(conn)
-                log.write(json.dumps({"port": key.data,
+                log.write(json.dumps({"port": key.data[0],
                                       "syn_data": bool(options & TCPI_OPT_SYN_DATA),
                                       "tfo_child": bool(options & TCPI_OPT_TFO_CHILD)}) + "\n")
-                threading.Thread(target=converse, args=(conn,), daemon=True).start()
+                threading.Thread(target=converse, args=(conn, key.data[1]), daemon=True).start()
 
 
 def family_of(host: str) -> int:
@@ -140,7 +148,9 @@ def give_up_on_timeout(s: socket.socket, host: str, port: int, fastopen_connect:
 
 
 def client(host: str, port: int, count: int, plain: bool, hold: bool = False,
-           fastopen_connect: bool = False, give_up: bool = False) -> None:
+           fastopen_connect: bool = False, give_up: bool = False, unanswered: bool = False) -> None:
+    """unanswered: an answer that does not come within a second is given up: the connection
+    is reset (SO_LINGER 0), whatever it holds out of order dropped with it."""
     for _ in range(count):
         s = socket.socket(family_of(host), socket.SOCK_STREAM)
         try:
@@ -158,11 +168,17 @@ def client(host: str, port: int, count: int, plain: bool, hold: bool = False,
                 s.sendall(b"hello")
             else:
                 s.sendto(b"hello", socket.MSG_FASTOPEN, (host, port))
-            s.settimeout(10)
-            s.recv(16)
+            s.settimeout(1 if unanswered else 10)
+            try:
+                answered = bool(s.recv(16))
+            except TimeoutError:
+                if not unanswered:
+                    raise
+                answered = False
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             options, fail = tcp_info(s)
-            print(json.dumps({"acked": bool(options & TCPI_OPT_SYN_DATA), "client_fail": fail}),
-                  flush=True)
+            row = {"acked": bool(options & TCPI_OPT_SYN_DATA), "client_fail": fail}
+            print(json.dumps(row | ({"answered": answered} if unanswered else {})), flush=True)
             if hold:
                 sys.stdin.read()
         finally:
@@ -307,6 +323,7 @@ def main() -> None:
     cl.add_argument("--hold", action="store_true")
     cl.add_argument("--fastopen-connect", action="store_true")
     cl.add_argument("--give-up-on-timeout", action="store_true")
+    cl.add_argument("--unanswered", action="store_true")
     sh = sub.add_parser("syn-hold")
     sh.add_argument("host")
     sh.add_argument("port", type=int)
@@ -329,7 +346,8 @@ def main() -> None:
     if a.cmd == "server":
         serve(a.ports, a.log, a.v6)
     elif a.cmd == "client":
-        client(a.host, a.port, a.count, a.plain, a.hold, a.fastopen_connect, a.give_up_on_timeout)
+        client(a.host, a.port, a.count, a.plain, a.hold, a.fastopen_connect, a.give_up_on_timeout,
+               a.unanswered)
     elif a.cmd == "syn-hold":
         syn_hold(a.host, a.port, a.count)
     elif a.cmd == "connect-fail":

@@ -1,7 +1,8 @@
 """Middleboxes and blackholes (issue 18). A router namespace between the client and the
 server does to TFO what the field's paths do (nft rules in its forward chain): strip the
 option from the SYN or from the SYN-ACK, drop the SYNs that carry a cookie and data, eat the
-SYN-ACKs until the kernel's blackhole detection disables active TFO. In each, tfowatch accounts
+SYN-ACKs until the kernel's blackhole detection disables active TFO, eat the answer of a TFO
+connection but let the server's FIN through (the kernel's other blackhole check). In each, tfowatch accounts
 for every client fallback with a reason that says what happened, per destination port and
 process, and its reconcile drift is 0: the truth is the TcpExt counters of the namespaces the
 test made and the clients' own tcp_info. IPv4 and IPv6, MSG_FASTOPEN and TCP_FASTOPEN_CONNECT."""
@@ -38,6 +39,8 @@ from netlab import (
 from tfowatch.core import metrics as m
 
 PORT = 7701
+CLOSER = 7702  # a server port that answers, then closes first: its FIN in a segment of its own
+ANSWER = "@ih,0,16 0x6f6b"  # the first two bytes of a segment's payload are the server's "ok"
 SYN = "tcp flags & (syn | ack) == syn"
 SYN_ACK = "tcp flags & (syn | ack) == syn | ack"
 # RFC 7413's option and the experimental one (kind 254), which a Linux client tries next when a
@@ -134,10 +137,11 @@ def route() -> Iterator[tuple[Lab, Route]]:
         lab.close()
 
 
-def connects(lab: Lab, route: Route, path: Path, count: int, *extra: str) -> list[dict[str, Any]]:
+def connects(lab: Lab, route: Route, path: Path, count: int, *extra: str, port: int = PORT
+             ) -> list[dict[str, Any]]:
     addr = route.v4 if path.family == "v4" else route.v6
     api = ["--fastopen-connect"] if path.api == "connect" else []
-    return lab.client.peer("client", addr, str(PORT), str(count), "--comm", "mbox", *api, *extra)
+    return lab.client.peer("client", addr, str(port), str(count), "--comm", "mbox", *api, *extra)
 
 
 def traffic(lab: Lab, route: Route, scenario: Callable[[], list[dict[str, Any]]]) -> Run:
@@ -160,12 +164,12 @@ def in_netns(samples: Samples, name: str, host: Host, **labels: str) -> float:
     return sum(v for lab, v in series(samples, name).items() if want <= lab)
 
 
-def fallbacks(samples: Samples, host: Host) -> dict[str, float]:
+def fallbacks(samples: Samples, host: Host, port: int = PORT) -> dict[str, float]:
     out: dict[str, float] = {}
     for lab, v in series(samples, "tfowatch_active_fallbacks_total").items():
         d = dict(lab)
         if d["netns"] == str(host.inode) and v:
-            assert (d["port"], d["comm"]) == (str(PORT), "mbox"), d  # per destination port and process
+            assert (d["port"], d["comm"]) == (str(port), "mbox"), d  # per destination port and process
             out[d["reason"]] = out.get(d["reason"], 0) + v
     return out
 
@@ -176,30 +180,30 @@ def drifts(samples: Samples, *hosts: Host) -> dict[tuple[str, str], float]:
             for lab, v in series(samples, "tfowatch_reconcile_drift").items() if dict(lab)["netns"] in inodes}
 
 
-def counted(url: str, run: Run, want: dict[str, float]) -> Samples:
+def counted(url: str, run: Run, want: dict[str, float], port: int) -> Samples:
     """The daemon's samples once it holds `want` (the client's fallbacks by reason, from the
     kernel's truth) with no drift in either namespace; the last samples when it never does."""
     deadline = time.monotonic() + 30
     while True:
         samples = scrape(url)
         gaps = drifts(samples, run.client, run.server)
-        done = fallbacks(samples, run.client) == want and not any(gaps.values())
+        done = fallbacks(samples, run.client, port) == want and not any(gaps.values())
         if done or time.monotonic() > deadline:
             return samples
         time.sleep(0.5)
 
 
-def check(url: str, run: Run, want: dict[str, float]) -> Samples:
-    samples = counted(url, run, want)
+def check(url: str, run: Run, want: dict[str, float], port: int = PORT) -> Samples:
+    samples = counted(url, run, want, port)
     context = f"rows {run.rows}, client TcpExt +{run.client_delta}, server TcpExt +{run.server_delta}"
-    assert fallbacks(samples, run.client) == want, context
+    assert fallbacks(samples, run.client, port) == want, context
     gaps = drifts(samples, run.client, run.server)
     moved = any(k.startswith("TCPFastOpen") for k in (*run.client_delta, *run.server_delta))
     assert gaps or not moved, f"TFO counters moved, no reconcile drift series: {context}"
     assert not any(gaps.values()), (gaps, context)
     tfo = [{k: v for k, v in delta.items() if k.startswith("TCPFastOpen")}
            for delta in (run.client_delta, run.server_delta)]
-    print(f"kernel: client {tfo[0]}, server {tfo[1]}; tfowatch: {fallbacks(samples, run.client)}, "
+    print(f"kernel: client {tfo[0]}, server {tfo[1]}; tfowatch: {fallbacks(samples, run.client, port)}, "
           f"drift 0 in {len(gaps)} series")  # the record (pytest -s) that closing notes quote
     return samples
 
@@ -313,4 +317,43 @@ def test_syn_acks_eaten_until_active_tfo_is_disabled(daemon: str, top: TopProces
     [blackholed] = findings(report, "active_tfo_blackholed", run.client)
     assert blackholed["evidence"]["TCPFastOpenBlackhole"] == 1, blackholed
     assert blackholed["evidence"]["blackhole_timeout_s"] == int(BLACKHOLE_TIMEOUT_S), blackholed
+    print(f"doctor: {blackholed['summary']}")
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: f"{p.family}-{p.api}")
+def test_an_answer_eaten_with_its_fin_let_through_disables_active_tfo(
+        daemon: str, route: tuple[Lab, Route], path: Path) -> None:
+    """A TFO connection whose SYN data the server acked, whose answer the path eats while the
+    server's FIN gets through: the client gives up holding no data and only that FIN, out of
+    order, and as its socket goes the kernel's other blackhole check disables active TFO
+    (TCPFastOpenBlackhole without TCPFastOpenActiveFail). tfowatch replays that check (a kprobe
+    where the kernel runs it, or sock_ops as the TFO client closes): the disable is counted per
+    destination port, reconciled, and doctor names this cause, not a timeout."""
+    lab, r = route
+    lab.start_server(r.server, f"{CLOSER}:64:close", v6=True)
+    lab.client.sysctl("net.ipv4.tcp_fastopen_blackhole_timeout_sec", BLACKHOLE_TIMEOUT_S)
+
+    def scenario() -> list[dict[str, Any]]:
+        first = connects(lab, r, path, 1, port=CLOSER)  # a cookie request: answered, with a cookie
+        r.middlebox(f"tcp sport {CLOSER} {ANSWER} drop")
+        eaten = connects(lab, r, path, 1, "--unanswered", port=CLOSER)
+        r.clear_middlebox()
+        return first + eaten + connects(lab, r, path, 1, port=CLOSER)
+
+    run = traffic(lab, r, scenario)
+    first, eaten, after = run.rows
+    assert first == {"acked": False, "client_fail": 1}, run.rows
+    assert eaten == {"acked": True, "client_fail": 0, "answered": False}, run.rows
+    assert after == {"acked": False, "client_fail": 0}, run.rows  # disabled: no TFO option sent
+    assert run.client_delta.get("TCPFastOpenBlackhole") == 1, run.client_delta
+    assert "TCPFastOpenActiveFail" not in run.client_delta, run.client_delta
+    samples = check(daemon, run, {"cookie_unavailable": 1, "tfo_disabled": 1}, port=CLOSER)
+    if tier(samples) in m.BLACKHOLE_DISABLES.tiers:
+        assert in_netns(samples, "tfowatch_blackhole_disables_total", run.client, port=str(CLOSER)) == 1
+    assert in_netns(samples, "tfowatch_active_tfo_disabled", run.client) == 1
+    _, report = doctor(run.client)
+    [blackholed] = findings(report, "active_tfo_blackholed", run.client)
+    assert blackholed["evidence"]["TCPFastOpenBlackhole"] == 1, blackholed
+    assert "received no data but the server's FIN" in blackholed["summary"], blackholed
+    assert "timed out" not in blackholed["summary"], blackholed
     print(f"doctor: {blackholed['summary']}")

@@ -25,24 +25,29 @@ def test_debian_kernels_get_the_kprobe_tier(release: str) -> None:
     assert targets(plan, "tcp_fastopen_cookie_gen") == {"kprobe:tcp_try_fastopen",
                                                          "kretprobe:tcp_try_fastopen"}
     assert targets(plan, "tcp_fastopen_check") == targets(plan, "tcp_fastopen_cookie_gen")
-    # The connecting task from the tcp_connect kprobe, the outcome from sock_ops at the SYN-ACK
-    # (exact while a connection is open): neither per-transition tracepoint is attached.
-    assert targets(plan, "tcp_send_syn_data") == {"kprobe:tcp_connect", "kretprobe:tcp_connect",
-                                                  "sockops:cgroup2_root"}
+    # The connecting task from the tcp_connect kprobe's entry, the rest from sock_ops (the
+    # outcome at the SYN-ACK, exact while a connection is open): no kretprobe, and neither
+    # per-transition tracepoint is attached.
+    assert targets(plan, "tcp_send_syn_data") == {"kprobe:tcp_connect", "sockops:cgroup2_root"}
     assert not {a.target for a in plan.attachments} & {"sock:inet_sock_set_state", "tcp:tcp_destroy_sock"}
     assert not plan.outcomes_at_close
     assert targets(plan, "tcp_twsk_unique") == {"kprobe:tcp_twsk_unique", "kretprobe:tcp_twsk_unique"}
     assert plan.events == {s.type for s in EVENTS if s.metrics}  # plain connects are doctor's
     assert "tfowatch_tw_reuse_age_seconds" in {m.name for m in plan.metrics}
     assert plan.defines == {"PASSIVE_KPROBE": 1, "ACTIVE_KPROBE": 1, "TW_KPROBE": 1,
-                            "BLACKHOLE_KPROBE": 1, "CGROUP_NAMES": 1, "CONNECT_ERRORS": 1,
+                            "BLACKHOLE_KPROBE": 0, "CGROUP_NAMES": 1, "CONNECT_ERRORS": 1,
                             "CONNECT_AT_EXIT": 1, "STATE_TRACEPOINTS": 0, "SOCKOPS": 1, "SOCKOPS_PASSIVE": 0,
-                            "SOCKOPS_ACTIVE": 1, "TW_SOCKOPS": 0, "BLACKHOLE_SOCKOPS": 0,
+                            "SOCKOPS_ACTIVE": 1, "TW_SOCKOPS": 0, "BLACKHOLE_SOCKOPS": 1,
                             "DETECT_KPROBE": 1, "DETECT_SOCKOPS": 0, "KERNEL_HZ": 250}
     # The blackhole detection's TCPFastOpenActiveFail: the kernel's own check, kprobed (both
     # sides: a server's TFO child times out too).
     assert targets(plan, "tcp_fastopen_active_detect_blackhole") == {
         "kprobe:tcp_fastopen_active_detect_blackhole"}
+    # The FIN-only out-of-order check: replayed by sock_ops as a TFO client closes, not kprobed
+    # where the kernel runs it (every socket's destruction).
+    assert targets(plan, "tcp_fastopen_active_disable") == {
+        "kprobe:tcp_fastopen_active_detect_blackhole", "sockops:cgroup2_root"}
+    assert "tcp_fastopen_active_disable_ofo_check" not in {a.target for a in plan.attachments}
     assert targets(plan, "connect_eaddrnotavail") == {"tracepoint:syscalls:sys_exit_connect"}
     assert targets(plan, "cgroup_mkdir") == {"tracepoint:cgroup:cgroup_mkdir"}
     # Substitutes say what they replace and why; tcp_twsk_unique is used as designed.

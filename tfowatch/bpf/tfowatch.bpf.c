@@ -7,10 +7,13 @@
  * Which sections are compiled is decided by the probe plan:
  *   PASSIVE_KPROBE  tcp_try_fastopen entry+return attached (else server-side TFO
  *                   children are counted from sock:inet_sock_set_state)
- *   ACTIVE_KPROBE   tcp_connect (or tcp_send_syn_data) entry+return attached (else
- *                   SYN data sent / client fallbacks are read at SYN_SENT exit)
+ *   ACTIVE_KPROBE   tcp_connect (or tcp_send_syn_data) entry attached: it names the
+ *                   connecting task (with SOCKOPS_ACTIVE, the rest is sock_ops'); without
+ *                   SOCKOPS_ACTIVE its return too, reading what the SYN carried (else SYN
+ *                   data sent / client fallbacks are read at SYN_SENT exit)
  *   TW_KPROBE       tcp_twsk_unique entry+return attached
- *   BLACKHOLE_KPROBE tcp_fastopen_active_disable attached
+ *   BLACKHOLE_KPROBE tcp_fastopen_active_disable_ofo_check attached (else, with
+ *                   BLACKHOLE_SOCKOPS, its check replayed as a TFO client closes)
  *   PLAIN_CONNECTS  also report connects that did not attempt TFO (doctor --watch;
  *                   off for `run`, where it would cost an event per connection)
  *   IN_KERNEL_COUNTS count events per label set in `counts` (`run`); `top` and `doctor`
@@ -329,13 +332,20 @@ static __always_inline int fastopen_attempted(struct kp sk)
 	return KREAD(u64, sk, OFF_TP_FASTOPEN_REQ) != 0 || TP_BIT(sk, FASTOPEN_CONNECT);
 }
 
-/* Who connects: the task in whose context the connect runs, and the socket's namespace. */
-static __always_inline void conn_task(struct conn *c, struct kp sk)
+/* Who connects: the task in whose context the connect runs. */
+static __always_inline void conn_task(struct conn *c)
 {
 	c->pid = bpf_get_current_pid_tgid() >> 32;
 	c->cgroup_id = bpf_get_current_cgroup_id();
-	SET_NETNS(c, sk_net(sk));
 	bpf_get_current_comm(&c->comm, sizeof(c->comm));
+}
+
+/* Where a client connects: its namespace, the remote port and address. */
+static __always_inline void conn_dest(struct conn *c, struct kp sk)
+{
+	SET_NETNS(c, sk_net(sk));
+	c->dport = __builtin_bswap16(KREAD(u16, sk, OFF_SKC_DPORT));
+	read_addr(&c->family, c->daddr, sk);
 }
 
 static __always_inline void track_connect(struct kp sk, u16 dport, u16 family,
@@ -349,7 +359,8 @@ static __always_inline void track_connect(struct kp sk, u16 dport, u16 family,
 		__builtin_memcpy(c.daddr, daddr6, sizeof(c.daddr));
 	else
 		__builtin_memcpy(c.daddr, daddr4, 4);
-	conn_task(&c, sk);
+	conn_task(&c);
+	SET_NETNS(&c, sk_net(sk));
 	c.dport = dport;
 	c.attempted = fastopen_attempted(sk);
 	conns.update(&key, &c);
@@ -396,7 +407,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	if (!c)
 		return 0;
 	if (old == TCP_SYN_SENT) {
-#if !ACTIVE_KPROBE
+#if !ACTIVE_KPROBE /* else the tcp_connect kprobe's return read what the SYN carried */
 		client_syn_outcome(args, sk, c);
 #endif
 		/* syn_data_acked is set just after this transition: resolve later. */
@@ -492,8 +503,39 @@ int on_try_fastopen_ret(struct pt_regs *ctx)
 }
 #endif
 
-#if ACTIVE_KPROBE
-/* tcp_connect(sk) / tcp_send_syn_data(sk, syn): process context. */
+/* A client's connect, in the connecting task (TCP_CONNECT_CB, or the tcp_connect kprobe's
+ * entry): who connects where, into c. 1 when it is a TFO attempt, to be tracked; a plain
+ * connect is reported (PLAIN_CONNECTS) or costs only the reads that tell it is plain. */
+static __always_inline int connect_seen(void *ctx, struct kp sk, struct conn *c)
+{
+	c->attempted = fastopen_attempted(sk);
+	if (!c->attempted && !PLAIN_CONNECTS)
+		return 0;
+	conn_task(c);
+	conn_dest(c, sk);
+	if (!c->attempted) {
+		emit_client(ctx, EV_PLAIN_CONNECT, c);
+		return 0;
+	}
+	return 1;
+}
+
+#if ACTIVE_KPROBE && SOCKOPS_ACTIVE
+/* tcp_connect(sk) / tcp_send_syn_data(sk, syn) entry, in the connecting task, which the
+ * sock_ops programs of 6.1 and 6.12 may not ask about: a TFO attempt's entry in `conns`, which
+ * sock_ops' TCP_CONNECT_CB (inside this call) finds and takes on from there. */
+int on_connect(struct pt_regs *ctx, const void *sk)
+{
+	u64 key = (u64)sk;
+	struct conn c = {};
+
+	if (connect_seen(ctx, KP(sk), &c))
+		conns.update(&key, &c);
+	return 0;
+}
+#elif ACTIVE_KPROBE
+/* tcp_connect(sk) / tcp_send_syn_data(sk, syn): process context; the tracepoints follow the
+ * connection (SOCKOPS_ACTIVE is off: the kprobe tier without its sock_ops part). */
 BPF_HASH(active_calls, u64, const void *, 4096);
 
 int on_connect(struct pt_regs *ctx, const void *sk)
@@ -516,25 +558,10 @@ int on_connect_ret(struct pt_regs *ctx)
 	key = (u64)*skp;
 	active_calls.delete(&id);
 	c = conns.lookup(&key);
-#if SOCKOPS_ACTIVE
-	/* sock_ops made the entry of a TFO attempt at TCP_CONNECT_CB, inside this call: who
-	 * connects where is filled in here, in the connecting task. */
-	struct conn plain = {};
-
-	if (!c) {
-		if (!PLAIN_CONNECTS)
-			return 0;
-		c = &plain;
-	}
-	conn_task(c, KP(key));
-	c->dport = __builtin_bswap16(read_u16((const void *)key + OFF_SKC_DPORT));
-	read_addr(&c->family, c->daddr, KP(key));
-#else
 	if (!c)
 		return 0;
 	/* TCP_FASTOPEN_CONNECT allocates fastopen_req after SYN_SENT is set. */
 	c->attempted |= fastopen_attempted(KP(key));
-#endif
 	client_syn_outcome(ctx, KP(key), c);
 	return 0;
 }
@@ -690,10 +717,9 @@ static __always_inline void on_tfo_timeout(void *ctx, struct kp sk, u32 timeouts
 		read_addr(&anon.family, anon.daddr, sk);
 		emit_client(ctx, EV_TFO_TIMEOUT, &anon);
 	}
-#if BLACKHOLE_SOCKOPS
-	emit_blackhole(ctx, sk, 0); /* RTO_CB runs after the kernel's check and disable */
-#elif BLACKHOLE_KPROBE
-	emit_blackhole(ctx, sk, 1); /* the detection's kprobe: before it disables */
+#if BLACKHOLE_SOCKOPS || BLACKHOLE_KPROBE
+	/* the detection's kprobe runs before the kernel disables; RTO_CB after it */
+	emit_blackhole(ctx, sk, DETECT_KPROBE);
 #endif
 }
 #endif
@@ -931,29 +957,30 @@ static __always_inline void so_connect(void *ctx, struct bpf_sock_ops *skops)
 {
 	struct kp sk = ops_full_sk(skops);
 	u64 key = (u64)sk.p;
-	struct conn c = {};
+	struct conn c = {}, *made;
 
 	if (!sk.p)
 		return;
 #if TW_SOCKOPS
 	so_tw_takeover(ctx, sk);
 #endif
-	c.attempted = fastopen_attempted(sk);
 #if ACTIVE_KPROBE
-	/* The kprobe tier: the tcp_connect kprobe's return fills in who connects where, in the
-	 * connecting task (6.1 refuses sock_ops bpf_get_current_pid_tgid, 6.12 bpf_get_current_comm). */
-	if (!c.attempted)
+	/* The kprobe tier: the tcp_connect kprobe's entry, just before this callback, made the
+	 * entry of a TFO attempt with who connects (6.1 refuses sock_ops bpf_get_current_pid_tgid,
+	 * 6.12 bpf_get_current_comm), and reported a plain connect. */
+	if (!fastopen_attempted(sk))
 		return;
-#else
-	if (!c.attempted && !PLAIN_CONNECTS)
-		return;
-	conn_task(&c, sk);
-	c.dport = __builtin_bswap16(KREAD(u16, sk, OFF_SKC_DPORT));
-	read_addr(&c.family, c.daddr, sk);
-	if (!c.attempted) {
-		emit_client(ctx, EV_PLAIN_CONNECT, &c);
+	made = conns.lookup(&key);
+	if (made) {
+		made->flags_added = CLIENT_FLAGS & ~skops->bpf_sock_ops_cb_flags;
+		ops_set_flags(skops, CLIENT_FLAGS);
 		return;
 	}
+	c.attempted = 1; /* the kprobe did not run (a kprobe missed): tracked without its task */
+	conn_dest(&c, sk);
+#else
+	if (!connect_seen(ctx, sk, &c))
+		return;
 #endif
 	c.flags_added = CLIENT_FLAGS & ~skops->bpf_sock_ops_cb_flags;
 	conns.update(&key, &c);
@@ -980,9 +1007,7 @@ static __always_inline void so_client_established(void *ctx, struct bpf_sock_ops
 	if (!c)
 		return;
 	c->established = 1;
-#if !ACTIVE_KPROBE /* else the tcp_connect kprobe's return counted what the SYN carried */
 	client_syn_outcome(ctx, sk, c);
-#endif
 	if (TP_BIT(sk, SYN_DATA)) {
 		if (skops->snd_una == skops->snd_nxt)
 			emit_client(ctx, EV_SYN_DATA_ACKED, c);
@@ -1005,10 +1030,8 @@ static __always_inline void so_client_closed(void *ctx, struct bpf_sock_ops *sko
 	c = conns.lookup(&key);
 	if (!c)
 		return;
-#if !ACTIVE_KPROBE
 	if (!c->established)
 		client_syn_outcome(ctx, sk, c);
-#endif
 #if BLACKHOLE_SOCKOPS
 	fin_only_ofo(ctx, sk);
 #endif

@@ -257,20 +257,24 @@ def _active(facts: KernelFacts, tier: str, sockops: bool) -> Resolution:
                           "sock_ops: connect (TFO attempts tracked), outcome decided at the SYN-ACK "
                           "(acked: snd_una == snd_nxt) or when the SYN gives up", events_of(point))
     # kprobe: the connecting task is read by a kprobe (the sock_ops programs of 6.1 and 6.12 may
-    # not ask who the current task is); the outcome by sock_ops at the SYN-ACK where the kernel
-    # has it, else by the tracepoints when the connection next changes state.
-    outcome = ([SOCK_OPS], "SYN-ACK outcome from sock_ops (exact while the connection is open)") \
-        if sockops else (completion, "SYN-ACK outcome from sock:inet_sock_set_state (when the "
-                                     "connection next changes state)")
+    # not ask who the current task is); the rest by sock_ops where the kernel has it (its entry
+    # alone: what the SYN carried and the SYN-ACK's outcome, exact while the connection is
+    # open), else by the kprobe's return and the tracepoints when the connection next changes
+    # state.
+    if sockops:
+        how = ("entry names the connecting task (6.1's and 6.12's sock_ops may not); what the SYN "
+               "carried and the SYN-ACK outcome from sock_ops (exact while the connection is open)")
+    else:
+        how = ("return reads syn_data/syn_fastopen/fastopen_client_fail; SYN-ACK outcome from "
+               "sock:inet_sock_set_state (when the connection next changes state)")
     if tier == "kprobe":
-        if facts.traceable(point):
-            return Resolution(point, "kprobe", _probe_pair(point, "on_connect") + outcome[0], False,
-                              f"traceable; {outcome[1]}", events_of(point))
-        if facts.traceable("tcp_connect"):
-            return Resolution(point, "kprobe", _probe_pair("tcp_connect", "on_connect") + outcome[0],
-                              True, "not in kallsyms (inlined into tcp_connect); tcp_connect "
-                              f"return reads syn_data/syn_fastopen/fastopen_client_fail; {outcome[1]}",
-                              events_of(point))
+        for symbol, named in ((point, "traceable;"), ("tcp_connect", "not in kallsyms (inlined into "
+                                                                      "tcp_connect); tcp_connect")):
+            if facts.traceable(symbol):
+                probes = [Attachment("kprobe", symbol, "on_connect"), SOCK_OPS] if sockops \
+                    else _probe_pair(symbol, "on_connect") + completion
+                return Resolution(point, "kprobe", probes, symbol != point, f"{named} {how}",
+                                  events_of(point))
     return Resolution(point, "tracepoint", completion, True,
                       "SYN contents read when the socket leaves SYN_SENT, SYN-ACK outcome at its "
                       "next transition or destruction (counted when the connection ends)",
@@ -310,8 +314,16 @@ def _connect_errors(facts: KernelFacts, tier: str) -> Resolution:
                                              "its arguments kept from the entry"), events_of(point))
 
 
-def _blackhole(facts: KernelFacts, tier: str) -> Resolution:
+def _blackhole(facts: KernelFacts, tier: str, sockops: bool) -> Resolution:
     point, ofo = "tcp_fastopen_active_disable", "tcp_fastopen_active_disable_ofo_check"
+    if tier == "kprobe" and sockops and facts.traceable(DETECT):
+        # the out-of-order check runs as every socket is destroyed: a kprobe there would run for
+        # every connection of the host; sock_ops replays it as a tracked TFO client closes
+        return Resolution(point, "kprobe", [Attachment("kprobe", DETECT, "on_detect_blackhole"), SOCK_OPS],
+                          True, "inlined into its callers (extra point: blackhole disables): a kprobe "
+                          "on the retransmission timeout's detection, and the FIN-only out-of-order "
+                          "check replayed by sock_ops as a TFO client closes (a kprobe on it would run "
+                          "at every socket's destruction), the kernel's values", events_of(point))
     if tier == "kprobe" and facts.traceable(DETECT) and facts.traceable(ofo):
         # tcp_fastopen.c calls it inline from both its callers: a kprobe on it sees neither
         return Resolution(point, "kprobe", [Attachment("kprobe", DETECT, "on_detect_blackhole"),
@@ -373,7 +385,7 @@ def resolve(facts: KernelFacts, mode: str = "auto", sockops: bool = True) -> Pla
     by_sockops = sockops and client_by_sockops(facts, tier)
     active = _active(facts, tier, by_sockops)
     tw = _tw(facts, tier)
-    blackhole, detect = _blackhole(facts, tier), _detect(facts, tier, by_sockops)
+    blackhole, detect = _blackhole(facts, tier, by_sockops), _detect(facts, tier, by_sockops)
     points = [gen, check, active, tw, blackhole, detect, errors, names]
     events = {e for r in points for e in r.events}
     kprobed = {a.fn for r in points for a in r.attachments if a.kind == "kprobe"}
@@ -383,7 +395,7 @@ def resolve(facts: KernelFacts, mode: str = "auto", sockops: bool = True) -> Pla
         "ACTIVE_KPROBE": int("on_connect" in kprobed),
         "TW_KPROBE": int("on_twsk_unique" in kprobed),
         "BLACKHOLE_KPROBE": int("on_ofo_check" in kprobed),
-        "BLACKHOLE_SOCKOPS": int(blackhole.tier == "sockops"),
+        "BLACKHOLE_SOCKOPS": int(SOCK_OPS in blackhole.attachments),
         "DETECT_KPROBE": int("on_detect_blackhole" in kprobed),
         "DETECT_SOCKOPS": int(SOCK_OPS in detect.attachments),
         "KERNEL_HZ": facts.hz,  # 0: the blackhole state's times are unknown

@@ -194,25 +194,44 @@ def _timeouts_to(v: View) -> dict[str, int]:
     return dict(out)
 
 
+# The kernel's two reasons to disable client TFO (tcp_fastopen.c): its detection at a TFO
+# socket's retransmission timeout, which counts TCPFastOpenActiveFail too, and its check as a
+# TFO socket goes, which counts nothing else.
+TIMED_OUT = ("a connection that sent a TFO option or SYN data timed out three times in a row (its "
+             "SYN-ACKs or data were lost: blackhole detection, TCPFastOpenActiveFail without a SYN-ACK)")
+FIN_ALONE = ("a TFO connection closed having received no data but the server's FIN, out of order "
+             "(its answer was lost on the path while the FIN got through: the kernel's check as the "
+             "socket goes, which counts no TCPFastOpenActiveFail)")
+
+
+def _blackhole_cause(v: View, disabled: int, timeouts: dict[str, int]) -> str:
+    """Which of the kernel's two checks disabled client TFO, as far as the evidence tells."""
+    if not v.counter("TCPFastOpenActiveFail"):
+        return FIN_ALONE  # the timeout's detection would have counted one each time
+    if v.obs and sum(timeouts.values()) >= disabled:
+        return TIMED_OUT
+    return f"either {TIMED_OUT}, or {FIN_ALONE}"
+
+
 def blackhole(v: View) -> Iterator[Finding]:
     disabled = v.counter("TCPFastOpenBlackhole")
     timeout = v.now.config.blackhole_timeout_s
     if disabled:
         seen = v.obs.blackholes if v.obs else {}
         where = sorted({endpoint(a, p) for (ns, a, p) in seen if ns == v.now.netns})
+        timeouts = _timeouts_to(v)
         yield v.finding(
             "warning", "active_tfo_blackholed",
-            f"the kernel disabled client TFO in this namespace {disabled} times {v.span}: a connection "
-            "that sent a TFO option or SYN data timed out three times in a row (its SYN-ACKs or "
-            "data were lost: blackhole detection, TCPFastOpenActiveFail without a SYN-ACK); while "
-            "disabled, no connect here sends a TFO option, to any destination",
+            f"the kernel disabled client TFO in this namespace {disabled} times {v.span}: "
+            f"{_blackhole_cause(v, disabled, timeouts)}; while disabled, no connect here sends a "
+            "TFO option, to any destination",
             {"TCPFastOpenBlackhole": disabled, "TCPFastOpenActiveFail": v.counter("TCPFastOpenActiveFail"),
-             "blackhole_timeout_s": timeout, "destinations": where,
-             "timeouts_per_destination": _timeouts_to(v)},
+             "blackhole_timeout_s": timeout, "destinations": where, "timeouts_per_destination": timeouts},
             "find what drops the TFO connections' packets on the path to the destinations above "
-            "(a firewall that rejects SYNs carrying data, or the SYN-ACKs of them); client TFO "
-            f"comes back {timeout} s after the disable, twice as long after each repeat (at most "
-            f"64 times); {v.sysctl('tcp_fastopen_blackhole_timeout_sec', 0)} turns detection off")
+            "(a firewall that rejects SYNs carrying data, the SYN-ACKs of them, or the answers that "
+            f"follow); client TFO comes back {timeout} s after the disable, twice as long after each "
+            f"repeat (at most 64 times); {v.sysctl('tcp_fastopen_blackhole_timeout_sec', 0)} turns "
+            "detection off")
     for peer in v.now.peers.values():
         if peer.syn_drops:
             yield v.finding(
