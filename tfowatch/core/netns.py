@@ -43,7 +43,7 @@ def discover() -> dict[int, str]:
     """inode -> a handle to enter or read it: '/proc/PID/ns/net' or '/run/netns/NAME'."""
     found: dict[int, str] = {}
     for pid in procfs.pids():
-        path = str(procfs.path(pid, "ns", "net"))
+        path = procfs.ns_handle(pid)
         try:
             found.setdefault(inode(path), path)
         except OSError:  # process gone, or a kernel thread
@@ -114,8 +114,9 @@ def _own_tcpext() -> dict[str, int]:
 
 def tcpext(handle: str) -> dict[str, int]:
     pid = procfs.pid_of(handle)
-    if pid is not None:
-        return parse_netstat(procfs.path(pid, "net", "netstat").read_text())
+    if pid is not None:  # a string path, not a Path: this runs per namespace at every scrape
+        with open(f"{procfs.ROOT}/{pid}/net/netstat") as f:
+            return parse_netstat(f.read())
     return run_in(handle, _own_tcpext)
 
 
@@ -130,7 +131,8 @@ def own_cookie() -> int:
 
 def _start_time(pid: int) -> int:
     """Field 22 of /proc/PID/stat: with the pid, it names one process for the boot."""
-    stat = procfs.path(pid, "stat").read_text()
+    with open(f"{procfs.ROOT}/{pid}/stat") as f:  # per namespace at every scrape, as tcpext()
+        stat = f.read()
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
