@@ -51,7 +51,8 @@ test-unit: setup
 # `make bench`: the benchmarks on this host (its best tier), with the Python load generator
 # and with the C one (bench/loadgen.c: no interpreter between the load and the kernel; it
 # also runs tfowatch at saturation for 10 minutes, its memory sampled), the price of each
-# kind of work in a sock_ops program (bench/primitives.py), then in each VM lab kernel
+# kind of work in a sock_ops program (bench/primitives.py) and of each of its callbacks
+# (bench/callbacks.py, in the sockops tier), then in each VM lab kernel
 # (kprobe tier, ~20 min each under emulation); results in bench/results/, tables in
 # docs/PERFORMANCE.md. BENCH_ARGS go to the host runs, e.g. BENCH_ARGS="--reps 3".
 BENCH_ARGS ?=
@@ -61,6 +62,7 @@ bench: setup
 	$(PY) bench/run.py --load c --label "Host ($(HOST_TIER) tier), C load generator" \
 		--json bench/results/host-c.json $(BENCH_ARGS)
 	$(PY) bench/primitives.py > bench/results/primitives.md
+	[ "$(HOST_TIER)" != sockops ] || $(PY) bench/callbacks.py > bench/results/callbacks.md
 	for rel in $$(grep -v '^#' tests/vm/kernels.txt); do \
 		$(PY) tests/vm/lab.py --bench $$rel tests/vm/out/bench-$$rel || exit 1; done
 	$(PY) bench/report.py

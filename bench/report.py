@@ -216,10 +216,13 @@ def section(r: dict[str, Any]) -> list[str]:
 def render() -> str:
     results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     text = "\n".join(line for r in results for line in section(r))
-    prices = RESULTS / "primitives.md"  # bench/primitives.py's table, as it printed it
-    if prices.exists():
-        text += ("\n### What each kind of work costs in a sock_ops program (host)\n\n"
-                 "`bench/primitives.py`, in the same `make bench` run:\n\n" + prices.read_text())
+    # the tables bench/primitives.py and bench/callbacks.py printed, as they printed them
+    for name, heading in (("primitives", "What each kind of work costs in a sock_ops program (host)"),
+                          ("callbacks", "What each sock_ops callback costs per connection (host)")):
+        table = RESULTS / f"{name}.md"
+        if table.exists():
+            text += (f"\n### {heading}\n\n`bench/{name}.py`, in the same `make bench` run:\n\n"
+                     + table.read_text())
     return text
 
 

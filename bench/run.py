@@ -1,6 +1,7 @@
 """`make bench`: what tfowatch costs the host, side by side with the alternatives.
 
     bench/run.py [--reps N] [--seconds S] [--rate R] [--load python|c] [--soak S] [--scrapes N] [--quick]
+                 [--soak-only]
                  [--json FILE] [--doc]
 
 In namespaces of its own (a client and a server joined by a veth pair) it measures, with
@@ -479,6 +480,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--load", choices=("python", "c"), default="python",
                    help="load generator: bench/load.py, or bench/loadgen.c (default python)")
     p.add_argument("--quick", action="store_true", help="one short repetition: the smoke test's run")
+    p.add_argument("--soak-only", action="store_true",
+                   help="only the soak: tfowatch's memory over --soak seconds at saturation (its JSON "
+                        "is not a results file for docs/PERFORMANCE.md)")
     p.add_argument("--label", default="", help="results name (default: host or the kernel)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--doc", action="store_true", help="also rewrite docs/PERFORMANCE.md")
@@ -508,16 +512,18 @@ def main(argv: list[str] | None = None) -> int:
                 "environment": environment(tier),
                 "settings": {k: str(v) for k, v in vars(args).items()},
             }
-            result["overhead"] = overhead(wl, tier, args, Path(tmp))
-            result["scrape"] = scrape_latency(wl, [int(n) for n in args.series.split(",")],
-                                              scrapes=args.scrapes)
+            if not args.soak_only:
+                result["overhead"] = overhead(wl, tier, args, Path(tmp))
+                result["scrape"] = scrape_latency(wl, [int(n) for n in args.series.split(",")],
+                                                  scrapes=args.scrapes)
             if args.soak:
                 result["soak"] = soak(wl, args.soak)
     finally:
         if wl is not None:
             wl.close()
         lab.close()
-    result["aggregator"] = aggregator(args)
+    if not args.soak_only:
+        result["aggregator"] = aggregator(args)
     result["duration_s"] = time.time() - started
     text = json.dumps(result, indent=1, sort_keys=True)
     if args.json:
