@@ -951,6 +951,14 @@ static __always_inline void so_tw_takeover(void *ctx, struct kp sk)
 	emit(ctx, &ev);
 }
 
+/* A tracked client's later callbacks asked for; c remembers which flags were ours to add
+ * (so_client_closed clears only those). */
+static __always_inline void follow_client(struct bpf_sock_ops *skops, struct conn *c)
+{
+	c->flags_added = CLIENT_FLAGS & ~skops->bpf_sock_ops_cb_flags;
+	ops_set_flags(skops, CLIENT_FLAGS);
+}
+
 /* connect() (or the first sendmsg of TCP_FASTOPEN_CONNECT), before the SYN is built: who
  * connects where. Only TFO attempts are tracked, and asked for their state changes. */
 static __always_inline void so_connect(void *ctx, struct bpf_sock_ops *skops)
@@ -972,8 +980,7 @@ static __always_inline void so_connect(void *ctx, struct bpf_sock_ops *skops)
 		return;
 	made = conns.lookup(&key);
 	if (made) {
-		made->flags_added = CLIENT_FLAGS & ~skops->bpf_sock_ops_cb_flags;
-		ops_set_flags(skops, CLIENT_FLAGS);
+		follow_client(skops, made);
 		return;
 	}
 	c.attempted = 1; /* the kprobe did not run (a kprobe missed): tracked without its task */
@@ -982,9 +989,8 @@ static __always_inline void so_connect(void *ctx, struct bpf_sock_ops *skops)
 	if (!connect_seen(ctx, sk, &c))
 		return;
 #endif
-	c.flags_added = CLIENT_FLAGS & ~skops->bpf_sock_ops_cb_flags;
+	follow_client(skops, &c);
 	conns.update(&key, &c);
-	ops_set_flags(skops, CLIENT_FLAGS);
 }
 
 /* The client's SYN-ACK (ACTIVE_ESTABLISHED: before the kernel sets syn_data_acked, so the
