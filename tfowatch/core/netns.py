@@ -114,8 +114,8 @@ def _own_tcpext() -> dict[str, int]:
 
 def tcpext(handle: str) -> dict[str, int]:
     pid = procfs.pid_of(handle)
-    if pid is not None:  # a string path, not a Path: this runs per namespace at every scrape
-        with open(f"{procfs.ROOT}/{pid}/net/netstat") as f:
+    if pid is not None:
+        with open(procfs.pid_file(pid, "net", "netstat")) as f:
             return parse_netstat(f.read())
     return run_in(handle, _own_tcpext)
 
@@ -131,7 +131,7 @@ def own_cookie() -> int:
 
 def _start_time(pid: int) -> int:
     """Field 22 of /proc/PID/stat: with the pid, it names one process for the boot."""
-    with open(f"{procfs.ROOT}/{pid}/stat") as f:  # per namespace at every scrape, as tcpext()
+    with open(procfs.pid_file(pid, "stat")) as f:
         stat = f.read()
     return int(stat.rsplit(")", 1)[1].split()[19])
 

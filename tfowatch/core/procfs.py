@@ -16,11 +16,16 @@ def path(*parts: object) -> Path:
     return ROOT.joinpath(*(str(p) for p in parts))
 
 
+def pid_file(pid: int, *parts: str) -> str:
+    """ROOT/PID/parts..., built as a string, for what runs per process or per namespace at
+    every scrape: a Path interns each part it parses (sys.intern), so every new PID grew the
+    interpreter's table of interned strings (the soak's first RSS step) and cost a few µs more."""
+    return "/".join((str(ROOT), str(pid), *parts))
+
+
 def ns_handle(pid: int) -> str:
-    """ROOT/PID/ns/net, built as a string: this runs for every process at every scrape, and a
-    Path interns each part it parses (sys.intern), so every new PID grew the interpreter's
-    table of interned strings (the soak's first RSS step) and cost a few µs more."""
-    return f"{ROOT}/{pid}/ns/net"
+    """ROOT/PID/ns/net: a namespace's handle, as pid_of reads it back."""
+    return pid_file(pid, "ns", "net")
 
 
 def pids() -> Iterator[int]:
