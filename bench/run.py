@@ -177,15 +177,15 @@ class Workload:
 
 
 @contextmanager
-def workload(load: str) -> Iterator[Workload]:
-    """A load server (`load`: python or c) in a lab of its own, for the scripts that measure
-    beside it (bench/*_ab.py, callbacks.py, primitives.py); its processes and namespaces go
-    on the way out, however it is left."""
+def workload(load: str, scratch: Path | None = None) -> Iterator[Workload]:
+    """A load server (`load`: python or c) in a lab of its own, for what measures beside it;
+    its processes and namespaces go on the way out, however it is left. scratch: where
+    bench/loadgen.c is built (default: a directory of its own, gone with the lab)."""
     lab = Lab()
     wl = None
     try:
         with tempfile.TemporaryDirectory(prefix="tfowatch-bench-") as tmp:
-            wl = Workload(lab, workers=2, load=load_command(load, Path(tmp)))
+            wl = Workload(lab, workers=2, load=load_command(load, scratch or Path(tmp)))
             yield wl
     finally:
         if wl is not None:
@@ -498,30 +498,23 @@ def main(argv: list[str] | None = None) -> int:
     # Stopped by a signal: unwind, so namespaces and processes are cleaned up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tier = planned_tier()
-    lab = Lab()
     started = time.time()
-    wl: Workload | None = None
-    try:
-        with bpf_stats(), tempfile.TemporaryDirectory(prefix="tfowatch-bench-") as tmp:
-            wl = Workload(lab, workers=2, load=load_command(args.load, Path(tmp)))
-            wl.workers = args.workers
-            result: dict[str, Any] = {
-                "label": args.label or f"{tier} tier, {platform.release()}",
-                "command": "bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                "date": time.strftime("%Y-%m-%d", time.gmtime()),
-                "environment": environment(tier),
-                "settings": {k: str(v) for k, v in vars(args).items()},
-            }
-            if not args.soak_only:
-                result["overhead"] = overhead(wl, tier, args, Path(tmp))
-                result["scrape"] = scrape_latency(wl, [int(n) for n in args.series.split(",")],
-                                                  scrapes=args.scrapes)
-            if args.soak:
-                result["soak"] = soak(wl, args.soak)
-    finally:
-        if wl is not None:
-            wl.close()
-        lab.close()
+    with (bpf_stats(), tempfile.TemporaryDirectory(prefix="tfowatch-bench-") as tmp,
+          workload(args.load, Path(tmp)) as wl):
+        wl.workers = args.workers
+        result: dict[str, Any] = {
+            "label": args.label or f"{tier} tier, {platform.release()}",
+            "command": "bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "environment": environment(tier),
+            "settings": {k: str(v) for k, v in vars(args).items()},
+        }
+        if not args.soak_only:
+            result["overhead"] = overhead(wl, tier, args, Path(tmp))
+            result["scrape"] = scrape_latency(wl, [int(n) for n in args.series.split(",")],
+                                              scrapes=args.scrapes)
+        if args.soak:
+            result["soak"] = soak(wl, args.soak)
     if not args.soak_only:
         result["aggregator"] = aggregator(args)
     result["duration_s"] = time.time() - started

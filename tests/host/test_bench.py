@@ -113,27 +113,19 @@ def test_the_c_load_generator_does_what_the_python_one_does(tmp_path: Path, work
     """bench/loadgen.c (`--load c`): its TFO connections are TFO by the server namespace's own
     TcpExt (at least as many accepted with SYN data), its plain ones are not, none fails."""
     skip_unless_root_bpf("C load generator")
-    from netlab import Lab
-    from run import Workload, load_command
+    import run
 
-    lab = Lab()
-    wl = None
-    try:
-        wl = Workload(lab, workers=2, load=load_command("c", tmp_path))
+    with run.workload("c", tmp_path) as wl:
         passive0 = wl.srv.tcpext()["TCPFastOpenPassive"]
         res = wl.run(workload, 1.0)
         accepted = wl.srv.tcpext()["TCPFastOpenPassive"] - passive0
-        assert res["conns"] > 100 and res["errors"] == 0, res
-        # the warm-up connection asks for the cookie; every one after carries data (those made
-        # before the common start are not in `conns`)
-        if workload == "tfo":
-            assert accepted >= res["conns"], (accepted, res)
-        else:
-            assert accepted == 0, accepted
-    finally:
-        if wl is not None:
-            wl.close()
-        lab.close()
+    assert res["conns"] > 100 and res["errors"] == 0, res
+    # the warm-up connection asks for the cookie; every one after carries data (those made
+    # before the common start are not in `conns`)
+    if workload == "tfo":
+        assert accepted >= res["conns"], (accepted, res)
+    else:
+        assert accepted == 0, accepted
 
 
 @pytest.mark.host_only
