@@ -145,6 +145,8 @@ class Plan:
 
 # The sockops tier's one program, on the cgroup v2 root (a BPF link): every TFO point of both sides.
 SOCK_OPS = Attachment("sockops", "cgroup2_root", "on_sock_ops")
+# The kprobe on the kernel's blackhole detection: a point of its own, and half of the disables'.
+DETECT_PROBE = Attachment("kprobe", DETECT, "on_detect_blackhole")
 
 
 def _probe_pair(symbol: str, fn: str) -> list[Attachment]:
@@ -319,15 +321,14 @@ def _blackhole(facts: KernelFacts, tier: str, sockops: bool) -> Resolution:
     if tier == "kprobe" and sockops and facts.traceable(DETECT):
         # the out-of-order check runs as every socket is destroyed: a kprobe there would run for
         # every connection of the host; sock_ops replays it as a tracked TFO client closes
-        return Resolution(point, "kprobe", [Attachment("kprobe", DETECT, "on_detect_blackhole"), SOCK_OPS],
-                          True, "inlined into its callers (extra point: blackhole disables): a kprobe "
+        return Resolution(point, "kprobe", [DETECT_PROBE, SOCK_OPS], True,
+                          "inlined into its callers (extra point: blackhole disables): a kprobe "
                           "on the retransmission timeout's detection, and the FIN-only out-of-order "
                           "check replayed by sock_ops as a TFO client closes (a kprobe on it would run "
                           "at every socket's destruction), the kernel's values", events_of(point))
     if tier == "kprobe" and facts.traceable(DETECT) and facts.traceable(ofo):
         # tcp_fastopen.c calls it inline from both its callers: a kprobe on it sees neither
-        return Resolution(point, "kprobe", [Attachment("kprobe", DETECT, "on_detect_blackhole"),
-                                            Attachment("kprobe", ofo, "on_ofo_check")], True,
+        return Resolution(point, "kprobe", [DETECT_PROBE, Attachment("kprobe", ofo, "on_ofo_check")], True,
                           "inlined into its callers (extra point: blackhole disables): kprobes on "
                           "both (the retransmission timeout's detection, the FIN-only out-of-order "
                           "check at close), the kernel's conditions replayed with its values",
@@ -348,7 +349,7 @@ def _detect(facts: KernelFacts, tier: str, sockops: bool) -> Resolution:
     the TCPFastOpenActiveFail that no SYN-ACK explains."""
     point = DETECT
     if tier == "kprobe" and facts.traceable(point):
-        return Resolution(point, "kprobe", [Attachment("kprobe", point, "on_detect_blackhole")], False,
+        return Resolution(point, "kprobe", [DETECT_PROBE], False,
                           "traceable (extra point: TFO sockets' third retransmission timeout)",
                           events_of(point))
     if tier == "sockops" or (tier == "kprobe" and sockops):
@@ -396,7 +397,7 @@ def resolve(facts: KernelFacts, mode: str = "auto", sockops: bool = True) -> Pla
         "TW_KPROBE": int("on_twsk_unique" in kprobed),
         "BLACKHOLE_KPROBE": int("on_ofo_check" in kprobed),
         "BLACKHOLE_SOCKOPS": int(SOCK_OPS in blackhole.attachments),
-        "DETECT_KPROBE": int("on_detect_blackhole" in kprobed),
+        "DETECT_KPROBE": int(DETECT_PROBE.fn in kprobed),
         "DETECT_SOCKOPS": int(SOCK_OPS in detect.attachments),
         "KERNEL_HZ": facts.hz,  # 0: the blackhole state's times are unknown
         "CGROUP_NAMES": int(bool(names.attachments)),
